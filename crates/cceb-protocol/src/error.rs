@@ -1,0 +1,57 @@
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The `data.code` of an `error` message (contract section 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidMessage,
+    UnknownType,
+    NotAuthenticated,
+    Unauthorized,
+    UnknownAction,
+    ReservedField,
+    InvalidActionDetails,
+    UnknownAgent,
+    BackendUnavailable,
+    RateLimited,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidMessage,
+        ErrorCode::UnknownType,
+        ErrorCode::NotAuthenticated,
+        ErrorCode::Unauthorized,
+        ErrorCode::UnknownAction,
+        ErrorCode::ReservedField,
+        ErrorCode::InvalidActionDetails,
+        ErrorCode::UnknownAgent,
+        ErrorCode::BackendUnavailable,
+        ErrorCode::RateLimited,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidMessage => "invalid_message",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::NotAuthenticated => "not_authenticated",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::UnknownAction => "unknown_action",
+            ErrorCode::ReservedField => "reserved_field",
+            ErrorCode::InvalidActionDetails => "invalid_action_details",
+            ErrorCode::UnknownAgent => "unknown_agent",
+            ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::RateLimited => "rate_limited",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,14 @@
+//! CCEB wire types: the envelope, the messages a client may send, the messages
+//! the bridge sends, and the error and close codes of the contract
+//! (`shared/PROTOCOL.md`, sections 2–7). Serde only, no IO, so the server, the
+//! tests, the CLI and the benchmark all speak exactly the same protocol.
+
+pub mod close;
+mod error;
+pub mod incoming;
+mod notification;
+pub mod outgoing;
+
+pub use error::ErrorCode;
+pub use incoming::{parse_client_message, ClientMessage, ParseError};
+pub use notification::NotificationType;

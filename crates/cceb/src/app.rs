@@ -1,0 +1,152 @@
+//! Wiring: build the schema set, store, bus, sessions and HTTP servers from the
+//! settings; run them; drain them on shutdown.
+
+use crate::actions::{ActionSettings, Actions};
+use crate::auth::{KeyError, Verifier};
+use crate::bus::{Bus, EmbeddedBus};
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::notify::Router;
+use crate::schema::{SchemaError, SchemaSet};
+use crate::session::Registry;
+use crate::store::{MemoryStore, Store};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything a connection or request handler may need.
+pub struct Shared {
+    pub settings: Settings,
+    pub verifier: Verifier,
+    pub schemas: Arc<SchemaSet>,
+    pub registry: Arc<Registry>,
+    pub router: Arc<Router>,
+    pub actions: Arc<Actions>,
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn Bus>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled once, on shutdown; every task watches it.
+    pub shutdown: CancellationToken,
+    /// Every connection and server task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    ws_endpoint: String,
+}
+
+impl Shared {
+    /// The `/ws/v1` URL discovery hands out.
+    pub fn ws_endpoint(&self) -> &str {
+        &self.ws_endpoint
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+/// A running bridge.
+pub struct Bridge {
+    pub addr: SocketAddr,
+    pub backend_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Bridge {
+    pub async fn start(settings: Settings) -> Result<Bridge, StartError> {
+        let schemas = Arc::new(SchemaSet::load(settings.schema_dir.as_deref())?);
+        let verifier = Verifier::from_settings(&settings)?;
+        let listen = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })
+        };
+        let public = listen(settings.listen).await?;
+        let backend = listen(settings.backend_listen).await?;
+        let addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
+        let backend_addr =
+            backend.local_addr().map_err(|source| StartError::Listen { addr: settings.backend_listen, source })?;
+
+        let metrics = Arc::new(Metrics::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(settings.dedup_capacity));
+        let embedded = Arc::new(EmbeddedBus::new(settings.embedded_log_capacity));
+        let bus: Arc<dyn Bus> = embedded.clone();
+        let registry = Arc::new(Registry::default());
+        let router = Arc::new(Router::new(schemas.clone(), registry.clone(), store.clone(), metrics.clone()));
+        let actions = Arc::new(Actions::new(
+            schemas.clone(),
+            store.clone(),
+            bus.clone(),
+            router.clone(),
+            ActionSettings {
+                source: settings.source_name.clone(),
+                dedup_window: settings.dedup_window(),
+                off_hook_offer_timeout_seconds: settings.off_hook_offer_timeout_seconds,
+            },
+            metrics.clone(),
+        ));
+        let ws_endpoint = match &settings.public_url {
+            Some(url) => format!("{}/ws/v1", url.trim_end_matches('/')),
+            None => format!("ws://{addr}/ws/v1"),
+        };
+        let shared = Arc::new(Shared {
+            settings,
+            verifier,
+            schemas,
+            registry,
+            router,
+            actions,
+            store,
+            bus,
+            metrics,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            ws_endpoint,
+        });
+        let serve = |listener: TcpListener, app: axum::Router| {
+            let stop = shared.shutdown.clone();
+            shared.tasks.spawn(async move {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+                    tracing::error!(error = %e, "server stopped");
+                }
+            })
+        };
+        serve(public, crate::http::public(shared.clone()));
+        serve(backend, crate::http::backend::router(shared.clone(), embedded));
+        tracing::info!(
+            %addr, %backend_addr, schemas = %shared.schemas.origin, node = %shared.settings.node_id,
+            "cceb listening"
+        );
+        Ok(Bridge { addr, backend_addr, shared })
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Waits for the shutdown token, then drains: clients are closed with 1012
+    /// and every task ends before this returns (or the grace period passes).
+    pub async fn run_until_stopped(self) {
+        self.shared.shutdown.cancelled().await;
+        self.drain().await;
+    }
+
+    pub async fn shutdown(self) {
+        self.shared.shutdown.cancel();
+        self.drain().await;
+    }
+
+    async fn drain(self) {
+        let shared = self.shared;
+        shared.tasks.close();
+        let grace = std::time::Duration::from_millis(shared.settings.shutdown_grace_ms);
+        if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
+            tracing::warn!(left = shared.tasks.len(), "shutdown grace period passed with tasks still running");
+        }
+        tracing::info!("cceb stopped");
+    }
+}

@@ -1,0 +1,253 @@
+//! Client tokens (contract section 3): verification of the JWT in `hello` and
+//! in discovery, and minting for `cceb token`.
+//!
+//! The algorithm a token may use is decided by which keys are configured, never
+//! by the token: an HS256 token is checked only against the HS256 secret, an
+//! RS256 one only against RSA keys, and `alg: none` does not parse at all.
+
+use crate::config::Settings;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Who a valid token speaks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub tenant_guid: String,
+    pub agent_guid: String,
+    pub ir_instance: String,
+    pub contact_id: Option<String>,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+}
+
+impl Identity {
+    /// Time left before the token expires.
+    pub fn remaining(&self) -> Duration {
+        Duration::from_secs(self.exp).saturating_sub(now_since_epoch())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    tenant_guid: String,
+    ir_instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    contact_id: Option<String>,
+    exp: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("token refused: {0}")]
+    Refused(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no client token key configured: set CCEB_JWT_HS256_SECRET, a public key file, or a JWKS file")]
+    NoKey,
+    #[error("{file}: {problem}")]
+    File { file: String, problem: String },
+}
+
+struct Key {
+    kid: Option<String>,
+    key: DecodingKey,
+}
+
+pub struct Verifier {
+    hs256: Option<DecodingKey>,
+    rs256: Vec<Key>,
+    es256: Vec<Key>,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("hs256", &self.hs256.is_some())
+            .field("rs256", &self.rs256.len())
+            .field("es256", &self.es256.len())
+            .finish()
+    }
+}
+
+impl Verifier {
+    pub fn from_settings(s: &Settings) -> Result<Self, KeyError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| KeyError::File { file: path.display().to_string(), problem: e.to_string() })
+        };
+        let bad = |path: &std::path::Path, e: jsonwebtoken::errors::Error| KeyError::File {
+            file: path.display().to_string(),
+            problem: e.to_string(),
+        };
+        let mut v = Verifier {
+            hs256: s.jwt_hs256_secret.as_deref().map(|k| DecodingKey::from_secret(k.as_bytes())),
+            rs256: Vec::new(),
+            es256: Vec::new(),
+            issuer: s.jwt_issuer.clone(),
+            audience: s.jwt_audience.clone(),
+        };
+        if let Some(path) = &s.jwt_rs256_public_key_file {
+            let key = DecodingKey::from_rsa_pem(&read(path)?).map_err(|e| bad(path, e))?;
+            v.rs256.push(Key { kid: None, key });
+        }
+        if let Some(path) = &s.jwt_es256_public_key_file {
+            let key = DecodingKey::from_ec_pem(&read(path)?).map_err(|e| bad(path, e))?;
+            v.es256.push(Key { kid: None, key });
+        }
+        if let Some(path) = &s.jwt_jwks_file {
+            let set: JwkSet = serde_json::from_slice(&read(path)?)
+                .map_err(|e| KeyError::File { file: path.display().to_string(), problem: e.to_string() })?;
+            for jwk in &set.keys {
+                let key = Key { kid: jwk.common.key_id.clone(), key: DecodingKey::from_jwk(jwk).map_err(|e| bad(path, e))? };
+                match jwk.algorithm {
+                    AlgorithmParameters::RSA(_) => v.rs256.push(key),
+                    AlgorithmParameters::EllipticCurve(_) => v.es256.push(key),
+                    _ => {
+                        return Err(KeyError::File {
+                            file: path.display().to_string(),
+                            problem: "only RSA and EC (P-256) keys are supported".into(),
+                        })
+                    }
+                }
+            }
+        }
+        if v.hs256.is_none() && v.rs256.is_empty() && v.es256.is_empty() {
+            return Err(KeyError::NoKey);
+        }
+        Ok(v)
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let refuse = |m: &str| AuthError::Refused(m.to_owned());
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Refused(format!("malformed token: {e}")))?;
+        let candidates: Vec<&DecodingKey> = match header.alg {
+            Algorithm::HS256 => self.hs256.iter().collect(),
+            Algorithm::RS256 => select(&self.rs256, header.kid.as_deref()),
+            Algorithm::ES256 => select(&self.es256, header.kid.as_deref()),
+            _ => Vec::new(),
+        };
+        if candidates.is_empty() {
+            return Err(AuthError::Refused(format!("algorithm {:?} is not accepted", header.alg)));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = 0;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        match &self.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                validation.required_spec_claims.insert("aud".into());
+            }
+            None => validation.validate_aud = false,
+        }
+        let mut last = refuse("no key matched");
+        for key in candidates {
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => return identity(data.claims),
+                Err(e) => last = AuthError::Refused(e.to_string()),
+            }
+        }
+        Err(last)
+    }
+}
+
+fn select<'k>(keys: &'k [Key], kid: Option<&str>) -> Vec<&'k DecodingKey> {
+    keys.iter().filter(|k| kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid).map(|k| &k.key).collect()
+}
+
+fn identity(c: Claims) -> Result<Identity, AuthError> {
+    for (name, v) in [("sub", &c.sub), ("tenant_guid", &c.tenant_guid), ("ir_instance", &c.ir_instance)] {
+        if v.is_empty() {
+            return Err(AuthError::Refused(format!("claim `{name}` is empty")));
+        }
+    }
+    Ok(Identity { tenant_guid: c.tenant_guid, agent_guid: c.sub, ir_instance: c.ir_instance, contact_id: c.contact_id, exp: c.exp })
+}
+
+fn now_since_epoch() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// What `cceb token` (and the tests and benchmark) put in a client token.
+#[derive(Debug, Clone)]
+pub struct TokenRequest<'a> {
+    pub tenant_guid: &'a str,
+    pub agent_guid: &'a str,
+    pub ir_instance: &'a str,
+    pub contact_id: Option<&'a str>,
+    pub ttl: Duration,
+}
+
+/// Mints an HS256 client token.
+pub fn mint_hs256(secret: &str, req: &TokenRequest<'_>) -> Result<String, jsonwebtoken::errors::Error> {
+    let claims = Claims {
+        sub: req.agent_guid.to_owned(),
+        tenant_guid: req.tenant_guid.to_owned(),
+        ir_instance: req.ir_instance.to_owned(),
+        contact_id: req.contact_id.map(str::to_owned),
+        exp: (now_since_epoch() + req.ttl).as_secs(),
+    };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+}
+
+/// Compares secrets without revealing, through timing, how much of them matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use sha2::{Digest, Sha256};
+    // Hashing first makes the comparison length-independent too.
+    let (a, b) = (Sha256::digest(a), Sha256::digest(b));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier() -> Verifier {
+        let s = Settings { jwt_hs256_secret: Some("secret".into()), ..Settings::default() };
+        Verifier::from_settings(&s).expect("keys")
+    }
+
+    fn req(ttl: u64) -> TokenRequest<'static> {
+        TokenRequest { tenant_guid: "t", agent_guid: "a", ir_instance: "ir", contact_id: Some("1001"), ttl: Duration::from_secs(ttl) }
+    }
+
+    #[test]
+    fn minted_tokens_verify() {
+        let token = mint_hs256("secret", &req(60)).expect("mint");
+        let id = verifier().verify(&token).expect("valid");
+        assert_eq!((id.tenant_guid.as_str(), id.agent_guid.as_str(), id.contact_id.as_deref()), ("t", "a", Some("1001")));
+        assert!(id.remaining() > Duration::from_secs(50));
+    }
+
+    #[test]
+    fn refuses_wrong_secret_none_and_garbage() {
+        let v = verifier();
+        assert!(v.verify(&mint_hs256("other", &req(60)).expect("mint")).is_err());
+        assert!(v.verify("a.b.c").is_err());
+        // {"alg":"none","typ":"JWT"} . {"sub":"a","tenant_guid":"t","ir_instance":"ir","exp":9999999999} .
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhIiwidGVuYW50X2d1aWQiOiJ0IiwiaXJfaW5zdGFuY2UiOiJpciIsImV4cCI6OTk5OTk5OTk5OX0.";
+        assert!(v.verify(none).is_err());
+    }
+
+    #[test]
+    fn no_key_is_a_start_up_error() {
+        assert!(matches!(Verifier::from_settings(&Settings::default()), Err(KeyError::NoKey)));
+    }
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

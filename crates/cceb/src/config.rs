@@ -1,0 +1,197 @@
+//! Settings: defaults < TOML file (`--config`) < `CCEB_*` environment, read once
+//! into typed values. The names are those of contract section 9 plus the
+//! bridge's own; README.md has the table.
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// `/ws/v1`, discovery, health and metrics.
+    pub listen: SocketAddr,
+    /// Base URL discovery hands out; `ws://<listen>` when unset.
+    pub public_url: Option<String>,
+    /// This node's id in discovery answers.
+    pub node_id: String,
+    /// The embedded bus's backend port (contract section 8).
+    pub backend_listen: SocketAddr,
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM file with an RSA public key for RS256 tokens.
+    pub jwt_rs256_public_key_file: Option<PathBuf>,
+    /// PEM file with an EC P-256 public key for ES256 tokens.
+    pub jwt_es256_public_key_file: Option<PathBuf>,
+    /// JWKS file with RS256 and/or ES256 public keys.
+    pub jwt_jwks_file: Option<PathBuf>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub admin_token: Option<String>,
+    pub data_dir: PathBuf,
+    /// Directory of `.avsc` files and `mapping.toml`; the built-in set when unset.
+    pub schema_dir: Option<PathBuf>,
+    pub hello_timeout_ms: u64,
+    pub ack_timeout_ms: u64,
+    pub session_ttl_seconds: u64,
+    pub off_hook_offer_timeout_seconds: u64,
+    pub heartbeat_interval_ms: u64,
+    /// Largest client frame; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    pub max_unacked: usize,
+    pub dedup_window_seconds: u64,
+    /// Most action uuids remembered for deduplication; the oldest go first.
+    pub dedup_capacity: usize,
+    /// Actions a connection may have waiting behind the one in flight; more is `rate_limited`.
+    pub max_pending_actions: usize,
+    /// `source` of the records the bridge builds.
+    pub source_name: String,
+    /// Published actions the embedded bus keeps for `GET /backend/v1/actions`.
+    pub embedded_log_capacity: usize,
+    /// Largest backend-port request body.
+    pub backend_max_body_bytes: usize,
+    /// How long a write to a client may block before the connection is dropped.
+    pub write_timeout_ms: u64,
+    /// How long shutdown waits for connections to close.
+    pub shutdown_grace_ms: u64,
+    pub log_format: LogFormat,
+    /// `tracing` filter, e.g. `info,cceb=debug`.
+    pub log: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            node_id: "node-1".into(),
+            backend_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            jwt_hs256_secret: None,
+            jwt_rs256_public_key_file: None,
+            jwt_es256_public_key_file: None,
+            jwt_jwks_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            admin_token: None,
+            data_dir: PathBuf::from("./cceb-data"),
+            schema_dir: None,
+            hello_timeout_ms: 10_000,
+            ack_timeout_ms: 10_000,
+            session_ttl_seconds: 259_200,
+            off_hook_offer_timeout_seconds: 30,
+            heartbeat_interval_ms: 25_000,
+            max_frame_bytes: 64 * 1024,
+            max_unacked: 1000,
+            dedup_window_seconds: 600,
+            dedup_capacity: 1_000_000,
+            max_pending_actions: 64,
+            source_name: "CCEB".into(),
+            embedded_log_capacity: 100_000,
+            backend_max_body_bytes: 16 * 1024 * 1024,
+            write_timeout_ms: 30_000,
+            shutdown_grace_ms: 5_000,
+            log_format: LogFormat::Text,
+            log: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("settings: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("settings: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Defaults, then the TOML file if given, then `CCEB_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            fig = fig.merge(Toml::file_exact(file));
+        }
+        let settings: Settings = fig.merge(Env::prefixed("CCEB_")).extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("hello_timeout_ms", self.hello_timeout_ms),
+            ("ack_timeout_ms", self.ack_timeout_ms),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("max_unacked", self.max_unacked as u64),
+            ("embedded_log_capacity", self.embedded_log_capacity as u64),
+            ("write_timeout_ms", self.write_timeout_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
+        }
+        if let Some(url) = &self.public_url {
+            if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                return Err(ConfigError::Invalid(format!("public_url `{url}` must start with ws:// or wss://")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn has_jwt_key(&self) -> bool {
+        self.jwt_hs256_secret.is_some()
+            || self.jwt_rs256_public_key_file.is_some()
+            || self.jwt_es256_public_key_file.is_some()
+            || self.jwt_jwks_file.is_some()
+    }
+
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.hello_timeout_ms)
+    }
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms)
+    }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn dedup_window(&self) -> Duration {
+        Duration::from_secs(self.dedup_window_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_beats_file_beats_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "ack_timeout_ms = 5\nhello_timeout_ms = 7\nlisten = \"127.0.0.1:9\"")?;
+            jail.set_env("CCEB_HELLO_TIMEOUT_MS", "11");
+            jail.set_env("CCEB_JWT_HS256_SECRET", "s");
+            let s = Settings::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!((s.ack_timeout_ms, s.hello_timeout_ms), (5, 11));
+            assert_eq!(s.listen.port(), 9);
+            assert_eq!(s.jwt_hs256_secret.as_deref(), Some("s"));
+            assert_eq!(s.session_ttl_seconds, 259_200);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused() {
+        let s = Settings { ack_timeout_ms: 0, ..Settings::default() };
+        assert!(s.validate().is_err());
+    }
+}

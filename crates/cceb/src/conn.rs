@@ -1,0 +1,347 @@
+//! One client WebSocket: `hello`, then the loop that reads client messages,
+//! writes notifications, redelivers, heartbeats and closes. This is the only
+//! place where errors become wire errors and close codes.
+
+use crate::actions::{ActionError, Done};
+use crate::app::Shared;
+use crate::auth::Identity;
+use crate::session::{AgentId, Due, Session};
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
+use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};
+use futures_util::future::BoxFuture;
+use futures_util::SinkExt;
+use serde_json::{Map, Value as Json};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::{sleep_until, Instant};
+
+/// Longest wait for the client's answer to our close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Why the connection ends, and how it is told to the client.
+struct Close(u16, &'static str);
+
+type ActionFuture = BoxFuture<'static, (String, Result<Done, ActionError>)>;
+
+struct PendingAction {
+    uuid: String,
+    action: String,
+    details: Map<String, Json>,
+}
+
+pub async fn run(ws: WebSocket, shared: Arc<Shared>) {
+    shared.metrics.connections.increment(1.0);
+    let mut conn = Conn { ws, shared: shared.clone(), last_seen: Instant::now() };
+    let end = match conn.hello().await {
+        Ok(Some((session, identity))) => {
+            shared.registry.add(session.clone());
+            shared.metrics.sessions.increment(1.0);
+            let end = conn.serve(&session, &identity).await;
+            shared.registry.remove(&session);
+            shared.metrics.sessions.decrement(1.0);
+            end
+        }
+        Ok(None) => None,
+        Err(close) => Some(close),
+    };
+    if let Some(Close(code, reason)) = end {
+        conn.close(code, reason).await;
+    }
+    shared.metrics.connections.decrement(1.0);
+}
+
+struct Conn {
+    ws: WebSocket,
+    shared: Arc<Shared>,
+    last_seen: Instant,
+}
+
+/// What woke the main loop.
+enum Step {
+    Frame(Option<Result<Message, axum::Error>>),
+    ActionDone(String, Result<Done, ActionError>),
+    Wake,
+    Heartbeat,
+    Stop(Close),
+}
+
+impl Conn {
+    /// Waits for `hello` and authenticates it. `Ok(None)`: the client left.
+    async fn hello(&mut self) -> Result<Option<(Arc<Session>, Identity)>, Close> {
+        let deadline = Instant::now() + self.shared.settings.hello_timeout();
+        loop {
+            let frame = tokio::select! {
+                _ = self.shared.shutdown.cancelled() => return Err(Close(close::SERVICE_RESTART, "server restarting")),
+                _ = sleep_until(deadline) => return Err(Close(close::HELLO_TIMEOUT, "no hello in time")),
+                f = self.ws.recv() => f,
+            };
+            let text = match self.frame_text(frame)? {
+                Some(Some(text)) => text,
+                Some(None) => continue,
+                None => return Ok(None),
+            };
+            let (uuid, hello) = match parse_client_message(&text) {
+                Ok(ClientMessage::Hello { uuid, hello }) => (uuid, hello),
+                Ok(other) => {
+                    let uuid = other.uuid().to_owned();
+                    self.send_error(&uuid, ErrorCode::NotAuthenticated, "the first message must be `hello`", None).await;
+                    return Err(Close(close::UNAUTHORIZED, "not authenticated"));
+                }
+                Err(e) => {
+                    self.send_parse_error(&e).await;
+                    return Err(Close(close::UNAUTHORIZED, "not authenticated"));
+                }
+            };
+            let identity = match self.shared.verifier.verify(&hello.token) {
+                Ok(id) => id,
+                Err(e) => {
+                    tracing::debug!(error = %e, "hello refused");
+                    self.send_error(&uuid, ErrorCode::Unauthorized, &e.to_string(), None).await;
+                    return Err(Close(close::UNAUTHORIZED, "unauthorized"));
+                }
+            };
+            if hello.tenant_guid.as_deref().is_some_and(|t| t != identity.tenant_guid) {
+                self.send_error(&uuid, ErrorCode::Unauthorized, "the token does not serve that tenant", Some("data.tenant_guid"))
+                    .await;
+                return Err(Close(close::UNAUTHORIZED, "unauthorized"));
+            }
+            let agent = AgentId {
+                tenant_guid: identity.tenant_guid.as_str().into(),
+                agent_guid: identity.agent_guid.as_str().into(),
+                ir_instance: identity.ir_instance.as_str().into(),
+            };
+            let s = &self.shared.settings;
+            let session = Arc::new(Session::new(uuid::Uuid::new_v4().to_string(), agent, s.max_unacked));
+            let reply = HelloReply {
+                session_id: session.id.clone(),
+                // Long-lived sessions (contract section 6) are not served yet: say so honestly.
+                session_key: None,
+                resumed: false,
+                long_lived: false,
+                auto_accept: false,
+                session_ttl_seconds: s.session_ttl_seconds,
+                heartbeat_interval_seconds: s.heartbeat_interval().as_secs().max(1),
+                agent: AgentRef {
+                    tenant_guid: identity.tenant_guid.clone(),
+                    agent_guid: identity.agent_guid.clone(),
+                    ir_instance: identity.ir_instance.clone(),
+                },
+                dropped: None,
+            };
+            self.send(outgoing::hello_reply(&uuid, &reply)).await?;
+            tracing::debug!(session = %session.id, tenant = %identity.tenant_guid, agent = %identity.agent_guid, "hello");
+            return Ok(Some((session, identity)));
+        }
+    }
+
+    async fn serve(&mut self, session: &Arc<Session>, identity: &Identity) -> Option<Close> {
+        let settings = &self.shared.settings;
+        let (ack_timeout, hb, max_pending) = (settings.ack_timeout(), settings.heartbeat_interval(), settings.max_pending_actions);
+        let token_expiry = Instant::now() + identity.remaining();
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + hb, hb);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut redeliver_at: Option<Instant> = None;
+        let mut in_flight: Option<ActionFuture> = None;
+        let mut pending: VecDeque<PendingAction> = VecDeque::new();
+        let mut due = Vec::new();
+        loop {
+            let step = tokio::select! {
+                biased;
+                _ = self.shared.shutdown.cancelled() => Step::Stop(Close(close::SERVICE_RESTART, "server restarting")),
+                _ = sleep_until(token_expiry) => Step::Stop(Close(close::TOKEN_EXPIRED, "token expired")),
+                (uuid, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => Step::ActionDone(uuid, r),
+                _ = session.wake.notified() => Step::Wake,
+                _ = sleep_until(redeliver_at.unwrap_or_else(Instant::now)), if redeliver_at.is_some() => Step::Wake,
+                _ = heartbeat.tick() => Step::Heartbeat,
+                f = self.ws.recv() => Step::Frame(f),
+            };
+            match step {
+                Step::Stop(c) => return Some(c),
+                Step::Wake => {
+                    if session.overflowed() {
+                        return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
+                    }
+                    redeliver_at = session.outbox().take_due(Instant::now().into_std(), ack_timeout, &mut due).map(Instant::from_std);
+                    if let Err(c) = self.write_due(&mut due).await {
+                        return Some(c);
+                    }
+                }
+                Step::Heartbeat => {
+                    if self.last_seen.elapsed() >= hb * 3 {
+                        return Some(Close(close::GOING_AWAY, "heartbeat timeout"));
+                    }
+                    if let Err(c) = self.write(Message::Ping(Default::default())).await {
+                        return Some(c);
+                    }
+                }
+                Step::ActionDone(uuid, result) => {
+                    let sent = match result {
+                        Ok(_) => self.send(outgoing::ack(&uuid)).await,
+                        Err(e) => {
+                            self.send_error(&uuid, e.code(), &e.to_string(), e.field()).await;
+                            Ok(())
+                        }
+                    };
+                    if let Err(c) = sent {
+                        return Some(c);
+                    }
+                    in_flight = pending.pop_front().map(|p| self.start_action(session, p));
+                }
+                Step::Frame(frame) => {
+                    let text = match self.frame_text(frame) {
+                        Err(c) => return Some(c),
+                        Ok(None) => return None,
+                        Ok(Some(None)) => continue,
+                        Ok(Some(Some(text))) => text,
+                    };
+                    let msg = match parse_client_message(&text) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            self.send_parse_error(&e).await;
+                            continue;
+                        }
+                    };
+                    let sent = match msg {
+                        ClientMessage::Ack { uuid } => {
+                            if let Some(waited) = session.outbox().ack(&uuid, Instant::now().into_std()) {
+                                self.shared.metrics.acked.increment(1);
+                                self.shared.metrics.notification_ack_seconds.record(waited.as_secs_f64());
+                            }
+                            Ok(())
+                        }
+                        ClientMessage::Ping { uuid } => self.send(outgoing::pong(&uuid)).await,
+                        ClientMessage::Action { uuid, action, details } => {
+                            let p = PendingAction { uuid, action, details };
+                            if in_flight.is_none() {
+                                in_flight = Some(self.start_action(session, p));
+                            } else if pending.len() < max_pending {
+                                pending.push_back(p);
+                            } else {
+                                let msg = "too many actions waiting; retry later";
+                                self.send_error(&p.uuid, ErrorCode::RateLimited, msg, None).await;
+                            }
+                            Ok(())
+                        }
+                        ClientMessage::EndSession { uuid } => {
+                            return match self.send(outgoing::ack(&uuid)).await {
+                                Ok(()) => Some(Close(close::NORMAL, "session ended")),
+                                Err(c) => Some(c),
+                            };
+                        }
+                        ClientMessage::Hello { uuid, .. } => {
+                            self.send_error(&uuid, ErrorCode::InvalidMessage, "already authenticated", Some("type")).await;
+                            Ok(())
+                        }
+                    };
+                    if let Err(c) = sent {
+                        return Some(c);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_action(&self, session: &Session, p: PendingAction) -> ActionFuture {
+        let actions = self.shared.actions.clone();
+        let metrics = self.shared.metrics.clone();
+        let who = session.agent.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let r = actions.perform(&who, &p.uuid, &p.action, p.details).await;
+            metrics.action_seconds.record(started.elapsed().as_secs_f64());
+            (p.uuid, r)
+        })
+    }
+
+    /// Classifies a read: `Ok(None)` the client left, `Ok(Some(None))` a
+    /// control frame, `Ok(Some(Some(text)))` a message, `Err` a close to send.
+    fn frame_text(&mut self, frame: Option<Result<Message, axum::Error>>) -> Result<Option<Option<String>>, Close> {
+        self.last_seen = Instant::now();
+        match frame {
+            None | Some(Ok(Message::Close(_))) => Ok(None),
+            Some(Ok(Message::Text(t))) => Ok(Some(Some(t.as_str().to_owned()))),
+            Some(Ok(Message::Binary(_))) => Err(Close(close::UNSUPPORTED_DATA, "binary frames are not accepted")),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(Some(None)),
+            Some(Err(e)) => {
+                let too_big = e
+                    .into_inner()
+                    .downcast::<tungstenite::Error>()
+                    .is_ok_and(|e| matches!(*e, tungstenite::Error::Capacity(_)));
+                if too_big {
+                    Err(Close(close::MESSAGE_TOO_BIG, "frame too large"))
+                } else {
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    async fn write_due(&mut self, due: &mut Vec<Due>) -> Result<(), Close> {
+        if due.is_empty() {
+            return Ok(());
+        }
+        let metrics = &self.shared.metrics;
+        let frames: Vec<Message> = due
+            .drain(..)
+            .map(|d| {
+                if d.redelivery {
+                    metrics.redelivered.increment(1);
+                } else {
+                    metrics.sent(d.n.ty);
+                }
+                Message::Text(outgoing::notification(d.n.ty, &d.n.uuid, d.seq, &d.n.data).into())
+            })
+            .collect();
+        let write = async {
+            for f in frames {
+                self.ws.feed(f).await?;
+            }
+            self.ws.flush().await
+        };
+        match tokio::time::timeout(self.shared.settings.write_timeout(), write).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Close(close::GOING_AWAY, "client does not read")),
+        }
+    }
+
+    async fn write(&mut self, msg: Message) -> Result<(), Close> {
+        match tokio::time::timeout(self.shared.settings.write_timeout(), self.ws.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Close(close::GOING_AWAY, "client does not read")),
+        }
+    }
+
+    async fn send(&mut self, text: String) -> Result<(), Close> {
+        self.write(Message::Text(text.into())).await
+    }
+
+    async fn send_error(&mut self, uuid: &str, code: ErrorCode, message: &str, field: Option<&str>) {
+        self.shared.metrics.error(code);
+        // A client that does not read its errors is closed by the next write that times out.
+        let _ = self.send(outgoing::error(uuid, code, message, field)).await;
+    }
+
+    async fn send_parse_error(&mut self, e: &ParseError) {
+        let uuid = e.uuid.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        self.send_error(&uuid, e.code, &e.message, e.field.as_deref()).await;
+    }
+
+    /// Sends the close frame, then reads until the client answers (or a short
+    /// linger passes) so unread input does not turn the close into a reset.
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        let frame = CloseFrame { code, reason: reason.into() };
+        if self.write(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(m)) = self.ws.recv().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,141 @@
+//! The backend port of the embedded bus (contract section 8): backends (and
+//! load tests) post events and long-poll the actions the bridge published.
+
+use super::bearer;
+use crate::app::Shared;
+use crate::auth::constant_time_eq;
+use crate::bus::EmbeddedBus;
+use crate::notify::Event;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MAX_WAIT: Duration = Duration::from_secs(30);
+const MAX_RECORDS: usize = 10_000;
+
+#[derive(Clone)]
+struct Backend {
+    shared: Arc<Shared>,
+    bus: Arc<EmbeddedBus>,
+}
+
+pub fn router(shared: Arc<Shared>, bus: Arc<EmbeddedBus>) -> Router {
+    let limit = shared.settings.backend_max_body_bytes;
+    let state = Backend { shared, bus };
+    Router::new()
+        .route("/backend/v1/events", post(post_events))
+        .route("/backend/v1/actions", get(get_actions))
+        .route("/backend/v1/bus", put(put_bus))
+        .layer(DefaultBodyLimit::max(limit))
+        .route_layer(middleware::from_fn_with_state(state.clone(), admin_only))
+        .with_state(state)
+}
+
+fn reject(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn admin_only(State(b): State<Backend>, req: Request, next: Next) -> Response {
+    let ok = match (&b.shared.settings.admin_token, bearer(req.headers())) {
+        (Some(expected), Some(given)) => constant_time_eq(expected.as_bytes(), given.as_bytes()),
+        _ => false,
+    };
+    if ok {
+        next.run(req).await
+    } else {
+        reject(StatusCode::UNAUTHORIZED, "a valid admin bearer token is required")
+    }
+}
+
+#[derive(Deserialize)]
+struct EventIn {
+    record: String,
+    value: Value,
+}
+
+/// Validates the whole body first, so a batch is taken entirely or not at all;
+/// answers 202 only once every notification is in its session's outbox.
+async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let metrics = &b.shared.metrics;
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return reject(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
+    };
+    let (items, batch) = match parsed {
+        Value::Array(items) => (items, true),
+        other => (vec![other], false),
+    };
+    let mut events: Vec<Event> = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = if batch { format!("[{i}]: ") } else { String::new() };
+        let item: EventIn = match serde_json::from_value(item) {
+            Ok(e) => e,
+            Err(e) => {
+                metrics.events_rejected.increment(1);
+                return reject(StatusCode::BAD_REQUEST, format!("{at}expected {{\"record\", \"value\"}}: {e}"));
+            }
+        };
+        let Value::Object(value) = &item.value else {
+            metrics.events_rejected.increment(1);
+            return reject(StatusCode::BAD_REQUEST, format!("{at}`value` must be an object"));
+        };
+        match b.shared.router.event_from_json(&item.record, value) {
+            Ok(ev) => events.push(ev),
+            Err(e) => {
+                metrics.events_rejected.increment(1);
+                return reject(StatusCode::BAD_REQUEST, format!("{at}{}: {e}", item.record));
+            }
+        }
+    }
+    let mut notifications = 0;
+    for ev in &events {
+        match b.shared.router.ingest(ev).await {
+            Ok(n) => notifications += n,
+            Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+    metrics.events_accepted.increment(events.len() as u64);
+    metrics.event_ingest_seconds.record(started.elapsed().as_secs_f64());
+    (StatusCode::ACCEPTED, Json(json!({"accepted": events.len(), "notifications": notifications}))).into_response()
+}
+
+#[derive(Deserialize)]
+struct ActionsQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    wait_ms: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+async fn get_actions(State(b): State<Backend>, Query(q): Query<ActionsQuery>) -> Response {
+    let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
+    let limit = q.limit.unwrap_or(1000).clamp(1, MAX_RECORDS);
+    let (next, records) = tokio::select! {
+        r = b.bus.read_after(q.after, limit, wait) => r,
+        _ = b.shared.shutdown.cancelled() => (q.after, Vec::new()),
+    };
+    Json(json!({"next": next, "records": records})).into_response()
+}
+
+#[derive(Deserialize)]
+struct BusSwitch {
+    accepting: bool,
+}
+
+/// Simulates a bus outage for the clients' benefit: while off, actions get
+/// `backend_unavailable`.
+async fn put_bus(State(b): State<Backend>, Json(s): Json<BusSwitch>) -> Response {
+    b.bus.set_accepting(s.accepting);
+    Json(json!({"accepting": s.accepting})).into_response()
+}

@@ -1,0 +1,19 @@
+//! CCEB, the Client Connector Events Bridge: the server as a library, so the
+//! binary, the integration tests and the benchmark start the very same thing.
+//! ARCHITECTURE.md at the repository root has the code map.
+
+pub mod actions;
+pub mod app;
+pub mod auth;
+pub mod bus;
+pub mod config;
+mod conn;
+pub mod http;
+pub mod metrics;
+pub mod notify;
+pub mod schema;
+pub mod session;
+pub mod store;
+
+pub use app::Bridge;
+pub use config::Settings;

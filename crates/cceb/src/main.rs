@@ -1,0 +1,136 @@
+//! The `cceb` binary: `serve` runs the bridge, `token` mints a client token.
+
+use anyhow::Context;
+use cceb::auth::{mint_hs256, TokenRequest};
+use cceb::config::{LogFormat, Settings};
+use cceb::Bridge;
+use clap::{Parser, Subcommand};
+use rand::distr::{Alphanumeric, SampleString};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "cceb", version, about = "Client Connector Events Bridge")]
+struct Cli {
+    /// TOML settings file; CCEB_* environment variables override it.
+    #[arg(long, global = true, env = "CCEB_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge (embedded bus and store unless configured otherwise).
+    Serve {
+        /// Generate a JWT secret and an admin token when none is configured, and print them.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Mint an HS256 client token from the configured secret.
+    Token {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "ir-1")]
+        ir: String,
+        #[arg(long)]
+        contact_id: Option<String>,
+        /// Lifetime, e.g. 30s, 15m, 1h, 2d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cceb: {e}");
+            // EX_CONFIG: the settings are wrong, retrying will not help.
+            return ExitCode::from(78);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve { dev } => serve(settings, dev),
+        Command::Token { agent, tenant, ir, contact_id, ttl } => {
+            token(&settings, TokenRequest { tenant_guid: &tenant, agent_guid: &agent, ir_instance: &ir, contact_id: contact_id.as_deref(), ttl })
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cceb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(settings: &Settings, req: TokenRequest<'_>) -> anyhow::Result<()> {
+    let secret = settings.jwt_hs256_secret.as_deref().context("CCEB_JWT_HS256_SECRET is not set")?;
+    println!("{}", mint_hs256(secret, &req)?);
+    Ok(())
+}
+
+fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
+    init_logging(&settings);
+    if dev {
+        let random = || Alphanumeric.sample_string(&mut rand::rng(), 32);
+        let secret = settings.jwt_hs256_secret.get_or_insert_with(random).clone();
+        let admin = settings.admin_token.get_or_insert_with(random).clone();
+        let example = mint_hs256(
+            &secret,
+            &TokenRequest {
+                tenant_guid: "tenant-1",
+                agent_guid: "agent-1",
+                ir_instance: "ir-1",
+                contact_id: Some("1001"),
+                ttl: Duration::from_secs(3600),
+            },
+        )?;
+        println!("cceb --dev");
+        println!("  CCEB_JWT_HS256_SECRET={secret}");
+        println!("  CCEB_ADMIN_TOKEN={admin}");
+        println!("  a client token for tenant-1/agent-1, valid 1h:\n  {example}");
+    }
+    if !settings.has_jwt_key() {
+        anyhow::bail!("no client token key: set CCEB_JWT_HS256_SECRET (or a public key / JWKS file), or run with --dev");
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let bridge = Bridge::start(settings).await?;
+        println!("listening on {} (backend port {})", bridge.addr, bridge.backend_addr);
+        let stop = bridge.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("signal received, draining");
+            stop.cancel();
+        });
+        bridge.run_until_stopped().await;
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn init_logging(settings: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&settings.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match settings.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

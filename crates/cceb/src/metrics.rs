@@ -1,0 +1,88 @@
+//! Prometheus metrics. The recorder is process-wide (the `metrics` facade);
+//! hot-path counters are resolved once into handles.
+
+use cceb_protocol::{ErrorCode, NotificationType};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Installs the recorder on first use; later bridges in the same process share it.
+pub fn handle() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .map(|b| b.build_recorder())
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+        let handle = recorder.handle();
+        // Fails only if another recorder is installed; then ours simply renders nothing.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+pub struct Metrics {
+    pub connections: Gauge,
+    pub sessions: Gauge,
+    sent: Vec<Counter>,
+    pub acked: Counter,
+    pub redelivered: Counter,
+    pub undeliverable: Counter,
+    pub events_accepted: Counter,
+    pub events_rejected: Counter,
+    pub notification_ack_seconds: Histogram,
+    pub action_seconds: Histogram,
+    pub event_ingest_seconds: Histogram,
+    errors: Vec<Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        handle();
+        Metrics {
+            connections: gauge!("cceb_connections"),
+            sessions: gauge!("cceb_sessions"),
+            sent: NotificationType::ALL
+                .iter()
+                .map(|t| counter!("cceb_notifications_sent_total", "type" => t.as_str()))
+                .collect(),
+            acked: counter!("cceb_notifications_acked_total"),
+            redelivered: counter!("cceb_notifications_redelivered_total"),
+            undeliverable: counter!("cceb_notifications_without_session_total"),
+            events_accepted: counter!("cceb_events_total", "outcome" => "accepted"),
+            events_rejected: counter!("cceb_events_total", "outcome" => "rejected"),
+            notification_ack_seconds: histogram!("cceb_notification_ack_seconds"),
+            action_seconds: histogram!("cceb_action_seconds"),
+            event_ingest_seconds: histogram!("cceb_event_ingest_seconds"),
+            errors: ErrorCode::ALL.iter().map(|c| counter!("cceb_errors_total", "code" => c.as_str())).collect(),
+        }
+    }
+
+    pub fn sent(&self, ty: NotificationType) {
+        self.sent[ty.index()].increment(1);
+    }
+
+    pub fn error(&self, code: ErrorCode) {
+        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
+            self.errors[i].increment(1);
+        }
+    }
+
+    pub fn action(&self, record: &str, outcome: &'static str) {
+        counter!("cceb_actions_total", "record" => record.to_owned(), "outcome" => outcome).increment(1);
+    }
+
+    pub fn render() -> String {
+        handle().render()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,285 @@
+//! Backend events → notifications → session outboxes (contract section 5).
+//!
+//! What an event becomes and who receives it is read from the mapping file
+//! (`schema::EventMapping`); this module carries out the few behaviours that
+//! mapping names (off-hook states, phone validation, list expansion, the tenant
+//! directory and `agent_phone_update`).
+
+use crate::metrics::Metrics;
+use crate::schema::convert::{field, field_bool, field_i64, field_str, to_json, Keys};
+use crate::schema::{Audience, DirectoryChange, EventMapping, FieldError, SchemaSet, Transform};
+use crate::session::{Notification, Registry};
+use crate::store::{AgentEntry, AgentPatch, DirectoryOp, Store, StoreError};
+use apache_avro::types::Value as Avro;
+use cceb_protocol::NotificationType;
+use serde_json::{json, Map, Value as Json};
+use std::sync::Arc;
+
+/// Who receives a notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Agent { tenant: String, agent: String },
+    Tenant { tenant: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    pub to: Target,
+    pub ty: NotificationType,
+    pub data: Json,
+}
+
+/// A validated backend event with the notifications it makes.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub record: String,
+    pub value: Avro,
+    plan: Vec<Planned>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("unknown event record `{0}`")]
+    UnknownRecord(String),
+    #[error("{0}")]
+    Invalid(FieldError),
+    #[error("{0}")]
+    Unmappable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Router {
+    schemas: Arc<SchemaSet>,
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
+impl Router {
+    pub fn new(schemas: Arc<SchemaSet>, registry: Arc<Registry>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Router { schemas, registry, store, metrics }
+    }
+
+    /// Validates an event given as plain JSON (the backend port).
+    pub fn event_from_json(&self, record: &str, value: &Map<String, Json>) -> Result<Event, EventError> {
+        let (r, _) = self.schemas.event(record).ok_or_else(|| EventError::UnknownRecord(record.to_owned()))?;
+        let value = self.schemas.build(r, value).map_err(EventError::Invalid)?;
+        self.event_from_avro(record, value)
+    }
+
+    /// Plans an already-decoded event (a bus that carries Avro).
+    pub fn event_from_avro(&self, record: &str, value: Avro) -> Result<Event, EventError> {
+        let (_, mapping) = self.schemas.event(record).ok_or_else(|| EventError::UnknownRecord(record.to_owned()))?;
+        let plan = plan(record, mapping, &value)?;
+        Ok(Event { record: record.to_owned(), value, plan })
+    }
+
+    /// Applies the event to the directory and puts its notifications in the
+    /// outboxes of every addressed session; returns how many were queued.
+    pub async fn ingest(&self, event: &Event) -> Result<usize, NotifyError> {
+        let mut extra = None;
+        if let Some((_, mapping)) = self.schemas.event(&event.record) {
+            if let Some(change) = mapping.directory {
+                extra = self.apply_directory(change, &event.value).await?;
+            }
+        }
+        let mut queued = 0;
+        for p in event.plan.iter().chain(extra.iter()) {
+            queued += self.send(&p.to, p.ty, &p.data);
+        }
+        Ok(queued)
+    }
+
+    /// Sends one notification the bridge makes itself (e.g. the synthesised
+    /// off-hook offering); returns how many sessions got it.
+    pub fn send(&self, to: &Target, ty: NotificationType, data: &Json) -> usize {
+        let n = Arc::new(Notification { ty, uuid: uuid::Uuid::new_v4().to_string(), data: data.to_string().into() });
+        let deliver = |s: &Arc<crate::session::Session>| s.deliver(n.clone());
+        let count = match to {
+            Target::Agent { tenant, agent } => self.registry.for_agent(tenant, agent, deliver),
+            Target::Tenant { tenant } => self.registry.for_tenant(tenant, deliver),
+        };
+        if count == 0 {
+            self.metrics.undeliverable.increment(1);
+        }
+        count
+    }
+
+    async fn apply_directory(&self, change: DirectoryChange, v: &Avro) -> Result<Option<Planned>, NotifyError> {
+        let (Some(tenant), Some(agent)) = (field_str(v, "tenantGuid"), field_str(v, "agentGuid")) else {
+            return Ok(None);
+        };
+        let op = match change {
+            DirectoryChange::AgentAdded => DirectoryOp::Put(AgentEntry {
+                agent_guid: agent.to_owned(),
+                contact_id: field_str(v, "contactId").map(str::to_owned),
+                off_hook_enabled: field_bool(v, "offHookEnabled").unwrap_or(false),
+                recording_controls: field_i64(v, "recordingControls").and_then(|n| i32::try_from(n).ok()),
+            }),
+            DirectoryChange::AgentUpdated => {
+                let deltas = field(v, "deltas").cloned().unwrap_or(Avro::Null);
+                DirectoryOp::Patch {
+                    agent_guid: agent.to_owned(),
+                    patch: AgentPatch {
+                        contact_id: field_str(&deltas, "contactId").map(str::to_owned),
+                        off_hook_enabled: field_bool(&deltas, "offHookEnabled"),
+                        recording_controls: field_i64(&deltas, "recordingControls").and_then(|n| i32::try_from(n).ok()),
+                    },
+                }
+            }
+            DirectoryChange::AgentDeleted => DirectoryOp::Remove { agent_guid: agent.to_owned() },
+        };
+        let new_controls = match &op {
+            DirectoryOp::Patch { patch, .. } => patch.recording_controls,
+            _ => None,
+        };
+        let prev = self.store.directory_apply(tenant, op).await?;
+        // Only a change of recordingControls reaches the agent on its own.
+        Ok(new_controls.filter(|&n| prev.and_then(|p| p.recording_controls) != Some(n)).map(|n| Planned {
+            to: Target::Agent { tenant: tenant.to_owned(), agent: agent.to_owned() },
+            ty: NotificationType::AgentPhoneUpdate,
+            data: json!({ "recording_controls": n }),
+        }))
+    }
+}
+
+/// The notifications an event makes, in delivery order. Pure.
+pub fn plan(record: &str, mapping: &EventMapping, value: &Avro) -> Result<Vec<Planned>, EventError> {
+    let missing = |f: &str| EventError::Unmappable(format!("`{record}` has no `{f}` to address it"));
+    let tenant = field_str(value, "tenantGuid").ok_or_else(|| missing("tenantGuid"))?.to_owned();
+    let to = match mapping.to {
+        Audience::Tenant => Target::Tenant { tenant },
+        Audience::Agent => {
+            Target::Agent { tenant, agent: field_str(value, "agentGuid").ok_or_else(|| missing("agentGuid"))?.to_owned() }
+        }
+    };
+    let mut data = to_json(value, Keys::Snake);
+    match mapping.transform {
+        Some(Transform::OffHook) => off_hook(value, &mut data)?,
+        Some(Transform::PhoneValidation) => phone_validation(value, &mut data)?,
+        None => {}
+    }
+    if mapping.notification == NotificationType::Provisioning {
+        data["event_type"] = Json::String(record.to_owned());
+    }
+    let mut out = vec![Planned { to: to.clone(), ty: mapping.notification, data }];
+    if let Some(each) = &mapping.each {
+        if let Some(Avro::Array(items)) = field(value, &each.field) {
+            out.extend(items.iter().map(|item| Planned { to: to.clone(), ty: each.notification, data: to_json(item, Keys::Snake) }));
+        }
+    }
+    Ok(out)
+}
+
+/// Platform message ids 250–255 → `state` (contract section 5, `off_hook`).
+fn off_hook(value: &Avro, data: &mut Json) -> Result<(), EventError> {
+    let id = field_i64(value, "messageId").ok_or_else(|| EventError::Unmappable("OffHookEvent needs messageId".into()))?;
+    let flag = |name: &str| {
+        field_bool(value, name)
+            .ok_or_else(|| EventError::Unmappable(format!("OffHookEvent messageId {id} needs the boolean `{name}`")))
+    };
+    let state = match id {
+        250 => if flag("enabled")? { "enabled" } else { "disabled" },
+        251 => "answered",
+        252 => "dropped",
+        253 => "rejected",
+        254 => if flag("connected")? { "connected" } else { "disconnected" },
+        255 => if flag("success")? { "authenticated" } else { "authentication_failed" },
+        other => return Err(EventError::Unmappable(format!("OffHookEvent messageId {other} is not one of 250-255"))),
+    };
+    if let Json::Object(obj) = data {
+        if state != "authenticated" {
+            obj.remove("media_resource_id");
+        }
+        obj.remove("timeout");
+        obj.insert("state".into(), Json::String(state.into()));
+    }
+    Ok(())
+}
+
+const PHONE_VALIDATION_STATES: [&str; 6] = ["offering", "answered", "verified", "invalid", "rejected", "dropped"];
+
+fn phone_validation(value: &Avro, data: &mut Json) -> Result<(), EventError> {
+    let state = field_str(value, "state").unwrap_or_default();
+    if !PHONE_VALIDATION_STATES.contains(&state) {
+        return Err(EventError::Unmappable(format!(
+            "PhoneValidationEvent state `{state}` is not one of {}",
+            PHONE_VALIDATION_STATES.join(", ")
+        )));
+    }
+    if state != "offering" {
+        if let Json::Object(obj) = data {
+            obj.remove("timeout");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(record: &str, value: Json) -> Result<Vec<Planned>, EventError> {
+        let set = SchemaSet::load(None).expect("default set");
+        let (r, m) = set.event(record).expect("mapped");
+        let v = set.build(r, value.as_object().expect("object")).map_err(EventError::Invalid)?;
+        plan(record, m, &v)
+    }
+
+    fn off_hook_state(extra: Json) -> Result<Json, EventError> {
+        let mut v = json!({"tenantGuid":"t","agentGuid":"a"});
+        v.as_object_mut().expect("obj").extend(extra.as_object().expect("obj").clone());
+        Ok(planned("OffHookEvent", v)?.remove(0).data)
+    }
+
+    #[test]
+    fn off_hook_message_ids_map_to_states() {
+        let cases = [
+            (json!({"messageId":250,"enabled":true}), "enabled"),
+            (json!({"messageId":250,"enabled":false}), "disabled"),
+            (json!({"messageId":251}), "answered"),
+            (json!({"messageId":252}), "dropped"),
+            (json!({"messageId":253}), "rejected"),
+            (json!({"messageId":254,"connected":true}), "connected"),
+            (json!({"messageId":254,"connected":false}), "disconnected"),
+            (json!({"messageId":255,"success":true,"mediaResourceId":"m1"}), "authenticated"),
+            (json!({"messageId":255,"success":false,"mediaResourceId":"m1"}), "authentication_failed"),
+        ];
+        for (input, state) in cases {
+            let data = off_hook_state(input.clone()).expect("maps");
+            assert_eq!(data["state"], state, "{input}");
+            let carries_media = data.get("media_resource_id").is_some();
+            assert_eq!(carries_media, state == "authenticated", "{input}");
+        }
+        assert!(off_hook_state(json!({"messageId":249})).is_err());
+        assert!(off_hook_state(json!({"messageId":250})).is_err(), "250 needs `enabled`");
+    }
+
+    #[test]
+    fn phone_validation_keeps_timeout_only_when_offering() {
+        let p = |state: &str| planned("PhoneValidationEvent", json!({"tenantGuid":"t","agentGuid":"a","state":state,"timeout":30}));
+        assert_eq!(p("offering").expect("ok")[0].data["timeout"], 30);
+        assert!(p("answered").expect("ok")[0].data.get("timeout").is_none());
+        assert!(p("bogus").is_err());
+    }
+
+    #[test]
+    fn interaction_list_expands_in_order_and_provisioning_is_tenant_wide() {
+        let items = json!([{"interactionId":"i1","state":"s","channel":"c"},{"interactionId":"i2","state":"s","channel":"c"}]);
+        let out = planned("AgentInteractionListEvent", json!({"tenantGuid":"t","agentGuid":"a","interactions":items})).expect("ok");
+        let types: Vec<_> = out.iter().map(|p| p.ty).collect();
+        assert_eq!(
+            types,
+            [NotificationType::InteractionsList, NotificationType::AgentInteraction, NotificationType::AgentInteraction]
+        );
+        assert_eq!(out[2].data["interaction_id"], "i2");
+        let out = planned("QueueDeletedEvent", json!({"tenantGuid":"t","queueId":"q"})).expect("ok");
+        assert_eq!(out[0].to, Target::Tenant { tenant: "t".into() });
+        assert_eq!(out[0].data["event_type"], "QueueDeletedEvent");
+    }
+}

@@ -1,0 +1,95 @@
+//! The sessions of this node, by tenant and agent.
+
+use super::Session;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+type Agents = HashMap<Arc<str>, Vec<Arc<Session>>>;
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    tenants: RwLock<HashMap<Arc<str>, Agents>>,
+    count: AtomicUsize,
+}
+
+impl Registry {
+    pub fn add(&self, s: Arc<Session>) {
+        let mut t = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        let agents = t.entry(s.agent.tenant_guid.clone()).or_default();
+        agents.entry(s.agent.agent_guid.clone()).or_default().push(s);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn remove(&self, s: &Arc<Session>) {
+        let mut t = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(agents) = t.get_mut(&s.agent.tenant_guid) else { return };
+        if let Some(list) = agents.get_mut(&s.agent.agent_guid) {
+            if let Some(i) = list.iter().position(|x| Arc::ptr_eq(x, s)) {
+                list.swap_remove(i);
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            if list.is_empty() {
+                agents.remove(&s.agent.agent_guid);
+            }
+        }
+        if agents.is_empty() {
+            t.remove(&s.agent.tenant_guid);
+        }
+    }
+
+    /// Calls `f` for every session of one agent; returns how many.
+    pub fn for_agent(&self, tenant: &str, agent: &str, mut f: impl FnMut(&Arc<Session>)) -> usize {
+        let t = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        let list = t.get(tenant).and_then(|a| a.get(agent));
+        list.map_or(0, |l| {
+            l.iter().for_each(&mut f);
+            l.len()
+        })
+    }
+
+    /// Calls `f` for every session of one tenant; returns how many.
+    pub fn for_tenant(&self, tenant: &str, mut f: impl FnMut(&Arc<Session>)) -> usize {
+        let t = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(agents) = t.get(tenant) else { return 0 };
+        agents.values().flatten().map(|s| f(s)).count()
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::AgentId;
+
+    fn session(t: &str, a: &str) -> Arc<Session> {
+        let agent = AgentId { tenant_guid: t.into(), agent_guid: a.into(), ir_instance: "ir".into() };
+        Arc::new(Session::new(format!("{t}/{a}"), agent, 10))
+    }
+
+    #[test]
+    fn finds_by_agent_and_tenant_and_never_across_tenants() {
+        let r = Registry::default();
+        let (a, b, c) = (session("t1", "a"), session("t1", "b"), session("t2", "a"));
+        let a2 = session("t1", "a");
+        for s in [&a, &b, &c, &a2] {
+            r.add(s.clone());
+        }
+        assert_eq!(r.for_agent("t1", "a", |_| {}), 2);
+        assert_eq!(r.for_tenant("t1", |_| {}), 3);
+        let mut ids = Vec::new();
+        r.for_tenant("t2", |s| ids.push(s.id.clone()));
+        assert_eq!(ids, ["t2/a"]);
+        r.remove(&a);
+        r.remove(&a);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.for_agent("t1", "a", |_| {}), 1);
+    }
+}
