@@ -53,6 +53,10 @@ pub struct Settings {
     pub dedup_capacity: usize,
     /// Actions a connection may have waiting behind the one in flight; more is `rate_limited`.
     pub max_pending_actions: usize,
+    /// Sustained actions per second one connection may send; more is `rate_limited`.
+    pub action_rate_per_second: f64,
+    /// Actions one connection may send at once before the rate applies.
+    pub action_burst: u32,
     /// `source` of the records the bridge builds.
     pub source_name: String,
     /// Published actions the embedded bus keeps for `GET /backend/v1/actions`.
@@ -94,6 +98,8 @@ impl Default for Settings {
             dedup_window_seconds: 600,
             dedup_capacity: 1_000_000,
             max_pending_actions: 64,
+            action_rate_per_second: 50.0,
+            action_burst: 100,
             source_name: "CCEB".into(),
             embedded_log_capacity: 100_000,
             backend_max_body_bytes: 16 * 1024 * 1024,

@@ -5,7 +5,7 @@
 use crate::actions::{ActionError, Done};
 use crate::app::Shared;
 use crate::auth::Identity;
-use crate::session::{AgentId, Due, Session};
+use crate::session::{AgentId, Due, Session, TokenBucket};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
 use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};
@@ -146,6 +146,7 @@ impl Conn {
         let mut in_flight: Option<ActionFuture> = None;
         let mut pending: VecDeque<PendingAction> = VecDeque::new();
         let mut due = Vec::new();
+        let mut bucket = TokenBucket::new(settings.action_rate_per_second, settings.action_burst, Instant::now().into_std());
         loop {
             let step = tokio::select! {
                 biased;
@@ -214,7 +215,9 @@ impl Conn {
                         ClientMessage::Ping { uuid } => self.send(outgoing::pong(&uuid)).await,
                         ClientMessage::Action { uuid, action, details } => {
                             let p = PendingAction { uuid, action, details };
-                            if in_flight.is_none() {
+                            if !bucket.try_take(Instant::now().into_std()) {
+                                self.send_error(&p.uuid, ErrorCode::RateLimited, "too many actions; retry later", None).await;
+                            } else if in_flight.is_none() {
                                 in_flight = Some(self.start_action(session, p));
                             } else if pending.len() < max_pending {
                                 pending.push_back(p);

@@ -3,9 +3,11 @@
 //! one session's notifications until acked.
 
 mod outbox;
+mod rate;
 mod registry;
 
 pub use outbox::{Due, Notification, Outbox, Pushed};
+pub use rate::TokenBucket;
 pub use registry::Registry;
 
 use std::sync::atomic::{AtomicBool, Ordering};

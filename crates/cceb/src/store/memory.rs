@@ -109,9 +109,10 @@ impl Store for MemoryStore {
     }
 
     async fn dedup_contains(&self, key: DedupKey) -> Result<bool, StoreError> {
+        let now = Instant::now();
         let mut d = self.dedup.lock().unwrap_or_else(PoisonError::into_inner);
-        d.evict(Instant::now());
-        Ok(d.seen.contains_key(&key))
+        d.evict(now);
+        Ok(d.seen.get(&key).is_some_and(|&expiry| expiry > now))
     }
 
     async fn dedup_insert(&self, key: DedupKey, window: Duration) -> Result<(), StoreError> {

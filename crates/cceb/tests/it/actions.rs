@@ -1,0 +1,233 @@
+//! Contract section 4: actions from client to bus.
+
+use crate::support::*;
+use cceb_protocol::outgoing::ServerMessage;
+use cceb_protocol::ErrorCode;
+use serde_json::{json, Value};
+
+/// Minimal valid details for every one of the 36 actions of the default set.
+fn all_actions() -> Vec<(&'static str, Value)> {
+    let i = json!({"interactionId": "i-1"});
+    vec![
+        ("UpdateInteractionEvent", json!({"interactionId": "i-1", "channel": "CHAT"})),
+        ("RequestAgentInteractionListEvent", json!({})),
+        ("InitiatePhoneCallEvent", json!({"phoneNumber": "+15550100"})),
+        ("HoldAgentTelephoneLineEvent", i.clone()),
+        ("UnholdAgentTelephoneLineEvent", i.clone()),
+        ("CancelTransferEvent", json!({"interactionId": "i-1", "destinationAgentContactId": "2002"})),
+        ("AgentToAgentChatRequestEvent", json!({"secondAgentContactId": "2002"})),
+        ("ConferenceAgentTelephoneLinesEvent", i.clone()),
+        ("InitiateEmailInteractionEvent", json!({"toAddress": "x@example.test"})),
+        ("EndPostProcessingEvent", i.clone()),
+        ("DeleteInteractionEvent", i.clone()),
+        ("EndEmailInteractionEvent", i.clone()),
+        ("ForwardInteractionEvent", i.clone()),
+        ("BlindTransferEvent", json!({"interactionId": "i-1", "destinationAgentContactId": "2002"})),
+        ("AcceptInteractionEvent", i.clone()),
+        ("TransferAgentTelephoneLinesEvent", i.clone()),
+        ("HangupAgentTelephoneLineEvent", i.clone()),
+        ("HangupParticipantTelephoneLineEvent", json!({"interactionId": "i-1", "participantId": "p"})),
+        ("MuteAgentTelephoneLineEvent", i.clone()),
+        ("UnmuteAgentTelephoneLineEvent", i.clone()),
+        ("RejectInteractionEvent", i.clone()),
+        ("SkipOutboundCampaignEvent", json!({"campaignId": "c"})),
+        ("StartOutboundCampaignEvent", json!({"campaignId": "c"})),
+        ("ChangeAgentStateEvent", json!({"state": "Away"})),
+        ("ChangeAgentSubStateEvent", json!({"subState": "Lunch"})),
+        ("SetAgentNextStatusEvent", json!({"nextStatus": "Away"})),
+        ("TclAndDispositionRequestEvent", i.clone()),
+        ("PhoneValidationValidateEvent", json!({"phoneNumber": "+15550100"})),
+        ("PhoneVerificationPinEvent", json!({"pin": "1234"})),
+        ("PhoneValidationCancelEvent", json!({})),
+        ("PhoneValidationStatusEvent", json!({})),
+        ("SetOffHookConnectionEvent", json!({"enabled": true})),
+        ("RejectOffHookEvent", json!({})),
+        ("OffHookConnectionStatusEvent", json!({})),
+        ("OffHookAuthPinValidationEvent", json!({"pin": "1234"})),
+        ("OffHookCancelledEvent", json!({})),
+    ]
+}
+
+async fn with_colleague() -> (TestBridge, Client) {
+    let b = TestBridge::start().await;
+    b.provision("t1", "a1", "1001", false).await;
+    b.provision("t1", "a2", "2002", false).await;
+    b.provision("t2", "b1", "3003", false).await;
+    let (c, _) = b.agent("t1", "a1").await;
+    (b, c)
+}
+
+#[tokio::test]
+async fn all_36_actions_are_published_with_the_identity_injected() {
+    let (b, mut c) = with_colleague().await;
+    let actions = all_actions();
+    assert_eq!(actions.len(), 36);
+    for (n, (name, details)) in actions.iter().enumerate() {
+        let uuid = format!("act-{n}");
+        let reply = c.action(&uuid, name, details.clone()).await;
+        assert!(matches!(&reply, ServerMessage::Ack { uuid: u } if *u == uuid), "{name}: {reply:?}");
+    }
+    let published = b.published().await;
+    assert_eq!(published.len(), 36);
+    for (rec, (name, _)) in published.iter().zip(&actions) {
+        assert_eq!(rec["record"], *name);
+        assert_eq!(rec["key"], "a1");
+        let v = &rec["value"];
+        assert_eq!((&v["tenantGuid"], &v["agentGuid"], &v["irInstance"]), (&json!("t1"), &json!("a1"), &json!("ir-1")), "{name}");
+        assert_eq!((&v["isSystemAction"], &v["isRelocate"], &v["source"]), (&json!(false), &json!(false), &json!("CCEB")), "{name}");
+    }
+    let transfer = published.iter().find(|r| r["record"] == "BlindTransferEvent").expect("published");
+    assert_eq!(transfer["value"]["destinationAgentGuid"], "a2");
+    assert!(transfer["value"].get("destinationAgentContactId").is_none());
+    let chat = published.iter().find(|r| r["record"] == "AgentToAgentChatRequestEvent").expect("published");
+    assert_eq!(chat["value"]["secondAgentGuid"], "a2");
+}
+
+#[tokio::test]
+async fn source_name_is_configurable() {
+    let b = TestBridge::with(|s| s.source_name = "edge-7".into()).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.action("x", "ChangeAgentStateEvent", json!({"state":"Away"})).await;
+    assert_eq!(b.published().await[0]["value"]["source"], "edge-7");
+}
+
+#[tokio::test]
+async fn reserved_fields_are_refused_by_name_and_nothing_is_published() {
+    let (b, mut c) = with_colleague().await;
+    for field in ["irInstance", "tenantGuid", "agentGuid", "isSystemAction", "isRelocate", "source"] {
+        let mut details = json!({"interactionId": "i-1"});
+        details[field] = json!("x");
+        c.send(json!({"type":"action","uuid": field,"data":{"action":"AcceptInteractionEvent","action_details": details}})).await;
+        assert_eq!(c.expect_error(field, ErrorCode::ReservedField).await.as_deref(), Some(field));
+    }
+    assert!(b.published().await.is_empty());
+}
+
+#[tokio::test]
+async fn unknown_actions_are_refused() {
+    let (b, mut c) = with_colleague().await;
+    for name in ["DoSomethingEvent", "AgentChatAvailabilityEvent", "InteractionUpdateEvent"] {
+        c.send(json!({"type":"action","uuid": name,"data":{"action": name,"action_details":{}}})).await;
+        c.expect_error(name, ErrorCode::UnknownAction).await;
+    }
+    assert!(b.published().await.is_empty());
+}
+
+#[tokio::test]
+async fn schema_violations_name_the_field() {
+    let (b, mut c) = with_colleague().await;
+    let cases = [
+        ("AcceptInteractionEvent", json!({}), "interactionId"),
+        ("AcceptInteractionEvent", json!({"interactionId": 42}), "interactionId"),
+        ("UpdateInteractionEvent", json!({"interactionId": "i", "channel": "PIGEON"}), "channel"),
+        ("SetOffHookConnectionEvent", json!({"enabled": "yes"}), "enabled"),
+        ("ChangeAgentStateEvent", json!({"state": "Away", "stat": "typo"}), "stat"),
+    ];
+    for (n, (name, details, field)) in cases.into_iter().enumerate() {
+        let uuid = format!("bad-{n}");
+        c.send(json!({"type":"action","uuid": uuid,"data":{"action": name,"action_details": details}})).await;
+        assert_eq!(c.expect_error(&uuid, ErrorCode::InvalidActionDetails).await.as_deref(), Some(field));
+    }
+    assert!(b.published().await.is_empty());
+}
+
+#[tokio::test]
+async fn agents_outside_the_callers_tenant_are_unknown() {
+    let (b, mut c) = with_colleague().await;
+    let cases = [
+        ("BlindTransferEvent", json!({"interactionId": "i", "destinationAgentContactId": "3003"}), "destinationAgentContactId"),
+        ("BlindTransferEvent", json!({"interactionId": "i", "destinationAgentContactId": "9999"}), "destinationAgentContactId"),
+        ("BlindTransferEvent", json!({"interactionId": "i", "destinationAgentGuid": "b1"}), "destinationAgentGuid"),
+        ("AgentToAgentChatRequestEvent", json!({"secondAgentGuid": "b1"}), "secondAgentGuid"),
+        ("AgentToAgentChatRequestEvent", json!({"secondAgentContactId": "3003"}), "secondAgentContactId"),
+    ];
+    for (n, (name, details, field)) in cases.into_iter().enumerate() {
+        let uuid = format!("x-{n}");
+        c.send(json!({"type":"action","uuid": uuid,"data":{"action": name,"action_details": details}})).await;
+        assert_eq!(c.expect_error(&uuid, ErrorCode::UnknownAgent).await.as_deref(), Some(field));
+    }
+    assert!(b.published().await.is_empty());
+    // A GUID of the caller's own tenant is accepted as given.
+    c.action("ok", "BlindTransferEvent", json!({"interactionId": "i", "destinationAgentGuid": "a2"})).await;
+    assert_eq!(b.published().await.len(), 1);
+}
+
+#[tokio::test]
+async fn the_same_action_uuid_is_acked_again_and_published_once() {
+    let (b, mut c) = with_colleague().await;
+    c.expect_ack_of_action("dup", "AcceptInteractionEvent", json!({"interactionId": "i-1"})).await;
+    c.expect_ack_of_action("dup", "AcceptInteractionEvent", json!({"interactionId": "i-1"})).await;
+    // Another session of the same agent retrying the same uuid is deduplicated too.
+    let (mut c2, _) = b.agent("t1", "a1").await;
+    c2.expect_ack_of_action("dup", "AcceptInteractionEvent", json!({"interactionId": "i-1"})).await;
+    // Another agent may use the same uuid.
+    let (mut other, _) = b.agent("t1", "a2").await;
+    other.expect_ack_of_action("dup", "AcceptInteractionEvent", json!({"interactionId": "i-1"})).await;
+    let published = b.published().await;
+    assert_eq!(published.len(), 2);
+    assert_eq!((&published[0]["key"], &published[1]["key"]), (&json!("a1"), &json!("a2")));
+}
+
+#[tokio::test]
+async fn actions_are_published_in_the_order_sent() {
+    let b = TestBridge::with(|s| s.action_burst = 500).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    for n in 0..200 {
+        c.send(json!({"type":"action","uuid": format!("o-{n}"),"data":{"action":"UpdateInteractionEvent","action_details":{"interactionId": format!("i-{n}")}}})).await;
+    }
+    for n in 0..200 {
+        c.expect_ack(&format!("o-{n}")).await;
+    }
+    let ids: Vec<String> = b.published().await.iter().map(|r| r["value"]["interactionId"].as_str().unwrap_or("").to_owned()).collect();
+    let expected: Vec<String> = (0..200).map(|n| format!("i-{n}")).collect();
+    assert_eq!(ids, expected);
+}
+
+#[tokio::test]
+async fn bus_outage_is_backend_unavailable_and_a_retry_publishes_once() {
+    let (b, mut c) = with_colleague().await;
+    b.set_bus(false).await;
+    c.send(json!({"type":"action","uuid":"r1","data":{"action":"AcceptInteractionEvent","action_details":{"interactionId":"i"}}})).await;
+    c.expect_error("r1", ErrorCode::BackendUnavailable).await;
+    assert!(b.published().await.is_empty());
+    b.set_bus(true).await;
+    c.expect_ack_of_action("r1", "AcceptInteractionEvent", json!({"interactionId":"i"})).await;
+    c.expect_ack_of_action("r1", "AcceptInteractionEvent", json!({"interactionId":"i"})).await;
+    assert_eq!(b.published().await.len(), 1);
+}
+
+#[tokio::test]
+async fn too_many_actions_are_rate_limited() {
+    let b = TestBridge::with(|s| {
+        s.action_burst = 3;
+        s.action_rate_per_second = 0.001;
+    })
+    .await;
+    let (mut c, _) = b.agent("t", "a").await;
+    for n in 0..3 {
+        c.expect_ack_of_action(&format!("ok-{n}"), "ChangeAgentStateEvent", json!({"state":"Away"})).await;
+    }
+    c.send(json!({"type":"action","uuid":"over","data":{"action":"ChangeAgentStateEvent","action_details":{"state":"Away"}}})).await;
+    c.expect_error("over", ErrorCode::RateLimited).await;
+    assert_eq!(b.published().await.len(), 3);
+    c.round_trip("still-open").await;
+}
+
+#[tokio::test]
+async fn published_actions_can_be_long_polled_from_an_offset() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    let poll = {
+        let http = b.http.clone();
+        let url = format!("http://{}/backend/v1/actions?after=0&wait_ms=5000", b.backend);
+        tokio::spawn(async move { http.get(url).bearer_auth(ADMIN).send().await.expect("answers").json::<Value>().await.expect("json") })
+    };
+    // Give the poll a moment to be waiting; correctness does not depend on it.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    c.expect_ack_of_action("lp", "ChangeAgentStateEvent", json!({"state":"Away"})).await;
+    let got = poll.await.expect("joined");
+    assert_eq!(got["records"][0]["record"], "ChangeAgentStateEvent");
+    assert_eq!(got["next"], 1);
+    let after = b.actions_after(1, 0).await;
+    assert_eq!(after, json!({"next": 1, "records": []}));
+}

@@ -1,0 +1,117 @@
+//! The `cceb` binary: serve, signals, the token subcommand (contract section 9).
+
+use crate::support::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+fn cceb() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cceb"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CCEB_LISTEN", "127.0.0.1:0")
+        .env("CCEB_BACKEND_LISTEN", "127.0.0.1:0")
+        .env("CCEB_LOG", "warn");
+    c
+}
+
+/// Starts `cceb serve`; returns the child, its stdout lines up to the listening line, and the address.
+fn spawn(cmd: &mut Command) -> (Child, Vec<String>, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn cceb");
+    let mut lines = Vec::new();
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    loop {
+        let mut line = String::new();
+        assert!(out.read_line(&mut line).expect("read") > 0, "cceb exited before listening: {lines:?}");
+        if let Some(rest) = line.strip_prefix("listening on ") {
+            let addr = rest.split_whitespace().next().expect("address").to_owned();
+            lines.push(line);
+            return (child, lines, addr);
+        }
+        lines.push(line);
+    }
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1012_and_exits_0() {
+    let (mut child, _, addr) = spawn(cceb().args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET));
+    let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
+    c.hello(&token("t", "a")).await;
+    sigterm(&child);
+    assert_eq!(c.closed().await.0, Some(1012));
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_without_a_key() {
+    let out = cceb().args(["serve"]).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CCEB_JWT_HS256_SECRET"));
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_secret_an_admin_token_and_a_working_token() {
+    let (mut child, lines, addr) = spawn(cceb().args(["serve", "--dev"]));
+    let text = lines.concat();
+    assert!(text.contains("CCEB_JWT_HS256_SECRET=") && text.contains("CCEB_ADMIN_TOKEN="), "{text}");
+    let token = lines.iter().map(|l| l.trim()).find(|l| l.starts_with("ey")).expect("a token is printed").to_owned();
+    let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
+    let reply = c.hello(&token).await;
+    assert_eq!(reply.agent.agent_guid, "agent-1");
+    sigterm(&child);
+    tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+}
+
+#[tokio::test]
+async fn token_subcommand_mints_a_token_the_bridge_accepts() {
+    let b = TestBridge::start().await;
+    let out = cceb()
+        .args(["token", "--agent", "a-9", "--tenant", "t-9", "--ir", "ir-9", "--ttl", "10m"])
+        .env("CCEB_JWT_HS256_SECRET", SECRET)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).expect("utf8");
+    let reply = b.connect().await.hello(token.trim()).await;
+    assert_eq!((reply.agent.tenant_guid.as_str(), reply.agent.agent_guid.as_str(), reply.agent.ir_instance.as_str()), ("t-9", "a-9", "ir-9"));
+}
+
+#[tokio::test]
+async fn settings_come_from_a_toml_file_and_the_environment_wins() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("cceb.toml");
+    std::fs::write(&file, format!("jwt_hs256_secret = \"{SECRET}\"\nnode_id = \"from-file\"\nhello_timeout_ms = 150\n")).expect("write");
+    let (mut child, _, addr) = spawn(cceb().args(["serve", "--config"]).arg(&file).env("CCEB_NODE_ID", "from-env"));
+    let http = reqwest::Client::new();
+    let body: serde_json::Value = http
+        .get(format!("http://{addr}/v1/discovery"))
+        .bearer_auth(token("t", "a"))
+        .send()
+        .await
+        .expect("answers")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["node_id"], "from-env");
+    let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
+    assert_eq!(c.closed().await.0, Some(4003), "hello_timeout_ms from the file applies");
+    sigterm(&child);
+    tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_client_with_1012_and_stops_accepting() {
+    let mut b = TestBridge::start().await;
+    let (mut c1, _) = b.agent("t", "a").await;
+    let (mut c2, _) = b.agent("t", "b").await;
+    let url = b.ws_url();
+    b.shutdown().await;
+    assert_eq!(c1.closed().await.0, Some(1012));
+    assert_eq!(c2.closed().await.0, Some(1012));
+    assert!(tokio_tungstenite::connect_async(url).await.is_err(), "no new connections after shutdown");
+}

@@ -1,0 +1,12 @@
+//! Behaviour tests of contract `shared/PROTOCOL.md`: a real bridge, real
+//! WebSockets, real HTTP. One module per area of the contract.
+
+mod support;
+
+mod actions;
+mod auth;
+mod backend;
+mod lifecycle;
+mod notifications;
+mod schemas;
+mod transport;

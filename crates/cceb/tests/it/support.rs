@@ -1,0 +1,296 @@
+//! A real bridge on loopback, and clients that speak to it only over WebSocket
+//! and HTTP, as agent applications and backends do.
+
+use cceb::auth::{mint_hs256, TokenRequest};
+use cceb::{Bridge, Settings};
+use cceb_protocol::outgoing::{parse_server_message, HelloReply, ServerMessage};
+use cceb_protocol::{ErrorCode, NotificationType};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret";
+pub const ADMIN: &str = "test-admin";
+/// Generous bound for anything the bridge should do "at once"; never a threshold under test.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures").join(name)
+}
+
+pub fn test_settings() -> Settings {
+    Settings {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        backend_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        jwt_hs256_secret: Some(SECRET.into()),
+        admin_token: Some(ADMIN.into()),
+        shutdown_grace_ms: 2000,
+        ..Settings::default()
+    }
+}
+
+pub struct TestBridge {
+    pub bridge: Option<Bridge>,
+    pub addr: SocketAddr,
+    pub backend: SocketAddr,
+    pub http: reqwest::Client,
+}
+
+impl TestBridge {
+    pub async fn start() -> TestBridge {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(f: impl FnOnce(&mut Settings)) -> TestBridge {
+        let mut s = test_settings();
+        f(&mut s);
+        let bridge = Bridge::start(s).await.expect("bridge starts");
+        TestBridge { addr: bridge.addr, backend: bridge.backend_addr, bridge: Some(bridge), http: reqwest::Client::new() }
+    }
+
+    /// Graceful shutdown, as on SIGTERM.
+    pub async fn shutdown(&mut self) {
+        if let Some(b) = self.bridge.take() {
+            b.shutdown().await;
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws/v1", self.addr)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect(&self.ws_url()).await
+    }
+
+    /// Connects and authenticates as (tenant, agent).
+    pub async fn agent(&self, tenant: &str, agent: &str) -> (Client, HelloReply) {
+        let mut c = self.connect().await;
+        let reply = c.hello(&token(tenant, agent)).await;
+        (c, reply)
+    }
+
+    /// Posts events to the backend port; returns status and body.
+    pub async fn post_events(&self, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("http://{}/backend/v1/events", self.backend))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+            .await
+            .expect("backend port answers");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn event(&self, record: &str, value: Value) {
+        let (status, body) = self.post_events(json!({"record": record, "value": value})).await;
+        assert_eq!(status, 202, "event {record} refused: {body}");
+    }
+
+    /// Registers an agent in the tenant directory through provisioning.
+    pub async fn provision(&self, tenant: &str, agent: &str, contact: &str, off_hook: bool) {
+        self.event(
+            "AgentAddedEvent",
+            json!({"tenantGuid": tenant, "agentGuid": agent, "contactId": contact, "offHookEnabled": off_hook, "recordingControls": 0}),
+        )
+        .await;
+    }
+
+    /// Published actions after `after` (long-poll of the backend port).
+    pub async fn actions_after(&self, after: u64, wait_ms: u64) -> Value {
+        self.http
+            .get(format!("http://{}/backend/v1/actions?after={after}&wait_ms={wait_ms}", self.backend))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("backend port answers")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    pub async fn published(&self) -> Vec<Value> {
+        self.actions_after(0, 0).await["records"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn set_bus(&self, accepting: bool) {
+        let r = self
+            .http
+            .put(format!("http://{}/backend/v1/bus", self.backend))
+            .bearer_auth(ADMIN)
+            .json(&json!({"accepting": accepting}))
+            .send()
+            .await
+            .expect("answers");
+        assert_eq!(r.status().as_u16(), 200);
+    }
+}
+
+pub fn token(tenant: &str, agent: &str) -> String {
+    token_ttl(tenant, agent, Duration::from_secs(3600))
+}
+
+pub fn token_ttl(tenant: &str, agent: &str, ttl: Duration) -> String {
+    mint_hs256(SECRET, &TokenRequest { tenant_guid: tenant, agent_guid: agent, ir_instance: "ir-1", contact_id: None, ttl })
+        .expect("mint")
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a read gave: a protocol message or the close code.
+#[derive(Debug)]
+pub enum Read {
+    Msg(ServerMessage),
+    Closed(Option<u16>),
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        Client { ws }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.expect("send");
+    }
+
+    pub async fn hello(&mut self, token: &str) -> HelloReply {
+        self.send(json!({"type":"hello","uuid":"hello-1","data":{"token": token}})).await;
+        match self.next().await {
+            ServerMessage::HelloReply { uuid, reply } => {
+                assert_eq!(uuid, "hello-1");
+                reply
+            }
+            other => panic!("expected hello_reply, got {other:?}"),
+        }
+    }
+
+    /// The next protocol message or close, skipping WebSocket control frames.
+    pub async fn read(&mut self) -> Read {
+        loop {
+            let frame = tokio::time::timeout(PATIENCE, self.ws.next()).await.expect("the bridge answers in time");
+            match frame {
+                Some(Ok(Message::Text(t))) => {
+                    return Read::Msg(parse_server_message(&t).unwrap_or_else(|e| panic!("bad frame {t}: {e}")))
+                }
+                Some(Ok(Message::Close(f))) => return Read::Closed(f.map(|f: CloseFrame| u16::from(f.code))),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Binary(_))) => panic!("the bridge sent a binary frame"),
+                Some(Err(_)) | None => return Read::Closed(None),
+            }
+        }
+    }
+
+    pub async fn next(&mut self) -> ServerMessage {
+        match self.read().await {
+            Read::Msg(m) => m,
+            Read::Closed(code) => panic!("connection closed ({code:?}) while a message was expected"),
+        }
+    }
+
+    /// Reads until the close frame; returns its code. Messages before it are returned too.
+    pub async fn closed(&mut self) -> (Option<u16>, Vec<ServerMessage>) {
+        let mut before = Vec::new();
+        loop {
+            match self.read().await {
+                Read::Msg(m) => before.push(m),
+                Read::Closed(code) => return (code, before),
+            }
+        }
+    }
+
+    pub async fn expect_error(&mut self, uuid: &str, code: ErrorCode) -> Option<String> {
+        match self.next().await {
+            ServerMessage::Error { uuid: u, error } => {
+                assert_eq!((u.as_str(), error.code), (uuid, code), "{}", error.message);
+                error.field
+            }
+            other => panic!("expected error {code} for {uuid}, got {other:?}"),
+        }
+    }
+
+    pub async fn action(&mut self, uuid: &str, action: &str, details: Value) -> ServerMessage {
+        self.send(json!({"type":"action","uuid": uuid,"data":{"action": action,"action_details": details}})).await;
+        self.next().await
+    }
+
+    pub async fn expect_ack(&mut self, uuid: &str) {
+        match self.next().await {
+            ServerMessage::Ack { uuid: u } => assert_eq!(u, uuid),
+            other => panic!("expected ack of {uuid}, got {other:?}"),
+        }
+    }
+
+    /// The next notification: (type, uuid, seq, data).
+    pub async fn notification(&mut self) -> (NotificationType, String, u64, Value) {
+        match self.next().await {
+            ServerMessage::Notification { ty, uuid, seq, data } => (ty, uuid, seq, data),
+            other => panic!("expected a notification, got {other:?}"),
+        }
+    }
+
+    pub async fn ack(&mut self, uuid: &str) {
+        self.send(json!({"type":"ack","uuid": uuid})).await;
+    }
+
+    /// Proves the connection is open and everything before was read: ping → pong.
+    pub async fn round_trip(&mut self, tag: &str) -> Vec<ServerMessage> {
+        self.send(json!({"type":"ping","uuid": tag})).await;
+        let mut before = Vec::new();
+        loop {
+            match self.next().await {
+                ServerMessage::Pong { uuid } if uuid == tag => return before,
+                other => before.push(other),
+            }
+        }
+    }
+}
+
+impl Client {
+    pub fn ws_mut(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
+        &mut self.ws
+    }
+
+    /// An error whose uuid the bridge had to make up (the frame had none).
+    pub async fn expect_error_any(&mut self, code: ErrorCode) -> Option<String> {
+        match self.next().await {
+            ServerMessage::Error { error, .. } => {
+                assert_eq!(error.code, code, "{}", error.message);
+                error.field
+            }
+            other => panic!("expected error {code}, got {other:?}"),
+        }
+    }
+}
+
+impl Client {
+    /// Sends an action and expects its ack.
+    pub async fn expect_ack_of_action(&mut self, uuid: &str, action: &str, details: Value) {
+        match self.action(uuid, action, details).await {
+            ServerMessage::Ack { uuid: u } => assert_eq!(u, uuid),
+            other => panic!("expected ack of {uuid}, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! Contract section 1 (transport) and section 2 (envelope), plus health and metrics.
+
+use crate::support::*;
+use cceb_protocol::outgoing::ServerMessage;
+use cceb_protocol::ErrorCode;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test]
+async fn discovery_hands_out_the_endpoint_for_a_valid_token_only() {
+    let b = TestBridge::with(|s| {
+        s.public_url = Some("wss://cceb.example.test".into());
+        s.node_id = "node-7".into();
+    })
+    .await;
+    let r = b.http.get(b.url("/v1/discovery")).bearer_auth(token("t1", "a1")).send().await.expect("answers");
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body, json!({"endpoint": "wss://cceb.example.test/ws/v1", "node_id": "node-7"}));
+
+    for auth in [Some("Bearer nonsense"), None] {
+        let mut req = b.http.get(b.url("/v1/discovery"));
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        let r = req.send().await.expect("answers");
+        assert_eq!(r.status().as_u16(), 401);
+        let body: Value = r.json().await.expect("json");
+        assert_eq!(body["code"], "unauthorized");
+        assert!(body["message"].is_string());
+    }
+}
+
+#[tokio::test]
+async fn discovery_defaults_to_the_listen_address() {
+    let b = TestBridge::start().await;
+    let body: Value =
+        b.http.get(b.url("/v1/discovery")).bearer_auth(token("t", "a")).send().await.expect("answers").json().await.expect("json");
+    assert_eq!(body["endpoint"], format!("ws://{}/ws/v1", b.addr));
+}
+
+#[tokio::test]
+async fn binary_frame_closes_with_1003() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.send_raw(Message::binary(vec![1, 2, 3])).await;
+    assert_eq!(c.closed().await.0, Some(1003));
+}
+
+#[tokio::test]
+async fn oversize_frame_closes_with_1009() {
+    let b = TestBridge::with(|s| s.max_frame_bytes = 1024).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    let big = json!({"type":"ping","uuid":"p","pad":"x".repeat(4096)});
+    c.send(big).await;
+    assert_eq!(c.closed().await.0, Some(1009));
+}
+
+#[tokio::test]
+async fn frame_at_the_limit_is_accepted() {
+    let b = TestBridge::with(|s| s.max_frame_bytes = 1024).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    let mut msg = json!({"type":"ping","uuid":"p","pad":""}).to_string();
+    let pad = 1024 - msg.len();
+    msg = json!({"type":"ping","uuid":"p","pad":"x".repeat(pad)}).to_string();
+    assert_eq!(msg.len(), 1024);
+    c.send_text(&msg).await;
+    assert!(matches!(c.next().await, ServerMessage::Pong { uuid } if uuid == "p"));
+}
+
+#[tokio::test]
+async fn app_level_ping_gets_pong_with_the_same_uuid() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.send(json!({"type":"ping","uuid":"ping-42"})).await;
+    assert!(matches!(c.next().await, ServerMessage::Pong { uuid } if uuid == "ping-42"));
+}
+
+#[tokio::test]
+async fn server_pings_and_keeps_a_client_that_answers() {
+    let b = TestBridge::with(|s| s.heartbeat_interval_ms = 100).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    // Reading answers the server's pings (tungstenite replies with pongs), for well over 3 intervals.
+    let mut pings = 0;
+    let until = tokio::time::Instant::now() + std::time::Duration::from_millis(800);
+    while let Ok(frame) = tokio::time::timeout_at(until, futures_util::StreamExt::next(c.ws_mut())).await {
+        match frame {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pings >= 3, "the server sends protocol pings ({pings})");
+    c.round_trip("still-open").await;
+}
+
+#[tokio::test]
+async fn silent_client_is_closed_after_three_missed_heartbeats() {
+    let b = TestBridge::with(|s| s.heartbeat_interval_ms = 100).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    // Do not read (so no pong goes back) for longer than 3 intervals.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(c.closed().await.0, Some(1001));
+}
+
+#[tokio::test]
+async fn malformed_messages_get_errors_and_the_connection_stays_open() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.send_text("{not json").await;
+    c.expect_error_any(ErrorCode::InvalidJson).await;
+    c.send_text("[1,2]").await;
+    c.expect_error_any(ErrorCode::InvalidMessage).await;
+    c.send_text(r#"{"type":"ping"}"#).await;
+    assert_eq!(c.expect_error_any(ErrorCode::InvalidMessage).await.as_deref(), Some("uuid"));
+    c.send_text(r#"{"uuid":"u1"}"#).await;
+    assert_eq!(c.expect_error("u1", ErrorCode::InvalidMessage).await.as_deref(), Some("type"));
+    c.send_text(r#"{"type":"action","uuid":"u2","data":"x"}"#).await;
+    assert_eq!(c.expect_error("u2", ErrorCode::InvalidMessage).await.as_deref(), Some("data"));
+    c.send_text(r#"{"type":"subscribe","uuid":"u3"}"#).await;
+    c.expect_error("u3", ErrorCode::UnknownType).await;
+    c.send_text(r#"{"type":"ack","uuid":"never-sent","extra":{"ignored":true}}"#).await;
+    let before = c.round_trip("alive").await;
+    assert!(before.is_empty(), "an ack of an unknown uuid is ignored: {before:?}");
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let b = TestBridge::start().await;
+    let get = |p: &str| b.http.get(b.url(p)).send();
+    assert_eq!(get("/healthz").await.expect("answers").status().as_u16(), 200);
+    let ready = get("/readyz").await.expect("answers");
+    assert_eq!(ready.status().as_u16(), 200);
+    let (mut c, _) = b.agent("t-metrics", "a").await;
+    c.send_text("nope").await;
+    c.expect_error_any(ErrorCode::InvalidJson).await;
+    c.expect_ack_of_action("m1", "ChangeAgentStateEvent", json!({"state": "Away"})).await;
+    b.event("AgentPresenceEvent", json!({"tenantGuid": "t-metrics", "agentGuid": "a", "state": "Away"})).await;
+    let (_, uuid, _, _) = c.notification().await;
+    c.ack(&uuid).await;
+    c.round_trip("acked").await;
+    let text = get("/metrics").await.expect("answers").text().await.expect("text");
+    for name in [
+        "cceb_connections",
+        "cceb_sessions",
+        "cceb_errors_total{code=\"invalid_json\"}",
+        "cceb_notifications_sent_total{type=\"presence\"}",
+        "cceb_actions_total{record=\"ChangeAgentStateEvent\",outcome=\"published\"}",
+        "cceb_events_total{outcome=\"accepted\"}",
+        "cceb_notification_ack_seconds_bucket",
+        "cceb_notifications_acked_total",
+        "cceb_notifications_redelivered_total",
+        "cceb_action_seconds_bucket",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+}
