@@ -73,12 +73,7 @@ pub struct ParseError {
 
 impl ParseError {
     fn new(code: ErrorCode, uuid: Option<&str>, message: impl Into<String>, field: Option<&str>) -> Self {
-        ParseError {
-            code,
-            uuid: uuid.map(str::to_owned),
-            message: message.into(),
-            field: field.map(str::to_owned),
-        }
+        ParseError { code, uuid: uuid.map(str::to_owned), message: message.into(), field: field.map(str::to_owned) }
     }
 }
 
@@ -100,7 +95,9 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
                 Some("uuid"),
             ))
         }
-        Some(_) => return Err(ParseError::new(ErrorCode::InvalidMessage, None, "`uuid` must be a string", Some("uuid"))),
+        Some(_) => {
+            return Err(ParseError::new(ErrorCode::InvalidMessage, None, "`uuid` must be a string", Some("uuid")))
+        }
         None => return Err(ParseError::new(ErrorCode::InvalidMessage, None, "`uuid` is missing", Some("uuid"))),
     };
     let u = Some(uuid.as_str());
@@ -116,19 +113,33 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
     };
     match ty.as_str() {
         "hello" => {
-            let data = data.ok_or_else(|| ParseError::new(ErrorCode::InvalidMessage, u, "`hello` needs `data`", Some("data")))?;
-            let hello = parse_hello(data).map_err(|(msg, field)| ParseError::new(ErrorCode::InvalidMessage, u, msg, Some(&field)))?;
+            let data = data
+                .ok_or_else(|| ParseError::new(ErrorCode::InvalidMessage, u, "`hello` needs `data`", Some("data")))?;
+            let hello = parse_hello(data)
+                .map_err(|(msg, field)| ParseError::new(ErrorCode::InvalidMessage, u, msg, Some(&field)))?;
             Ok(ClientMessage::Hello { uuid, hello })
         }
         "action" => {
-            let mut data =
-                data.ok_or_else(|| ParseError::new(ErrorCode::InvalidMessage, u, "`action` needs `data`", Some("data")))?;
+            let mut data = data
+                .ok_or_else(|| ParseError::new(ErrorCode::InvalidMessage, u, "`action` needs `data`", Some("data")))?;
             let action = match data.remove("action") {
                 Some(Value::String(a)) => a,
                 Some(_) => {
-                    return Err(ParseError::new(ErrorCode::InvalidMessage, u, "`data.action` must be a string", Some("data.action")))
+                    return Err(ParseError::new(
+                        ErrorCode::InvalidMessage,
+                        u,
+                        "`data.action` must be a string",
+                        Some("data.action"),
+                    ))
                 }
-                None => return Err(ParseError::new(ErrorCode::InvalidMessage, u, "`data.action` is missing", Some("data.action"))),
+                None => {
+                    return Err(ParseError::new(
+                        ErrorCode::InvalidMessage,
+                        u,
+                        "`data.action` is missing",
+                        Some("data.action"),
+                    ))
+                }
             };
             let details = match data.remove("action_details") {
                 None | Some(Value::Null) => Map::new(),
@@ -246,8 +257,9 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        let h = parse_client_message(r#"{"type":"hello","uuid":"U","data":{"token":"t","long_lived":true,"push":null}}"#)
-            .expect("valid");
+        let h =
+            parse_client_message(r#"{"type":"hello","uuid":"U","data":{"token":"t","long_lived":true,"push":null}}"#)
+                .expect("valid");
         assert!(matches!(h, ClientMessage::Hello { hello: Hello { long_lived: true, .. }, .. }));
         assert_eq!(parse_client_message(r#"{"type":"ack","uuid":"N"}"#), Ok(ClientMessage::Ack { uuid: "N".into() }));
     }

@@ -63,11 +63,7 @@ pub fn pong(uuid: &str) -> String {
 }
 
 pub fn error(uuid: &str, code: ErrorCode, message: &str, field: Option<&str>) -> String {
-    frame(
-        "error",
-        uuid,
-        Some(ErrorData { code, message: message.to_owned(), field: field.map(str::to_owned) }),
-    )
+    frame("error", uuid, Some(ErrorData { code, message: message.to_owned(), field: field.map(str::to_owned) }))
 }
 
 /// A notification frame; `data` is already-serialised JSON shared by every
@@ -119,10 +115,9 @@ pub fn parse_server_message(text: &str) -> Result<ServerMessage, String> {
         },
         "ack" => ServerMessage::Ack { uuid: raw.uuid },
         "pong" => ServerMessage::Pong { uuid: raw.uuid },
-        "error" => ServerMessage::Error {
-            error: serde_json::from_value(data()?).map_err(|e| e.to_string())?,
-            uuid: raw.uuid,
-        },
+        "error" => {
+            ServerMessage::Error { error: serde_json::from_value(data()?).map_err(|e| e.to_string())?, uuid: raw.uuid }
+        }
         other => ServerMessage::Notification {
             ty: other.parse()?,
             seq: raw.seq.ok_or("notification without seq")?,

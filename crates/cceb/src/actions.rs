@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Fields a client may never set: the bridge fills them.
-pub const RESERVED_FIELDS: [&str; 6] = ["irInstance", "tenantGuid", "agentGuid", "isSystemAction", "isRelocate", "source"];
+pub const RESERVED_FIELDS: [&str; 6] =
+    ["irInstance", "tenantGuid", "agentGuid", "isSystemAction", "isRelocate", "source"];
 
 /// Contact-id fields the bridge replaces by the agent GUID they resolve to.
 const CONTACT_FIELDS: [(&str, &str); 2] =
@@ -101,7 +102,13 @@ impl Actions {
     }
 
     /// Carries out one client action; `Ok` means the client gets its `ack`.
-    pub async fn perform(&self, who: &AgentId, uuid: &str, action: &str, details: Map<String, Json>) -> Result<Done, ActionError> {
+    pub async fn perform(
+        &self,
+        who: &AgentId,
+        uuid: &str,
+        action: &str,
+        details: Map<String, Json>,
+    ) -> Result<Done, ActionError> {
         let result = self.perform_inner(who, uuid, action, details).await;
         let record = if self.schemas.action(action).is_some() { action } else { "unknown" };
         let outcome = match &result {
@@ -113,7 +120,13 @@ impl Actions {
         result
     }
 
-    async fn perform_inner(&self, who: &AgentId, uuid: &str, action: &str, mut details: Map<String, Json>) -> Result<Done, ActionError> {
+    async fn perform_inner(
+        &self,
+        who: &AgentId,
+        uuid: &str,
+        action: &str,
+        mut details: Map<String, Json>,
+    ) -> Result<Done, ActionError> {
         let record = self.schemas.action(action).ok_or_else(|| ActionError::UnknownAction(action.to_owned()))?;
         if let Some(f) = RESERVED_FIELDS.iter().find(|f| details.contains_key(**f)) {
             return Err(ActionError::ReservedField((*f).to_owned()));
@@ -150,7 +163,9 @@ impl Actions {
         let tenant = &*who.tenant_guid;
         for (contact_field, guid_field) in CONTACT_FIELDS {
             if let Some(contact) = details.remove(contact_field) {
-                let invalid = |reason: &str| ActionError::InvalidDetails(FieldError { field: contact_field.into(), reason: reason.into() });
+                let invalid = |reason: &str| {
+                    ActionError::InvalidDetails(FieldError { field: contact_field.into(), reason: reason.into() })
+                };
                 if details.contains_key(guid_field) {
                     return Err(invalid(&format!("give `{contact_field}` or `{guid_field}`, not both")));
                 }

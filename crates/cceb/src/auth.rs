@@ -104,7 +104,8 @@ impl Verifier {
             let set: JwkSet = serde_json::from_slice(&read(path)?)
                 .map_err(|e| KeyError::File { file: path.display().to_string(), problem: e.to_string() })?;
             for jwk in &set.keys {
-                let key = Key { kid: jwk.common.key_id.clone(), key: DecodingKey::from_jwk(jwk).map_err(|e| bad(path, e))? };
+                let key =
+                    Key { kid: jwk.common.key_id.clone(), key: DecodingKey::from_jwk(jwk).map_err(|e| bad(path, e))? };
                 match jwk.algorithm {
                     AlgorithmParameters::RSA(_) => v.rs256.push(key),
                     AlgorithmParameters::EllipticCurve(_) => v.es256.push(key),
@@ -125,7 +126,8 @@ impl Verifier {
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let refuse = |m: &str| AuthError::Refused(m.to_owned());
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Refused(format!("malformed token: {e}")))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Refused(format!("malformed token: {e}")))?;
         let candidates: Vec<&DecodingKey> = match header.alg {
             Algorithm::HS256 => self.hs256.iter().collect(),
             Algorithm::RS256 => select(&self.rs256, header.kid.as_deref()),
@@ -171,7 +173,13 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
             return Err(AuthError::Refused(format!("claim `{name}` is empty")));
         }
     }
-    Ok(Identity { tenant_guid: c.tenant_guid, agent_guid: c.sub, ir_instance: c.ir_instance, contact_id: c.contact_id, exp: c.exp })
+    Ok(Identity {
+        tenant_guid: c.tenant_guid,
+        agent_guid: c.sub,
+        ir_instance: c.ir_instance,
+        contact_id: c.contact_id,
+        exp: c.exp,
+    })
 }
 
 fn now_since_epoch() -> Duration {
@@ -218,14 +226,23 @@ mod tests {
     }
 
     fn req(ttl: u64) -> TokenRequest<'static> {
-        TokenRequest { tenant_guid: "t", agent_guid: "a", ir_instance: "ir", contact_id: Some("1001"), ttl: Duration::from_secs(ttl) }
+        TokenRequest {
+            tenant_guid: "t",
+            agent_guid: "a",
+            ir_instance: "ir",
+            contact_id: Some("1001"),
+            ttl: Duration::from_secs(ttl),
+        }
     }
 
     #[test]
     fn minted_tokens_verify() {
         let token = mint_hs256("secret", &req(60)).expect("mint");
         let id = verifier().verify(&token).expect("valid");
-        assert_eq!((id.tenant_guid.as_str(), id.agent_guid.as_str(), id.contact_id.as_deref()), ("t", "a", Some("1001")));
+        assert_eq!(
+            (id.tenant_guid.as_str(), id.agent_guid.as_str(), id.contact_id.as_deref()),
+            ("t", "a", Some("1001"))
+        );
         assert!(id.remaining() > Duration::from_secs(50));
     }
 

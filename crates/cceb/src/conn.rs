@@ -86,7 +86,8 @@ impl Conn {
                 Ok(ClientMessage::Hello { uuid, hello }) => (uuid, hello),
                 Ok(other) => {
                     let uuid = other.uuid().to_owned();
-                    self.send_error(&uuid, ErrorCode::NotAuthenticated, "the first message must be `hello`", None).await;
+                    self.send_error(&uuid, ErrorCode::NotAuthenticated, "the first message must be `hello`", None)
+                        .await;
                     return Err(Close(close::UNAUTHORIZED, "not authenticated"));
                 }
                 Err(e) => {
@@ -103,8 +104,13 @@ impl Conn {
                 }
             };
             if hello.tenant_guid.as_deref().is_some_and(|t| t != identity.tenant_guid) {
-                self.send_error(&uuid, ErrorCode::Unauthorized, "the token does not serve that tenant", Some("data.tenant_guid"))
-                    .await;
+                self.send_error(
+                    &uuid,
+                    ErrorCode::Unauthorized,
+                    "the token does not serve that tenant",
+                    Some("data.tenant_guid"),
+                )
+                .await;
                 return Err(Close(close::UNAUTHORIZED, "unauthorized"));
             }
             let agent = AgentId {
@@ -138,7 +144,8 @@ impl Conn {
 
     async fn serve(&mut self, session: &Arc<Session>, identity: &Identity) -> Option<Close> {
         let settings = &self.shared.settings;
-        let (ack_timeout, hb, max_pending) = (settings.ack_timeout(), settings.heartbeat_interval(), settings.max_pending_actions);
+        let (ack_timeout, hb, max_pending) =
+            (settings.ack_timeout(), settings.heartbeat_interval(), settings.max_pending_actions);
         let token_expiry = Instant::now() + identity.remaining();
         let mut heartbeat = tokio::time::interval_at(Instant::now() + hb, hb);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -146,7 +153,8 @@ impl Conn {
         let mut in_flight: Option<ActionFuture> = None;
         let mut pending: VecDeque<PendingAction> = VecDeque::new();
         let mut due = Vec::new();
-        let mut bucket = TokenBucket::new(settings.action_rate_per_second, settings.action_burst, Instant::now().into_std());
+        let mut bucket =
+            TokenBucket::new(settings.action_rate_per_second, settings.action_burst, Instant::now().into_std());
         loop {
             let step = tokio::select! {
                 biased;
@@ -164,7 +172,10 @@ impl Conn {
                     if session.overflowed() {
                         return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
                     }
-                    redeliver_at = session.outbox().take_due(Instant::now().into_std(), ack_timeout, &mut due).map(Instant::from_std);
+                    redeliver_at = session
+                        .outbox()
+                        .take_due(Instant::now().into_std(), ack_timeout, &mut due)
+                        .map(Instant::from_std);
                     if let Err(c) = self.write_due(&mut due).await {
                         return Some(c);
                     }
@@ -216,7 +227,8 @@ impl Conn {
                         ClientMessage::Action { uuid, action, details } => {
                             let p = PendingAction { uuid, action, details };
                             if !bucket.try_take(Instant::now().into_std()) {
-                                self.send_error(&p.uuid, ErrorCode::RateLimited, "too many actions; retry later", None).await;
+                                self.send_error(&p.uuid, ErrorCode::RateLimited, "too many actions; retry later", None)
+                                    .await;
                             } else if in_flight.is_none() {
                                 in_flight = Some(self.start_action(session, p));
                             } else if pending.len() < max_pending {
@@ -234,7 +246,8 @@ impl Conn {
                             };
                         }
                         ClientMessage::Hello { uuid, .. } => {
-                            self.send_error(&uuid, ErrorCode::InvalidMessage, "already authenticated", Some("type")).await;
+                            self.send_error(&uuid, ErrorCode::InvalidMessage, "already authenticated", Some("type"))
+                                .await;
                             Ok(())
                         }
                     };

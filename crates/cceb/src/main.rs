@@ -56,9 +56,16 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve { dev } => serve(settings, dev),
-        Command::Token { agent, tenant, ir, contact_id, ttl } => {
-            token(&settings, TokenRequest { tenant_guid: &tenant, agent_guid: &agent, ir_instance: &ir, contact_id: contact_id.as_deref(), ttl })
-        }
+        Command::Token { agent, tenant, ir, contact_id, ttl } => token(
+            &settings,
+            TokenRequest {
+                tenant_guid: &tenant,
+                agent_guid: &agent,
+                ir_instance: &ir,
+                contact_id: contact_id.as_deref(),
+                ttl,
+            },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,7 +104,9 @@ fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
         println!("  a client token for tenant-1/agent-1, valid 1h:\n  {example}");
     }
     if !settings.has_jwt_key() {
-        anyhow::bail!("no client token key: set CCEB_JWT_HS256_SECRET (or a public key / JWKS file), or run with --dev");
+        anyhow::bail!(
+            "no client token key: set CCEB_JWT_HS256_SECRET (or a public key / JWKS file), or run with --dev"
+        );
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

@@ -154,9 +154,10 @@ pub fn plan(record: &str, mapping: &EventMapping, value: &Avro) -> Result<Vec<Pl
     let tenant = field_str(value, "tenantGuid").ok_or_else(|| missing("tenantGuid"))?.to_owned();
     let to = match mapping.to {
         Audience::Tenant => Target::Tenant { tenant },
-        Audience::Agent => {
-            Target::Agent { tenant, agent: field_str(value, "agentGuid").ok_or_else(|| missing("agentGuid"))?.to_owned() }
-        }
+        Audience::Agent => Target::Agent {
+            tenant,
+            agent: field_str(value, "agentGuid").ok_or_else(|| missing("agentGuid"))?.to_owned(),
+        },
     };
     let mut data = to_json(value, Keys::Snake);
     match mapping.transform {
@@ -170,7 +171,11 @@ pub fn plan(record: &str, mapping: &EventMapping, value: &Avro) -> Result<Vec<Pl
     let mut out = vec![Planned { to: to.clone(), ty: mapping.notification, data }];
     if let Some(each) = &mapping.each {
         if let Some(Avro::Array(items)) = field(value, &each.field) {
-            out.extend(items.iter().map(|item| Planned { to: to.clone(), ty: each.notification, data: to_json(item, Keys::Snake) }));
+            out.extend(items.iter().map(|item| Planned {
+                to: to.clone(),
+                ty: each.notification,
+                data: to_json(item, Keys::Snake),
+            }));
         }
     }
     Ok(out)
@@ -178,18 +183,37 @@ pub fn plan(record: &str, mapping: &EventMapping, value: &Avro) -> Result<Vec<Pl
 
 /// Platform message ids 250–255 → `state` (contract section 5, `off_hook`).
 fn off_hook(value: &Avro, data: &mut Json) -> Result<(), EventError> {
-    let id = field_i64(value, "messageId").ok_or_else(|| EventError::Unmappable("OffHookEvent needs messageId".into()))?;
+    let id =
+        field_i64(value, "messageId").ok_or_else(|| EventError::Unmappable("OffHookEvent needs messageId".into()))?;
     let flag = |name: &str| {
         field_bool(value, name)
             .ok_or_else(|| EventError::Unmappable(format!("OffHookEvent messageId {id} needs the boolean `{name}`")))
     };
     let state = match id {
-        250 => if flag("enabled")? { "enabled" } else { "disabled" },
+        250 => {
+            if flag("enabled")? {
+                "enabled"
+            } else {
+                "disabled"
+            }
+        }
         251 => "answered",
         252 => "dropped",
         253 => "rejected",
-        254 => if flag("connected")? { "connected" } else { "disconnected" },
-        255 => if flag("success")? { "authenticated" } else { "authentication_failed" },
+        254 => {
+            if flag("connected")? {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        }
+        255 => {
+            if flag("success")? {
+                "authenticated"
+            } else {
+                "authentication_failed"
+            }
+        }
         other => return Err(EventError::Unmappable(format!("OffHookEvent messageId {other} is not one of 250-255"))),
     };
     if let Json::Object(obj) = data {
@@ -262,7 +286,9 @@ mod tests {
 
     #[test]
     fn phone_validation_keeps_timeout_only_when_offering() {
-        let p = |state: &str| planned("PhoneValidationEvent", json!({"tenantGuid":"t","agentGuid":"a","state":state,"timeout":30}));
+        let p = |state: &str| {
+            planned("PhoneValidationEvent", json!({"tenantGuid":"t","agentGuid":"a","state":state,"timeout":30}))
+        };
         assert_eq!(p("offering").expect("ok")[0].data["timeout"], 30);
         assert!(p("answered").expect("ok")[0].data.get("timeout").is_none());
         assert!(p("bogus").is_err());
@@ -270,12 +296,18 @@ mod tests {
 
     #[test]
     fn interaction_list_expands_in_order_and_provisioning_is_tenant_wide() {
-        let items = json!([{"interactionId":"i1","state":"s","channel":"c"},{"interactionId":"i2","state":"s","channel":"c"}]);
-        let out = planned("AgentInteractionListEvent", json!({"tenantGuid":"t","agentGuid":"a","interactions":items})).expect("ok");
+        let items =
+            json!([{"interactionId":"i1","state":"s","channel":"c"},{"interactionId":"i2","state":"s","channel":"c"}]);
+        let out = planned("AgentInteractionListEvent", json!({"tenantGuid":"t","agentGuid":"a","interactions":items}))
+            .expect("ok");
         let types: Vec<_> = out.iter().map(|p| p.ty).collect();
         assert_eq!(
             types,
-            [NotificationType::InteractionsList, NotificationType::AgentInteraction, NotificationType::AgentInteraction]
+            [
+                NotificationType::InteractionsList,
+                NotificationType::AgentInteraction,
+                NotificationType::AgentInteraction
+            ]
         );
         assert_eq!(out[2].data["interaction_id"], "i2");
         let out = planned("QueueDeletedEvent", json!({"tenantGuid":"t","queueId":"q"})).expect("ok");

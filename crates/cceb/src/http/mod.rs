@@ -63,7 +63,8 @@ async fn discovery(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Res
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let (bus, store) = (shared.bus.ready(), shared.store.ready());
-    let status = if bus && store && !shared.shutdown.is_cancelled() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status =
+        if bus && store && !shared.shutdown.is_cancelled() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({"bus": bus, "store": store}))).into_response()
 }
 

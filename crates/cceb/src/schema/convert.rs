@@ -330,7 +330,8 @@ mod tests {
     fn converts_and_names_the_bad_field() {
         let r = record(NESTED);
         let names = Names::new();
-        let good = json!({"tenantGuid":"t","count":1,"kind":"B","items":[{"state":"x"}],"deltas":{"recordingControls":2}});
+        let good =
+            json!({"tenantGuid":"t","count":1,"kind":"B","items":[{"state":"x"}],"deltas":{"recordingControls":2}});
         let v = record_from_json(&r, good.as_object().expect("obj"), &names).expect("valid");
         assert!(v.validate(&Schema::Record(r.clone())));
         assert_eq!(field_str(&v, "note"), None);
@@ -339,7 +340,10 @@ mod tests {
         assert_eq!(err(json!({"count":1,"kind":"A","items":[],"deltas":{}})), "tenantGuid");
         assert_eq!(err(json!({"tenantGuid":"t","count":"1","kind":"A","items":[],"deltas":{}})), "count");
         assert_eq!(err(json!({"tenantGuid":"t","count":1,"kind":"C","items":[],"deltas":{}})), "kind");
-        assert_eq!(err(json!({"tenantGuid":"t","count":1,"kind":"A","items":[{"state":1}],"deltas":{}})), "items[0].state");
+        assert_eq!(
+            err(json!({"tenantGuid":"t","count":1,"kind":"A","items":[{"state":1}],"deltas":{}})),
+            "items[0].state"
+        );
         assert_eq!(
             err(json!({"tenantGuid":"t","count":1,"kind":"A","items":[],"deltas":{"recordingControls":"x"}})),
             "deltas.recordingControls"
@@ -353,7 +357,9 @@ mod tests {
         let r = record(NESTED);
         let v = record_from_json(
             &r,
-            json!({"tenantGuid":"t","count":1,"kind":"A","items":[{"state":"s"}],"deltas":{}}).as_object().expect("obj"),
+            json!({"tenantGuid":"t","count":1,"kind":"A","items":[{"state":"s"}],"deltas":{}})
+                .as_object()
+                .expect("obj"),
             &Names::new(),
         )
         .expect("valid");
@@ -412,7 +418,8 @@ mod tests {
         leaf.prop_recursive(4, 48, 6, move |inner| {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4).prop_map(Json::Array),
-                prop::collection::btree_map(keys.clone(), inner, 0..7).prop_map(|m| Json::Object(m.into_iter().collect())),
+                prop::collection::btree_map(keys.clone(), inner, 0..7)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
             ]
         })
     }

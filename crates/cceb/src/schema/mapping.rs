@@ -102,7 +102,10 @@ pub(super) fn load(
         }
     }
     if let Some(r) = records.values().find(|r| r.kind == RecordKind::Event && !file.events.contains_key(r.name())) {
-        return Err(file_error(path, format!("event record `{}` ({}) has no [events.{}] entry", r.name(), r.file, r.name())));
+        return Err(file_error(
+            path,
+            format!("event record `{}` ({}) has no [events.{}] entry", r.name(), r.file, r.name()),
+        ));
     }
     Ok(file.events.into_iter().collect())
 }

@@ -102,7 +102,8 @@ impl SchemaSet {
         let parsed = Schema::parse_list(avsc.iter().map(|f| f.text.as_str())).map_err(|e| {
             // parse_list cannot say which file failed; the first one that fails
             // alone is almost always the culprit.
-            let culprit = avsc.iter().find(|f| Schema::parse_str(&f.text).is_err()).map_or(origin.as_str(), |f| &f.path);
+            let culprit =
+                avsc.iter().find(|f| Schema::parse_str(&f.text).is_err()).map_or(origin.as_str(), |f| &f.path);
             file_error(culprit, format!("invalid Avro schema: {e}"))
         })?;
         let mut names = Names::new();
@@ -116,7 +117,10 @@ impl SchemaSet {
             let record = Record { kind, schema: rs, file: file.path.clone() };
             check_record(&record)?;
             if let Some(prev) = records.insert(record.name().to_owned(), record) {
-                return Err(file_error(&file.path, format!("record `{}` is also defined in {}", prev.name(), prev.file)));
+                return Err(file_error(
+                    &file.path,
+                    format!("record `{}` is also defined in {}", prev.name(), prev.file),
+                ));
             }
         }
         let mappings = mapping::load(&mapping_file.path, &mapping_file.text, &records)?;
@@ -143,7 +147,11 @@ impl SchemaSet {
     }
 
     /// Builds and validates a record from plain JSON.
-    pub fn build(&self, record: &Record, json: &serde_json::Map<String, serde_json::Value>) -> Result<Avro, FieldError> {
+    pub fn build(
+        &self,
+        record: &Record,
+        json: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Avro, FieldError> {
         convert::record_from_json(&record.schema, json, &self.names)
     }
 }
@@ -154,7 +162,8 @@ fn check_record(r: &Record) -> Result<(), SchemaError> {
         RecordKind::Event => &["tenantGuid"],
     };
     for f in required {
-        let ok = r.schema.lookup.get(*f).map(|&i| &r.schema.fields[i].schema).is_some_and(|s| matches!(s, Schema::String));
+        let ok =
+            r.schema.lookup.get(*f).map(|&i| &r.schema.fields[i].schema).is_some_and(|s| matches!(s, Schema::String));
         if !ok {
             return Err(file_error(&r.file, format!("record `{}` needs a string field `{f}`", r.name())));
         }
@@ -199,13 +208,15 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, SchemaError> {
             .collect();
         paths.sort();
         for path in paths {
-            let text = std::fs::read_to_string(&path).map_err(|e| file_error(&path.display().to_string(), e.to_string()))?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| file_error(&path.display().to_string(), e.to_string()))?;
             files.push(SourceFile { path: path.display().to_string(), kind: Some(kind), text });
         }
     }
     let mapping = dir.join("mapping.toml");
     if mapping.is_file() {
-        let text = std::fs::read_to_string(&mapping).map_err(|e| file_error(&mapping.display().to_string(), e.to_string()))?;
+        let text =
+            std::fs::read_to_string(&mapping).map_err(|e| file_error(&mapping.display().to_string(), e.to_string()))?;
         files.push(SourceFile { path: mapping.display().to_string(), kind: None, text });
     }
     Ok(files)

@@ -34,7 +34,13 @@ pub struct Session {
 
 impl Session {
     pub fn new(id: String, agent: AgentId, max_unacked: usize) -> Self {
-        Session { id, agent, outbox: Mutex::new(Outbox::new(max_unacked)), wake: Notify::new(), overflowed: AtomicBool::new(false) }
+        Session {
+            id,
+            agent,
+            outbox: Mutex::new(Outbox::new(max_unacked)),
+            wake: Notify::new(),
+            overflowed: AtomicBool::new(false),
+        }
     }
 
     pub fn outbox(&self) -> MutexGuard<'_, Outbox> {

@@ -141,7 +141,8 @@ mod tests {
         s.directory_apply("t", DirectoryOp::Put(e)).await.expect("put");
         assert_eq!(s.resolve_contact("t", "1001").await.expect("get").as_deref(), Some("a1"));
         assert_eq!(s.resolve_contact("other", "1001").await.expect("get"), None);
-        let patch = AgentPatch { contact_id: Some("1002".into()), recording_controls: Some(2), ..AgentPatch::default() };
+        let patch =
+            AgentPatch { contact_id: Some("1002".into()), recording_controls: Some(2), ..AgentPatch::default() };
         let prev = s.directory_apply("t", DirectoryOp::Patch { agent_guid: "a1".into(), patch }).await.expect("patch");
         assert_eq!(prev.and_then(|p| p.recording_controls), None);
         assert_eq!(s.resolve_contact("t", "1001").await.expect("get"), None);

@@ -30,8 +30,13 @@ pub struct AgentPatch {
 pub enum DirectoryOp {
     Put(AgentEntry),
     /// Creates the entry when the agent is not known yet.
-    Patch { agent_guid: String, patch: AgentPatch },
-    Remove { agent_guid: String },
+    Patch {
+        agent_guid: String,
+        patch: AgentPatch,
+    },
+    Remove {
+        agent_guid: String,
+    },
 }
 
 /// Identifies one client action for deduplication (contract section 4).

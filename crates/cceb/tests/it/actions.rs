@@ -73,8 +73,16 @@ async fn all_36_actions_are_published_with_the_identity_injected() {
         assert_eq!(rec["record"], *name);
         assert_eq!(rec["key"], "a1");
         let v = &rec["value"];
-        assert_eq!((&v["tenantGuid"], &v["agentGuid"], &v["irInstance"]), (&json!("t1"), &json!("a1"), &json!("ir-1")), "{name}");
-        assert_eq!((&v["isSystemAction"], &v["isRelocate"], &v["source"]), (&json!(false), &json!(false), &json!("CCEB")), "{name}");
+        assert_eq!(
+            (&v["tenantGuid"], &v["agentGuid"], &v["irInstance"]),
+            (&json!("t1"), &json!("a1"), &json!("ir-1")),
+            "{name}"
+        );
+        assert_eq!(
+            (&v["isSystemAction"], &v["isRelocate"], &v["source"]),
+            (&json!(false), &json!(false), &json!("CCEB")),
+            "{name}"
+        );
     }
     let transfer = published.iter().find(|r| r["record"] == "BlindTransferEvent").expect("published");
     assert_eq!(transfer["value"]["destinationAgentGuid"], "a2");
@@ -97,7 +105,10 @@ async fn reserved_fields_are_refused_by_name_and_nothing_is_published() {
     for field in ["irInstance", "tenantGuid", "agentGuid", "isSystemAction", "isRelocate", "source"] {
         let mut details = json!({"interactionId": "i-1"});
         details[field] = json!("x");
-        c.send(json!({"type":"action","uuid": field,"data":{"action":"AcceptInteractionEvent","action_details": details}})).await;
+        c.send(
+            json!({"type":"action","uuid": field,"data":{"action":"AcceptInteractionEvent","action_details": details}}),
+        )
+        .await;
         assert_eq!(c.expect_error(field, ErrorCode::ReservedField).await.as_deref(), Some(field));
     }
     assert!(b.published().await.is_empty());
@@ -135,8 +146,16 @@ async fn schema_violations_name_the_field() {
 async fn agents_outside_the_callers_tenant_are_unknown() {
     let (b, mut c) = with_colleague().await;
     let cases = [
-        ("BlindTransferEvent", json!({"interactionId": "i", "destinationAgentContactId": "3003"}), "destinationAgentContactId"),
-        ("BlindTransferEvent", json!({"interactionId": "i", "destinationAgentContactId": "9999"}), "destinationAgentContactId"),
+        (
+            "BlindTransferEvent",
+            json!({"interactionId": "i", "destinationAgentContactId": "3003"}),
+            "destinationAgentContactId",
+        ),
+        (
+            "BlindTransferEvent",
+            json!({"interactionId": "i", "destinationAgentContactId": "9999"}),
+            "destinationAgentContactId",
+        ),
         ("BlindTransferEvent", json!({"interactionId": "i", "destinationAgentGuid": "b1"}), "destinationAgentGuid"),
         ("AgentToAgentChatRequestEvent", json!({"secondAgentGuid": "b1"}), "secondAgentGuid"),
         ("AgentToAgentChatRequestEvent", json!({"secondAgentContactId": "3003"}), "secondAgentContactId"),
@@ -178,7 +197,8 @@ async fn actions_are_published_in_the_order_sent() {
     for n in 0..200 {
         c.expect_ack(&format!("o-{n}")).await;
     }
-    let ids: Vec<String> = b.published().await.iter().map(|r| r["value"]["interactionId"].as_str().unwrap_or("").to_owned()).collect();
+    let ids: Vec<String> =
+        b.published().await.iter().map(|r| r["value"]["interactionId"].as_str().unwrap_or("").to_owned()).collect();
     let expected: Vec<String> = (0..200).map(|n| format!("i-{n}")).collect();
     assert_eq!(ids, expected);
 }
@@ -220,7 +240,9 @@ async fn published_actions_can_be_long_polled_from_an_offset() {
     let poll = {
         let http = b.http.clone();
         let url = format!("http://{}/backend/v1/actions?after=0&wait_ms=5000", b.backend);
-        tokio::spawn(async move { http.get(url).bearer_auth(ADMIN).send().await.expect("answers").json::<Value>().await.expect("json") })
+        tokio::spawn(async move {
+            http.get(url).bearer_auth(ADMIN).send().await.expect("answers").json::<Value>().await.expect("json")
+        })
     };
     // Give the poll a moment to be waiting; correctness does not depend on it.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -53,7 +53,10 @@ async fn hello_reply_describes_the_session() {
     assert!(!reply.resumed);
     assert_eq!(reply.session_ttl_seconds, 259_200);
     assert_eq!(reply.heartbeat_interval_seconds, 25);
-    assert_eq!((reply.agent.tenant_guid.as_str(), reply.agent.agent_guid.as_str(), reply.agent.ir_instance.as_str()), ("t1", "a1", "ir-1"));
+    assert_eq!(
+        (reply.agent.tenant_guid.as_str(), reply.agent.agent_guid.as_str(), reply.agent.ir_instance.as_str()),
+        ("t1", "a1", "ir-1")
+    );
     let (_c2, other) = b.agent("t1", "a1").await;
     assert_ne!(other.session_id, reply.session_id, "every connection gets its own session");
 }
@@ -71,7 +74,9 @@ async fn anything_but_hello_first_is_not_authenticated_4001() {
     let mut c = b.connect().await;
     c.send(json!({"type":"ping","uuid":"p1"})).await;
     let (code, msgs) = c.closed().await;
-    assert!(matches!(msgs.as_slice(), [ServerMessage::Error { uuid, error }] if uuid == "p1" && error.code == ErrorCode::NotAuthenticated));
+    assert!(
+        matches!(msgs.as_slice(), [ServerMessage::Error { uuid, error }] if uuid == "p1" && error.code == ErrorCode::NotAuthenticated)
+    );
     assert_eq!(code, Some(4001));
 }
 

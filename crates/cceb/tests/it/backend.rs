@@ -32,8 +32,14 @@ async fn invalid_events_get_400_with_the_reason() {
         (json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state":7}}), "state"),
         (json!({"record":"AgentPresenceEvent","value":"x"}), "value"),
         (json!({"value":{}}), "record"),
-        (json!({"record":"AcceptInteractionEvent","value":{"tenantGuid":"t","agentGuid":"a","irInstance":"i","interactionId":"x"}}), "AcceptInteractionEvent"),
-        (json!({"record":"AgentInteractionListEvent","value":{"tenantGuid":"t","agentGuid":"a","interactions":[{"interactionId":"i","state":"s"}]}}), "interactions[0].channel"),
+        (
+            json!({"record":"AcceptInteractionEvent","value":{"tenantGuid":"t","agentGuid":"a","irInstance":"i","interactionId":"x"}}),
+            "AcceptInteractionEvent",
+        ),
+        (
+            json!({"record":"AgentInteractionListEvent","value":{"tenantGuid":"t","agentGuid":"a","interactions":[{"interactionId":"i","state":"s"}]}}),
+            "interactions[0].channel",
+        ),
     ];
     for (body, mention) in cases {
         let (status, reply) = b.post_events(body.clone()).await;
@@ -56,7 +62,8 @@ async fn invalid_events_get_400_with_the_reason() {
 async fn a_batch_is_taken_in_order_or_not_at_all() {
     let b = TestBridge::start().await;
     let (mut c, _) = b.agent("t", "a").await;
-    let presence = |s: &str| json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state": s}});
+    let presence =
+        |s: &str| json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state": s}});
     let (status, reply) = b.post_events(json!([presence("one"), {"record":"AgentPresenceEvent","value":{}}])).await;
     assert_eq!(status, 400);
     assert!(reply["error"].as_str().unwrap_or_default().starts_with("[1]"), "{reply}");

@@ -78,14 +78,21 @@ async fn token_subcommand_mints_a_token_the_bridge_accepts() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let token = String::from_utf8(out.stdout).expect("utf8");
     let reply = b.connect().await.hello(token.trim()).await;
-    assert_eq!((reply.agent.tenant_guid.as_str(), reply.agent.agent_guid.as_str(), reply.agent.ir_instance.as_str()), ("t-9", "a-9", "ir-9"));
+    assert_eq!(
+        (reply.agent.tenant_guid.as_str(), reply.agent.agent_guid.as_str(), reply.agent.ir_instance.as_str()),
+        ("t-9", "a-9", "ir-9")
+    );
 }
 
 #[tokio::test]
 async fn settings_come_from_a_toml_file_and_the_environment_wins() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("cceb.toml");
-    std::fs::write(&file, format!("jwt_hs256_secret = \"{SECRET}\"\nnode_id = \"from-file\"\nhello_timeout_ms = 150\n")).expect("write");
+    std::fs::write(
+        &file,
+        format!("jwt_hs256_secret = \"{SECRET}\"\nnode_id = \"from-file\"\nhello_timeout_ms = 150\n"),
+    )
+    .expect("write");
     let (mut child, _, addr) = spawn(cceb().args(["serve", "--config"]).arg(&file).env("CCEB_NODE_ID", "from-env"));
     let http = reqwest::Client::new();
     let body: serde_json::Value = http

@@ -19,7 +19,10 @@ async fn every_notification_type_reaches_the_agent_with_snake_case_data() {
     };
     let events = vec![
         ev("InteractionUpdateEvent", who(json!({"interactionId":"i1","state":"connected","channel":"VOICE"}))),
-        ev("AgentInteractionListEvent", who(json!({"interactions":[{"interactionId":"i1","state":"connected","channel":"VOICE"}]}))),
+        ev(
+            "AgentInteractionListEvent",
+            who(json!({"interactions":[{"interactionId":"i1","state":"connected","channel":"VOICE"}]})),
+        ),
         ev("AgentPresenceEvent", who(json!({"state":"Available","subState":"Ready"}))),
         ev("CallLegEvent", who(json!({"legId":"l1","phoneNumber":"+1555"}))),
         ev("SwitchLineEvent", who(json!({"lineId":"2"}))),
@@ -144,7 +147,11 @@ async fn every_session_of_the_agent_gets_it_and_nothing_crosses_tenants() {
     let (mut mobile, _) = b.agent("t1", "a1").await;
     let (mut same_guid_other_tenant, _) = b.agent("t2", "a1").await;
     let (mut colleague, _) = b.agent("t1", "a2").await;
-    b.event("InteractionUpdateEvent", json!({"tenantGuid":"t1","agentGuid":"a1","interactionId":"i","state":"offered","channel":"CHAT"})).await;
+    b.event(
+        "InteractionUpdateEvent",
+        json!({"tenantGuid":"t1","agentGuid":"a1","interactionId":"i","state":"offered","channel":"CHAT"}),
+    )
+    .await;
     for c in [&mut desktop, &mut mobile] {
         let (ty, uuid, _, data) = c.notification().await;
         assert_eq!((ty, &data["interaction_id"]), (N::InteractionUpdate, &json!("i")));
@@ -239,7 +246,8 @@ async fn off_hook_platform_messages_map_to_states() {
         assert_eq!(data.get("media_resource_id").is_some(), state == "authenticated", "{data}");
         assert!(data.get("timeout").is_none());
     }
-    let (status, body) = b.post_events(ev("OffHookEvent", json!({"tenantGuid":"t","agentGuid":"a","messageId":249}))).await;
+    let (status, body) =
+        b.post_events(ev("OffHookEvent", json!({"tenantGuid":"t","agentGuid":"a","messageId":249}))).await;
     assert_eq!(status, 400);
     assert!(body["error"].as_str().unwrap_or("").contains("250"), "{body}");
 }
@@ -273,6 +281,7 @@ async fn phone_validation_carries_timeout_only_when_offering() {
         assert_eq!((ty, data["state"].as_str()), (N::PhoneValidation, Some(state)));
         assert_eq!(data.get("timeout").is_some(), state == "offering");
     }
-    let (status, _) = b.post_events(ev("PhoneValidationEvent", json!({"tenantGuid":"t","agentGuid":"a","state":"lost"}))).await;
+    let (status, _) =
+        b.post_events(ev("PhoneValidationEvent", json!({"tenantGuid":"t","agentGuid":"a","state":"lost"}))).await;
     assert_eq!(status, 400);
 }

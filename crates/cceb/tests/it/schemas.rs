@@ -42,14 +42,20 @@ async fn a_malformed_schema_stops_start_up_naming_the_file() {
     assert!(e.contains("BlindTransferEvent.avsc") && e.contains("JSON"), "{e}");
 
     let dir = copy_default_set();
-    std::fs::write(dir.path().join("events/OffHookEvent.avsc"), r#"{"type":"record","name":"OffHookEvent","fields":[{"name":"x","type":"nope"}]}"#)
-        .expect("write");
+    std::fs::write(
+        dir.path().join("events/OffHookEvent.avsc"),
+        r#"{"type":"record","name":"OffHookEvent","fields":[{"name":"x","type":"nope"}]}"#,
+    )
+    .expect("write");
     let e = start_error(dir.path()).await;
     assert!(e.contains("OffHookEvent.avsc"), "{e}");
 
     let dir = copy_default_set();
-    std::fs::write(dir.path().join("actions/AcceptInteractionEvent.avsc"), r#"{"type":"record","name":"AcceptInteractionEvent","fields":[{"name":"interactionId","type":"string"}]}"#)
-        .expect("write");
+    std::fs::write(
+        dir.path().join("actions/AcceptInteractionEvent.avsc"),
+        r#"{"type":"record","name":"AcceptInteractionEvent","fields":[{"name":"interactionId","type":"string"}]}"#,
+    )
+    .expect("write");
     let e = start_error(dir.path()).await;
     assert!(e.contains("AcceptInteractionEvent.avsc") && e.contains("tenantGuid"), "{e}");
 }
@@ -59,7 +65,8 @@ async fn a_malformed_mapping_stops_start_up_naming_the_file() {
     let dir = copy_default_set();
     let mapping = dir.path().join("mapping.toml");
     let text = std::fs::read_to_string(&mapping).expect("read");
-    std::fs::write(&mapping, text.replace("notification = \"presence\"", "notification = \"presense\"")).expect("write");
+    std::fs::write(&mapping, text.replace("notification = \"presence\"", "notification = \"presense\""))
+        .expect("write");
     let e = start_error(dir.path()).await;
     assert!(e.contains("mapping.toml") && e.contains("presense"), "{e}");
 
@@ -92,7 +99,10 @@ async fn an_operator_can_drop_in_records_and_mappings() {
     let (mut c, _) = b.agent("t", "a").await;
     c.expect_ack_of_action("p", "ParkInteractionEvent", json!({"interactionId":"i","minutes":5})).await;
     let rec = &b.published().await[0];
-    assert_eq!((&rec["record"], &rec["value"]["minutes"], &rec["value"]["agentGuid"]), (&json!("ParkInteractionEvent"), &json!(5), &json!("a")));
+    assert_eq!(
+        (&rec["record"], &rec["value"]["minutes"], &rec["value"]["agentGuid"]),
+        (&json!("ParkInteractionEvent"), &json!(5), &json!("a"))
+    );
     b.event("WallboardEvent", json!({"tenantGuid":"t","waitingCalls":3})).await;
     let (_, _, _, data) = c.notification().await;
     assert_eq!(data, json!({"tenant_guid":"t","waiting_calls":3}));

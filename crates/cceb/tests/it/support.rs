@@ -51,7 +51,12 @@ impl TestBridge {
         let mut s = test_settings();
         f(&mut s);
         let bridge = Bridge::start(s).await.expect("bridge starts");
-        TestBridge { addr: bridge.addr, backend: bridge.backend_addr, bridge: Some(bridge), http: reqwest::Client::new() }
+        TestBridge {
+            addr: bridge.addr,
+            backend: bridge.backend_addr,
+            bridge: Some(bridge),
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Graceful shutdown, as on SIGTERM.
@@ -143,8 +148,11 @@ pub fn token(tenant: &str, agent: &str) -> String {
 }
 
 pub fn token_ttl(tenant: &str, agent: &str, ttl: Duration) -> String {
-    mint_hs256(SECRET, &TokenRequest { tenant_guid: tenant, agent_guid: agent, ir_instance: "ir-1", contact_id: None, ttl })
-        .expect("mint")
+    mint_hs256(
+        SECRET,
+        &TokenRequest { tenant_guid: tenant, agent_guid: agent, ir_instance: "ir-1", contact_id: None, ttl },
+    )
+    .expect("mint")
 }
 
 pub struct Client {
