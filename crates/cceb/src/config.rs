@@ -9,6 +9,23 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Settings whose environment value is taken verbatim, never parsed.
+const TEXT_SETTINGS: [&str; 13] = [
+    "public_url",
+    "node_id",
+    "jwt_hs256_secret",
+    "jwt_rs256_public_key_file",
+    "jwt_es256_public_key_file",
+    "jwt_jwks_file",
+    "jwt_issuer",
+    "jwt_audience",
+    "admin_token",
+    "data_dir",
+    "schema_dir",
+    "source_name",
+    "log",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -126,7 +143,15 @@ impl Settings {
         if let Some(file) = file {
             fig = fig.merge(Toml::file_exact(file));
         }
-        let settings: Settings = fig.merge(Env::prefixed("CCEB_")).extract().map_err(Box::new)?;
+        // figment parses environment values ("007" → 7, "true" → bool); text
+        // settings such as secrets must reach us exactly as written.
+        fig = fig.merge(Env::prefixed("CCEB_").ignore(&TEXT_SETTINGS));
+        for key in TEXT_SETTINGS {
+            if let Ok(v) = std::env::var(format!("CCEB_{}", key.to_uppercase())) {
+                fig = fig.merge(Serialized::default(key, v));
+            }
+        }
+        let settings: Settings = fig.extract().map_err(Box::new)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -181,15 +206,18 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn environment_beats_file_beats_defaults() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "ack_timeout_ms = 5\nhello_timeout_ms = 7\nlisten = \"127.0.0.1:9\"")?;
             jail.set_env("CCEB_HELLO_TIMEOUT_MS", "11");
-            jail.set_env("CCEB_JWT_HS256_SECRET", "s");
+            jail.set_env("CCEB_JWT_HS256_SECRET", "007");
+            jail.set_env("CCEB_ADMIN_TOKEN", "true");
             let s = Settings::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
             assert_eq!((s.ack_timeout_ms, s.hello_timeout_ms), (5, 11));
             assert_eq!(s.listen.port(), 9);
-            assert_eq!(s.jwt_hs256_secret.as_deref(), Some("s"));
+            assert_eq!(s.jwt_hs256_secret.as_deref(), Some("007"), "text settings are taken verbatim");
+            assert_eq!(s.admin_token.as_deref(), Some("true"));
             assert_eq!(s.session_ttl_seconds, 259_200);
             Ok(())
         });

@@ -52,7 +52,12 @@ impl Registry {
     pub fn for_tenant(&self, tenant: &str, mut f: impl FnMut(&Arc<Session>)) -> usize {
         let t = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
         let Some(agents) = t.get(tenant) else { return 0 };
-        agents.values().flatten().map(|s| f(s)).count()
+        let mut n = 0;
+        for s in agents.values().flatten() {
+            f(s);
+            n += 1;
+        }
+        n
     }
 
     pub fn len(&self) -> usize {

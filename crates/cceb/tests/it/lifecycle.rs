@@ -14,11 +14,36 @@ fn cceb() -> Command {
     c
 }
 
-/// Starts `cceb serve`; returns the child, its stdout lines up to the listening line, and the address.
-fn spawn(cmd: &mut Command) -> (Child, Vec<String>, String) {
+/// A `cceb serve` process, killed if a test ends without waiting for it.
+struct Server(Option<Child>);
+
+impl Server {
+    fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    async fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.0.take().expect("running");
+        tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `cceb serve`; returns the process, its stdout lines up to the listening line, and the address.
+fn spawn(cmd: &mut Command) -> (Server, Vec<String>, String) {
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn cceb");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = Server(Some(child));
     let mut lines = Vec::new();
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut out = BufReader::new(stdout);
     loop {
         let mut line = String::new();
         assert!(out.read_line(&mut line).expect("read") > 0, "cceb exited before listening: {lines:?}");
@@ -31,19 +56,19 @@ fn spawn(cmd: &mut Command) -> (Child, Vec<String>, String) {
     }
 }
 
-fn sigterm(child: &Child) {
+fn sigterm(child: &Server) {
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
     assert!(status.success());
 }
 
 #[tokio::test]
 async fn sigterm_closes_clients_with_1012_and_exits_0() {
-    let (mut child, _, addr) = spawn(cceb().args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET));
+    let (child, _, addr) = spawn(cceb().args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET));
     let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
     c.hello(&token("t", "a")).await;
     sigterm(&child);
     assert_eq!(c.closed().await.0, Some(1012));
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    let status = child.wait().await;
     assert_eq!(status.code(), Some(0));
 }
 
@@ -56,7 +81,7 @@ async fn serve_refuses_to_start_without_a_key() {
 
 #[tokio::test]
 async fn dev_mode_prints_a_secret_an_admin_token_and_a_working_token() {
-    let (mut child, lines, addr) = spawn(cceb().args(["serve", "--dev"]));
+    let (child, lines, addr) = spawn(cceb().args(["serve", "--dev"]));
     let text = lines.concat();
     assert!(text.contains("CCEB_JWT_HS256_SECRET=") && text.contains("CCEB_ADMIN_TOKEN="), "{text}");
     let token = lines.iter().map(|l| l.trim()).find(|l| l.starts_with("ey")).expect("a token is printed").to_owned();
@@ -64,7 +89,7 @@ async fn dev_mode_prints_a_secret_an_admin_token_and_a_working_token() {
     let reply = c.hello(&token).await;
     assert_eq!(reply.agent.agent_guid, "agent-1");
     sigterm(&child);
-    tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    child.wait().await;
 }
 
 #[tokio::test]
@@ -93,7 +118,7 @@ async fn settings_come_from_a_toml_file_and_the_environment_wins() {
         format!("jwt_hs256_secret = \"{SECRET}\"\nnode_id = \"from-file\"\nhello_timeout_ms = 150\n"),
     )
     .expect("write");
-    let (mut child, _, addr) = spawn(cceb().args(["serve", "--config"]).arg(&file).env("CCEB_NODE_ID", "from-env"));
+    let (child, _, addr) = spawn(cceb().args(["serve", "--config"]).arg(&file).env("CCEB_NODE_ID", "from-env"));
     let http = reqwest::Client::new();
     let body: serde_json::Value = http
         .get(format!("http://{addr}/v1/discovery"))
@@ -108,7 +133,7 @@ async fn settings_come_from_a_toml_file_and_the_environment_wins() {
     let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
     assert_eq!(c.closed().await.0, Some(4003), "hello_timeout_ms from the file applies");
     sigterm(&child);
-    tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
+    child.wait().await;
 }
 
 #[tokio::test]
