@@ -46,8 +46,12 @@ pub async fn run(ws: WebSocket, shared: Arc<Shared>) {
         Ok(None) => None,
         Err(close) => Some(close),
     };
-    if let Some(Close(code, reason)) = end {
-        conn.close(code, reason).await;
+    match end {
+        Some(Close(code, reason)) => conn.close(code, reason).await,
+        // The client closed: flush tungstenite's queued answer to its close frame.
+        None => {
+            let _ = tokio::time::timeout(CLOSE_LINGER, conn.ws.flush()).await;
+        }
     }
     shared.metrics.connections.decrement(1.0);
 }

@@ -162,3 +162,27 @@ async fn health_readiness_and_metrics() {
         assert!(text.contains(name), "metrics lack {name}:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn abuse_from_one_client_leaves_the_others_unharmed() {
+    let b = TestBridge::with(|s| s.max_frame_bytes = 1024).await;
+    let (mut good, _) = b.agent("t", "good").await;
+    for abuse in [
+        Message::text("{"),
+        Message::text("[]"),
+        Message::text(
+            r#"{"type":"action","uuid":"x","data":{"action":"AcceptInteractionEvent","action_details":{"interactionId":{"deep":[1,2,{"x":null}]}}}}"#,
+        ),
+        Message::text("x".repeat(4096)),
+        Message::binary(vec![0u8; 16]),
+    ] {
+        let (mut bad, _) = b.agent("t", "bad").await;
+        bad.send_raw(abuse).await;
+        let _ = bad.read().await;
+    }
+    b.event("AgentPresenceEvent", json!({"tenantGuid":"t","agentGuid":"good","state":"Away"})).await;
+    let (_, uuid, seq, _) = good.notification().await;
+    assert_eq!(seq, 1);
+    good.ack(&uuid).await;
+    assert_eq!(b.http.get(b.url("/healthz")).send().await.expect("answers").status().as_u16(), 200);
+}
