@@ -1,0 +1,310 @@
+//! `cceb-bench`: drives a real `cceb serve` process over loopback and reports
+//! what it measured. BENCHMARKS.md says how to run it and holds the figures.
+
+mod server;
+
+use anyhow::{bail, Context};
+use cceb_protocol::outgoing::{parse_server_message, ServerMessage};
+use clap::{Parser, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use server::Server;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Idle,
+    Fanout,
+    Actions,
+    All,
+}
+
+#[derive(Parser)]
+#[command(about = "Benchmark a real cceb process")]
+struct Args {
+    #[arg(value_enum, default_value = "all")]
+    scenario: Scenario,
+    /// Small sizes: all scenarios in well under a minute (CI smoke test).
+    #[arg(long)]
+    quick: bool,
+    /// The cceb binary to start.
+    #[arg(long, default_value = "target/release/cceb")]
+    cceb: String,
+    /// idle: sessions to open.
+    #[arg(long, default_value_t = 10_000)]
+    sessions: usize,
+    /// fanout: sessions receiving.
+    #[arg(long, default_value_t = 1_000)]
+    fanout_sessions: usize,
+    /// fanout: events to inject.
+    #[arg(long, default_value_t = 500_000)]
+    events: usize,
+    /// fanout: target events/s (0: as fast as it goes).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// fanout: events per backend-port request.
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// actions: sessions sending.
+    #[arg(long, default_value_t = 200)]
+    action_sessions: usize,
+    /// actions: actions to send in all.
+    #[arg(long, default_value_t = 200_000)]
+    actions: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut a = Args::parse();
+    if a.quick {
+        (a.sessions, a.fanout_sessions, a.events, a.action_sessions, a.actions) = (500, 100, 20_000, 20, 5_000);
+    }
+    raise_fd_limit(a.sessions.max(a.fanout_sessions) as u64 * 2 + 1024)?;
+    let run = |s| a.scenario == s || a.scenario == Scenario::All;
+    if run(Scenario::Idle) {
+        idle(&a).await?;
+    }
+    if run(Scenario::Fanout) {
+        fanout(&a).await?;
+    }
+    if run(Scenario::Actions) {
+        actions(&a).await?;
+    }
+    Ok(())
+}
+
+/// Each session is a socket on both sides; 50k sessions need well over the usual 1024.
+fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
+    let (_, hard) = rlimit::Resource::NOFILE.get()?;
+    let soft = want.min(hard);
+    rlimit::Resource::NOFILE.set(soft, hard)?;
+    if soft < want {
+        eprintln!("note: open-file limit is {soft} (hard limit), wanted {want}");
+    }
+    Ok(())
+}
+
+fn report(scenario: &str, rows: &[(&str, String)], json: Value) {
+    println!("\n== {scenario}");
+    for (k, v) in rows {
+        println!("  {k:<34} {v}");
+    }
+    println!("{}", json!({"scenario": scenario, "results": json}));
+}
+
+async fn connect_hello(url: &str, token: &str) -> anyhow::Result<Ws> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    ws.send(Message::text(json!({"type":"hello","uuid":"h","data":{"token": token}}).to_string())).await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => match parse_server_message(&t) {
+                Ok(ServerMessage::HelloReply { .. }) => return Ok(ws),
+                other => bail!("hello refused: {other:?}"),
+            },
+            Some(Ok(_)) => continue,
+            other => bail!("closed during hello: {other:?}"),
+        }
+    }
+}
+
+/// Opens `n` sessions, `parallel` at a time; agent i is `agent-{i}`.
+async fn open_sessions(server: &Server, n: usize, parallel: usize) -> anyhow::Result<Vec<Ws>> {
+    let url = server.ws_url();
+    let mut out = Vec::with_capacity(n);
+    let mut ids = (0..n).peekable();
+    while ids.peek().is_some() {
+        let chunk: Vec<usize> = ids.by_ref().take(parallel).collect();
+        let tasks: Vec<_> = chunk
+            .into_iter()
+            .map(|i| {
+                let (url, token) = (url.clone(), server.token("tenant-1", &format!("agent-{i}")));
+                tokio::spawn(async move { connect_hello(&url, &token).await })
+            })
+            .collect();
+        for t in tasks {
+            out.push(t.await??);
+        }
+    }
+    Ok(out)
+}
+
+async fn idle(a: &Args) -> anyhow::Result<()> {
+    let server = Server::start(&a.cceb, &[]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (base_rss, base_cpu) = (server.rss_kib()?, server.cpu_seconds()?);
+    let started = Instant::now();
+    let sessions = open_sessions(&server, a.sessions, 256).await?;
+    let elapsed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = server.rss_kib()?;
+    let per = (rss.saturating_sub(base_rss)) as f64 * 1024.0 / a.sessions as f64;
+    let rate = a.sessions as f64 / elapsed.as_secs_f64();
+    let cpu = server.cpu_seconds()? - base_cpu;
+    report(
+        "idle",
+        &[
+            ("sessions", a.sessions.to_string()),
+            ("server RSS before (MiB)", format!("{:.1}", base_rss as f64 / 1024.0)),
+            ("server RSS with sessions (MiB)", format!("{:.1}", rss as f64 / 1024.0)),
+            ("RSS per idle session (KiB)", format!("{:.2}", per / 1024.0)),
+            ("connect+hello rate (/s)", format!("{rate:.0}")),
+            ("server CPU for connecting (s)", format!("{cpu:.2}")),
+        ],
+        json!({"sessions": a.sessions, "rss_base_kib": base_rss, "rss_kib": rss, "bytes_per_session": per, "connect_hello_per_s": rate, "server_cpu_s": cpu}),
+    );
+    drop(sessions);
+    server.stop().await
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+async fn fanout(a: &Args) -> anyhow::Result<()> {
+    let server = Server::start(&a.cceb, &[]).await?;
+    let sessions = open_sessions(&server, a.fanout_sessions, 256).await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for mut ws in sessions {
+        let received = received.clone();
+        readers.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+            while let Some(Ok(m)) = ws.next().await {
+                let Message::Text(t) = m else { continue };
+                if let Ok(ServerMessage::Notification { uuid, data, .. }) = parse_server_message(&t) {
+                    let sent: u64 = data["state"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+                    let _ = h.record(now_micros().saturating_sub(sent).max(1));
+                    received.fetch_add(1, Ordering::Relaxed);
+                    if ws.send(Message::text(format!(r#"{{"type":"ack","uuid":"{uuid}"}}"#))).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            h
+        }));
+    }
+    let (cpu0, started) = (server.cpu_seconds()?, Instant::now());
+    let per_batch = Duration::from_secs_f64(if a.rate == 0 { 0.0 } else { a.batch as f64 / a.rate as f64 });
+    let mut sent = 0;
+    let mut next_at = Instant::now();
+    while sent < a.events {
+        let n = a.batch.min(a.events - sent);
+        let t = now_micros().to_string();
+        let body: Vec<Value> = (sent..sent + n)
+            .map(|i| {
+                let agent = format!("agent-{}", i % a.fanout_sessions);
+                json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"tenant-1","agentGuid": agent,"state": t}})
+            })
+            .collect();
+        server.post_events(&Value::Array(body)).await?;
+        sent += n;
+        if !per_batch.is_zero() {
+            next_at += per_batch;
+            tokio::time::sleep_until(next_at.into()).await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while received.load(Ordering::Relaxed) < a.events as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let cpu = server.cpu_seconds()? - cpu0;
+    server.stop().await?;
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for r in readers {
+        h.add(r.await?)?;
+    }
+    let got = received.load(Ordering::Relaxed);
+    let rate = got as f64 / elapsed.as_secs_f64();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let cpu_per_100k = cpu / (got.max(1) as f64 / 100_000.0);
+    let target = if a.rate == 0 { "max".to_owned() } else { a.rate.to_string() };
+    report(
+        "fanout",
+        &[
+            ("sessions", a.fanout_sessions.to_string()),
+            ("target rate (/s)", target.clone()),
+            ("delivered+acked", format!("{got} of {}", a.events)),
+            ("notifications/s", format!("{rate:.0}")),
+            (
+                "latency p50/p99/p99.9/max (ms)",
+                format!("{:.2} / {:.2} / {:.2} / {:.2}", ms(0.5), ms(0.99), ms(0.999), h.max() as f64 / 1000.0),
+            ),
+            ("server CPU s per 100k", format!("{cpu_per_100k:.2}")),
+        ],
+        json!({"sessions": a.fanout_sessions, "target_rate": target, "delivered": got, "events": a.events,
+               "per_s": rate, "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": h.max() as f64 / 1000.0,
+               "server_cpu_s_per_100k": cpu_per_100k}),
+    );
+    Ok(())
+}
+
+async fn actions(a: &Args) -> anyhow::Result<()> {
+    let server = Server::start(&a.cceb, &[]).await?;
+    let sessions = open_sessions(&server, a.action_sessions, 256).await?;
+    let per_session = a.actions / a.action_sessions.max(1);
+    let (cpu0, started) = (server.cpu_seconds()?, Instant::now());
+    let tasks: Vec<_> = sessions
+        .into_iter()
+        .enumerate()
+        .map(|(s, mut ws)| {
+            tokio::spawn(async move {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                for n in 0..per_session {
+                    let uuid = format!("s{s}-a{n}");
+                    let msg = json!({"type":"action","uuid": uuid,"data":{"action":"UpdateInteractionEvent",
+                        "action_details":{"interactionId": format!("i-{n}"),"state":"wrapup","channel":"VOICE"}}});
+                    let t = Instant::now();
+                    ws.send(Message::text(msg.to_string())).await.context("send")?;
+                    loop {
+                        match ws.next().await {
+                            Some(Ok(Message::Text(t2))) => match parse_server_message(&t2) {
+                                Ok(ServerMessage::Ack { uuid: u }) if u == uuid => break,
+                                Ok(ServerMessage::Error { error, .. }) => bail!("action refused: {}", error.message),
+                                _ => continue,
+                            },
+                            Some(Ok(_)) => continue,
+                            other => bail!("closed: {other:?}"),
+                        }
+                    }
+                    let _ = h.record(t.elapsed().as_micros().max(1) as u64);
+                }
+                anyhow::Ok(h)
+            })
+        })
+        .collect();
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        h.add(t.await??)?;
+    }
+    let elapsed = started.elapsed();
+    let cpu = server.cpu_seconds()? - cpu0;
+    server.stop().await?;
+    let done = h.len();
+    let rate = done as f64 / elapsed.as_secs_f64();
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    report(
+        "actions",
+        &[
+            ("sessions", a.action_sessions.to_string()),
+            ("acked actions", done.to_string()),
+            ("acked actions/s", format!("{rate:.0}")),
+            (
+                "ack latency p50/p99/p99.9/max (ms)",
+                format!("{:.2} / {:.2} / {:.2} / {:.2}", ms(0.5), ms(0.99), ms(0.999), h.max() as f64 / 1000.0),
+            ),
+            ("server CPU s per 100k", format!("{:.2}", cpu / (done.max(1) as f64 / 100_000.0))),
+        ],
+        json!({"sessions": a.action_sessions, "acked": done, "per_s": rate, "p50_ms": ms(0.5), "p99_ms": ms(0.99),
+               "p999_ms": ms(0.999), "max_ms": h.max() as f64 / 1000.0, "server_cpu_s": cpu}),
+    );
+    Ok(())
+}
