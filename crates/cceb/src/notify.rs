@@ -255,35 +255,6 @@ mod tests {
         plan(record, m, &v)
     }
 
-    fn off_hook_state(extra: Json) -> Result<Json, EventError> {
-        let mut v = json!({"tenantGuid":"t","agentGuid":"a"});
-        v.as_object_mut().expect("obj").extend(extra.as_object().expect("obj").clone());
-        Ok(planned("OffHookEvent", v)?.remove(0).data)
-    }
-
-    #[test]
-    fn off_hook_message_ids_map_to_states() {
-        let cases = [
-            (json!({"messageId":250,"enabled":true}), "enabled"),
-            (json!({"messageId":250,"enabled":false}), "disabled"),
-            (json!({"messageId":251}), "answered"),
-            (json!({"messageId":252}), "dropped"),
-            (json!({"messageId":253}), "rejected"),
-            (json!({"messageId":254,"connected":true}), "connected"),
-            (json!({"messageId":254,"connected":false}), "disconnected"),
-            (json!({"messageId":255,"success":true,"mediaResourceId":"m1"}), "authenticated"),
-            (json!({"messageId":255,"success":false,"mediaResourceId":"m1"}), "authentication_failed"),
-        ];
-        for (input, state) in cases {
-            let data = off_hook_state(input.clone()).expect("maps");
-            assert_eq!(data["state"], state, "{input}");
-            let carries_media = data.get("media_resource_id").is_some();
-            assert_eq!(carries_media, state == "authenticated", "{input}");
-        }
-        assert!(off_hook_state(json!({"messageId":249})).is_err());
-        assert!(off_hook_state(json!({"messageId":250})).is_err(), "250 needs `enabled`");
-    }
-
     #[test]
     fn phone_validation_keeps_timeout_only_when_offering() {
         let p = |state: &str| {
