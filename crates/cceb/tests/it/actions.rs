@@ -2,7 +2,7 @@
 
 use crate::support::*;
 use cceb_protocol::outgoing::ServerMessage;
-use cceb_protocol::ErrorCode;
+use cceb_protocol::{ErrorCode, NotificationType};
 use serde_json::{json, Value};
 
 /// Minimal valid details for every one of the 36 actions of the default set.
@@ -252,4 +252,23 @@ async fn published_actions_can_be_long_polled_from_an_offset() {
     assert_eq!(got["next"], 1);
     let after = b.actions_after(1, 0).await;
     assert_eq!(after, json!({"next": 1, "records": []}));
+}
+
+#[tokio::test]
+async fn the_tenant_directory_follows_provisioning_updates_and_deletes() {
+    let (b, mut c) = with_colleague().await;
+    b.event("AgentUpdatedEvent", json!({"tenantGuid":"t1","agentGuid":"a2","deltas":{"contactId":"2222"}})).await;
+    assert_eq!(c.notification().await.0, NotificationType::Provisioning, "tenant-wide, so a1 sees it too");
+    let transfer = |contact: &str| json!({"interactionId": "i", "destinationAgentContactId": contact});
+    c.send(
+        json!({"type":"action","uuid":"old","data":{"action":"BlindTransferEvent","action_details": transfer("2002")}}),
+    )
+    .await;
+    c.expect_error("old", ErrorCode::UnknownAgent).await;
+    c.expect_ack_of_action("new", "BlindTransferEvent", transfer("2222")).await;
+    assert_eq!(b.published().await[0]["value"]["destinationAgentGuid"], "a2");
+    b.event("AgentDeletedEvent", json!({"tenantGuid":"t1","agentGuid":"a2"})).await;
+    assert_eq!(c.notification().await.0, NotificationType::Provisioning);
+    c.send(json!({"type":"action","uuid":"gone","data":{"action":"BlindTransferEvent","action_details": transfer("2222")}})).await;
+    c.expect_error("gone", ErrorCode::UnknownAgent).await;
 }
