@@ -10,6 +10,7 @@ use crate::notify::Router;
 use crate::schema::{SchemaError, SchemaSet};
 use crate::session::Registry;
 use crate::store::{MemoryStore, Store};
+use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -109,6 +110,10 @@ impl Bridge {
         });
         let serve = |listener: TcpListener, app: axum::Router| {
             let stop = shared.shutdown.clone();
+            // Notifications and acks are small frames: Nagle's algorithm would hold them back.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             shared.tasks.spawn(async move {
                 if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
                     tracing::error!(error = %e, "server stopped");
