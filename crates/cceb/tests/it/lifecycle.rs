@@ -119,17 +119,7 @@ async fn settings_come_from_a_toml_file_and_the_environment_wins() {
     )
     .expect("write");
     let (child, _, addr) = spawn(cceb().args(["serve", "--config"]).arg(&file).env("CCEB_NODE_ID", "from-env"));
-    let http = reqwest::Client::new();
-    let body: serde_json::Value = http
-        .get(format!("http://{addr}/v1/discovery"))
-        .bearer_auth(token("t", "a"))
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(body["node_id"], "from-env");
+    assert_eq!(discover(&addr, &token("t", "a")).await["node_id"], "from-env");
     let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
     assert_eq!(c.closed().await.0, Some(4003), "hello_timeout_ms from the file applies");
     sigterm(&child);

@@ -143,6 +143,12 @@ impl TestBridge {
     }
 }
 
+/// `GET /v1/discovery` of the bridge at `addr` with a client token; the JSON answer.
+pub async fn discover(addr: impl std::fmt::Display, token: &str) -> Value {
+    let r = reqwest::Client::new().get(format!("http://{addr}/v1/discovery")).bearer_auth(token).send().await;
+    r.expect("answers").json().await.expect("json")
+}
+
 pub fn token(tenant: &str, agent: &str) -> String {
     token_ttl(tenant, agent, Duration::from_secs(3600))
 }

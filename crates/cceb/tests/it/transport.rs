@@ -34,17 +34,7 @@ async fn discovery_hands_out_the_endpoint_for_a_valid_token_only() {
 #[tokio::test]
 async fn discovery_defaults_to_the_listen_address() {
     let b = TestBridge::start().await;
-    let body: Value = b
-        .http
-        .get(b.url("/v1/discovery"))
-        .bearer_auth(token("t", "a"))
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(body["endpoint"], format!("ws://{}/ws/v1", b.addr));
+    assert_eq!(discover(b.addr, &token("t", "a")).await["endpoint"], format!("ws://{}/ws/v1", b.addr));
 }
 
 #[tokio::test]
