@@ -33,6 +33,11 @@ impl ErrorCode {
         ErrorCode::RateLimited,
     ];
 
+    /// Dense index (position in [`ErrorCode::ALL`]), for per-code metric handles.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidJson => "invalid_json",
@@ -53,5 +58,21 @@ impl ErrorCode {
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NotificationType;
+
+    #[test]
+    fn dense_indexes_match_the_all_lists() {
+        for (i, c) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(c.index(), i);
+        }
+        for (i, t) in NotificationType::ALL.iter().enumerate() {
+            assert_eq!(t.index(), i);
+        }
     }
 }

@@ -59,7 +59,7 @@ impl NotificationType {
         }
     }
 
-    /// Dense index, for per-type metric handles.
+    /// Dense index (position in [`NotificationType::ALL`]), for per-type metric handles.
     pub fn index(self) -> usize {
         self as usize
     }

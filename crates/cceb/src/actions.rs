@@ -3,7 +3,7 @@
 //! the Avro schema → publish → acknowledge. Deduplicated by action uuid.
 
 use crate::bus::{Bus, BusError, OutRecord};
-use crate::metrics::Metrics;
+use crate::metrics::{ActionOutcome, Metrics};
 use crate::notify::{Router, Target};
 use crate::schema::{FieldError, SchemaSet};
 use crate::session::AgentId;
@@ -110,13 +110,12 @@ impl Actions {
         details: Map<String, Json>,
     ) -> Result<Done, ActionError> {
         let result = self.perform_inner(who, uuid, action, details).await;
-        let record = if self.schemas.action(action).is_some() { action } else { "unknown" };
         let outcome = match &result {
-            Ok(Done::Published) => "published",
-            Ok(Done::Duplicate) => "duplicate",
-            Err(e) => e.code().as_str(),
+            Ok(Done::Published) => ActionOutcome::Published,
+            Ok(Done::Duplicate) => ActionOutcome::Duplicate,
+            Err(e) => ActionOutcome::Refused(e.code()),
         };
-        self.metrics.action(record, outcome);
+        self.metrics.action(action, outcome);
         result
     }
 

@@ -72,7 +72,7 @@ impl Bridge {
         let backend_addr =
             backend.local_addr().map_err(|source| StartError::Listen { addr: settings.backend_listen, source })?;
 
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(schemas.action_names()));
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new(settings.dedup_capacity));
         let embedded = Arc::new(EmbeddedBus::new(settings.embedded_log_capacity));
         let bus: Arc<dyn Bus> = embedded.clone();

@@ -6,7 +6,7 @@ use crate::actions::{ActionError, Done};
 use crate::app::Shared;
 use crate::auth::Identity;
 use crate::session::{AgentId, Due, Session, TokenBucket};
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
 use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};
 use futures_util::future::BoxFuture;
@@ -62,6 +62,15 @@ struct Conn {
     last_seen: Instant,
 }
 
+/// One read from the client, classified.
+enum Frame {
+    Text(Utf8Bytes),
+    /// Ping or pong: nothing to answer (tungstenite answers pings itself).
+    Control,
+    /// The client closed or the connection broke.
+    Gone,
+}
+
 /// What woke the main loop.
 enum Step {
     Frame(Option<Result<Message, axum::Error>>),
@@ -81,10 +90,10 @@ impl Conn {
                 _ = sleep_until(deadline) => return Err(Close(close::HELLO_TIMEOUT, "no hello in time")),
                 f = self.ws.recv() => f,
             };
-            let text = match self.frame_text(frame)? {
-                Some(Some(text)) => text,
-                Some(None) => continue,
-                None => return Ok(None),
+            let text = match self.classify(frame)? {
+                Frame::Text(text) => text,
+                Frame::Control => continue,
+                Frame::Gone => return Ok(None),
             };
             let (uuid, hello) = match parse_client_message(&text) {
                 Ok(ClientMessage::Hello { uuid, hello }) => (uuid, hello),
@@ -206,11 +215,11 @@ impl Conn {
                     in_flight = pending.pop_front().map(|p| self.start_action(session, p));
                 }
                 Step::Frame(frame) => {
-                    let text = match self.frame_text(frame) {
+                    let text = match self.classify(frame) {
                         Err(c) => return Some(c),
-                        Ok(None) => return None,
-                        Ok(Some(None)) => continue,
-                        Ok(Some(Some(text))) => text,
+                        Ok(Frame::Gone) => return None,
+                        Ok(Frame::Control) => continue,
+                        Ok(Frame::Text(text)) => text,
                     };
                     let msg = match parse_client_message(&text) {
                         Ok(m) => m,
@@ -275,15 +284,14 @@ impl Conn {
         })
     }
 
-    /// Classifies a read: `Ok(None)` the client left, `Ok(Some(None))` a
-    /// control frame, `Ok(Some(Some(text)))` a message, `Err` a close to send.
-    fn frame_text(&mut self, frame: Option<Result<Message, axum::Error>>) -> Result<Option<Option<String>>, Close> {
+    /// Classifies a read; `Err` is a close to send.
+    fn classify(&mut self, frame: Option<Result<Message, axum::Error>>) -> Result<Frame, Close> {
         self.last_seen = Instant::now();
         match frame {
-            None | Some(Ok(Message::Close(_))) => Ok(None),
-            Some(Ok(Message::Text(t))) => Ok(Some(Some(t.as_str().to_owned()))),
+            None | Some(Ok(Message::Close(_))) => Ok(Frame::Gone),
+            Some(Ok(Message::Text(t))) => Ok(Frame::Text(t)),
             Some(Ok(Message::Binary(_))) => Err(Close(close::UNSUPPORTED_DATA, "binary frames are not accepted")),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(Some(None)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(Frame::Control),
             Some(Err(e)) => {
                 let too_big = e
                     .into_inner()
@@ -292,7 +300,7 @@ impl Conn {
                 if too_big {
                     Err(Close(close::MESSAGE_TOO_BIG, "frame too large"))
                 } else {
-                    Ok(None)
+                    Ok(Frame::Gone)
                 }
             }
         }
@@ -302,25 +310,19 @@ impl Conn {
         if due.is_empty() {
             return Ok(());
         }
-        let metrics = &self.shared.metrics;
-        let frames: Vec<Message> = due
-            .drain(..)
-            .map(|d| {
-                if d.redelivery {
-                    metrics.redelivered.increment(1);
-                } else {
-                    metrics.sent(d.n.ty);
-                }
-                Message::Text(outgoing::notification(d.n.ty, &d.n.uuid, d.seq, &d.n.data).into())
-            })
-            .collect();
+        let (ws, shared) = (&mut self.ws, &self.shared);
         let write = async {
-            for f in frames {
-                self.ws.feed(f).await?;
+            for d in due.drain(..) {
+                if d.redelivery {
+                    shared.metrics.redelivered.increment(1);
+                } else {
+                    shared.metrics.sent(d.n.ty);
+                }
+                ws.feed(Message::Text(outgoing::notification(d.n.ty, &d.n.uuid, d.seq, &d.n.data).into())).await?;
             }
-            self.ws.flush().await
+            ws.flush().await
         };
-        match tokio::time::timeout(self.shared.settings.write_timeout(), write).await {
+        match tokio::time::timeout(shared.settings.write_timeout(), write).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(Close(close::GOING_AWAY, "client does not read")),
         }

@@ -4,6 +4,7 @@
 use cceb_protocol::{ErrorCode, NotificationType};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -16,14 +17,45 @@ pub fn handle() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets(LATENCY_BUCKETS)
-            .map(|b| b.build_recorder())
-            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            .expect("the bucket list is not empty")
+            .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder is installed; then ours simply renders nothing.
         let _ = metrics::set_global_recorder(recorder);
         handle
     })
 }
+
+/// How an action ended, for `cceb_actions_total{record,outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionOutcome {
+    Published,
+    Duplicate,
+    Refused(ErrorCode),
+}
+
+impl ActionOutcome {
+    const COUNT: usize = 2 + ErrorCode::ALL.len();
+
+    fn index(self) -> usize {
+        match self {
+            ActionOutcome::Published => 0,
+            ActionOutcome::Duplicate => 1,
+            ActionOutcome::Refused(code) => 2 + code.index(),
+        }
+    }
+
+    fn label(i: usize) -> &'static str {
+        match i {
+            0 => "published",
+            1 => "duplicate",
+            _ => ErrorCode::ALL[i - 2].as_str(),
+        }
+    }
+}
+
+/// Label of actions whose record is not in the schema set (keeps cardinality bounded).
+const UNKNOWN_RECORD: &str = "unknown";
 
 pub struct Metrics {
     pub connections: Gauge,
@@ -38,11 +70,21 @@ pub struct Metrics {
     pub action_seconds: Histogram,
     pub event_ingest_seconds: Histogram,
     errors: Vec<Counter>,
+    /// Record name → one counter per outcome, resolved once.
+    actions: HashMap<String, Vec<Counter>>,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// `action_records`: the records clients may send; any other name counts as `unknown`.
+    pub fn new<'a>(action_records: impl IntoIterator<Item = &'a str>) -> Self {
         handle();
+        let per_outcome = |record: &str| {
+            (0..ActionOutcome::COUNT)
+                .map(|i| counter!("cceb_actions_total", "record" => record.to_owned(), "outcome" => ActionOutcome::label(i)))
+                .collect::<Vec<_>>()
+        };
+        let actions =
+            action_records.into_iter().chain([UNKNOWN_RECORD]).map(|r| (r.to_owned(), per_outcome(r))).collect();
         Metrics {
             connections: gauge!("cceb_connections"),
             sessions: gauge!("cceb_sessions"),
@@ -59,6 +101,7 @@ impl Metrics {
             action_seconds: histogram!("cceb_action_seconds"),
             event_ingest_seconds: histogram!("cceb_event_ingest_seconds"),
             errors: ErrorCode::ALL.iter().map(|c| counter!("cceb_errors_total", "code" => c.as_str())).collect(),
+            actions,
         }
     }
 
@@ -67,22 +110,17 @@ impl Metrics {
     }
 
     pub fn error(&self, code: ErrorCode) {
-        if let Some(i) = ErrorCode::ALL.iter().position(|c| *c == code) {
-            self.errors[i].increment(1);
-        }
+        self.errors[code.index()].increment(1);
     }
 
-    pub fn action(&self, record: &str, outcome: &'static str) {
-        counter!("cceb_actions_total", "record" => record.to_owned(), "outcome" => outcome).increment(1);
+    pub fn action(&self, record: &str, outcome: ActionOutcome) {
+        let counters = self.actions.get(record).or_else(|| self.actions.get(UNKNOWN_RECORD));
+        if let Some(c) = counters {
+            c[outcome.index()].increment(1);
+        }
     }
 
     pub fn render() -> String {
         handle().render()
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

@@ -35,6 +35,7 @@ pub struct Event {
     pub record: String,
     pub value: Avro,
     plan: Vec<Planned>,
+    directory: Option<DirectoryChange>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,18 +77,16 @@ impl Router {
     pub fn event_from_avro(&self, record: &str, value: Avro) -> Result<Event, EventError> {
         let (_, mapping) = self.schemas.event(record).ok_or_else(|| EventError::UnknownRecord(record.to_owned()))?;
         let plan = plan(record, mapping, &value)?;
-        Ok(Event { record: record.to_owned(), value, plan })
+        Ok(Event { record: record.to_owned(), value, plan, directory: mapping.directory })
     }
 
     /// Applies the event to the directory and puts its notifications in the
     /// outboxes of every addressed session; returns how many were queued.
     pub async fn ingest(&self, event: &Event) -> Result<usize, NotifyError> {
-        let mut extra = None;
-        if let Some((_, mapping)) = self.schemas.event(&event.record) {
-            if let Some(change) = mapping.directory {
-                extra = self.apply_directory(change, &event.value).await?;
-            }
-        }
+        let extra = match event.directory {
+            Some(change) => self.apply_directory(change, &event.value).await?,
+            None => None,
+        };
         let mut queued = 0;
         for p in event.plan.iter().chain(extra.iter()) {
             queued += self.send(&p.to, p.ty, &p.data);

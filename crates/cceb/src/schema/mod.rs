@@ -74,26 +74,28 @@ pub struct SchemaSet {
 
 struct SourceFile {
     path: String,
-    kind: Option<RecordKind>,
     text: String,
+}
+
+/// The files of a record set, wherever they were read from.
+struct Sources {
+    avsc: Vec<(RecordKind, SourceFile)>,
+    mapping: Option<SourceFile>,
 }
 
 impl SchemaSet {
     /// Loads the set from `dir`, or the default set shipped in the binary.
     pub fn load(dir: Option<&Path>) -> Result<Self, SchemaError> {
-        let (files, origin) = match dir {
+        let (sources, origin) = match dir {
             Some(dir) => (read_dir(dir)?, dir.display().to_string()),
             None => (embedded(), "built-in default set".to_owned()),
         };
-        Self::from_files(files, origin)
+        Self::from_sources(sources, origin)
     }
 
-    fn from_files(files: Vec<SourceFile>, origin: String) -> Result<Self, SchemaError> {
-        let mapping_file = files
-            .iter()
-            .find(|f| f.kind.is_none())
-            .ok_or_else(|| file_error(&format!("{origin}/mapping.toml"), "missing"))?;
-        let avsc: Vec<&SourceFile> = files.iter().filter(|f| f.kind.is_some()).collect();
+    fn from_sources(sources: Sources, origin: String) -> Result<Self, SchemaError> {
+        let mapping_file = sources.mapping.ok_or_else(|| file_error(&format!("{origin}/mapping.toml"), "missing"))?;
+        let avsc: Vec<&SourceFile> = sources.avsc.iter().map(|(_, f)| f).collect();
         for f in &avsc {
             if let Err(e) = serde_json::from_str::<serde_json::Value>(&f.text) {
                 return Err(file_error(&f.path, format!("not valid JSON: {e}")));
@@ -108,12 +110,12 @@ impl SchemaSet {
         })?;
         let mut names = Names::new();
         let mut records = HashMap::new();
-        for (schema, file) in parsed.into_iter().zip(&avsc) {
+        for (schema, (kind, file)) in parsed.into_iter().zip(&sources.avsc) {
             collect_names(&schema, &mut names);
             let Schema::Record(rs) = schema else {
                 return Err(file_error(&file.path, "top-level schema must be a record"));
             };
-            let kind = file.kind.unwrap_or(RecordKind::Event);
+            let kind = *kind;
             let record = Record { kind, schema: rs, file: file.path.clone() };
             check_record(&record)?;
             if let Some(prev) = records.insert(record.name().to_owned(), record) {
@@ -193,9 +195,14 @@ fn collect_names(schema: &Schema, names: &mut Names) {
 const KINDS: [(&str, RecordKind); 3] =
     [("actions", RecordKind::Action), ("bridge", RecordKind::Bridge), ("events", RecordKind::Event)];
 
-fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, SchemaError> {
+fn read_file(path: &Path) -> Result<SourceFile, SchemaError> {
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(&path.display().to_string(), e.to_string()))?;
+    Ok(SourceFile { path: path.display().to_string(), text })
+}
+
+fn read_dir(dir: &Path) -> Result<Sources, SchemaError> {
     let io = |source| SchemaError::Dir { dir: dir.to_owned(), source };
-    let mut files = Vec::new();
+    let mut avsc = Vec::new();
     for (sub, kind) in KINDS {
         let sub_dir = dir.join(sub);
         if !sub_dir.is_dir() {
@@ -208,42 +215,27 @@ fn read_dir(dir: &Path) -> Result<Vec<SourceFile>, SchemaError> {
             .collect();
         paths.sort();
         for path in paths {
-            let text =
-                std::fs::read_to_string(&path).map_err(|e| file_error(&path.display().to_string(), e.to_string()))?;
-            files.push(SourceFile { path: path.display().to_string(), kind: Some(kind), text });
+            avsc.push((kind, read_file(&path)?));
         }
     }
     let mapping = dir.join("mapping.toml");
-    if mapping.is_file() {
-        let text =
-            std::fs::read_to_string(&mapping).map_err(|e| file_error(&mapping.display().to_string(), e.to_string()))?;
-        files.push(SourceFile { path: mapping.display().to_string(), kind: None, text });
-    }
-    Ok(files)
+    let mapping = if mapping.is_file() { Some(read_file(&mapping)?) } else { None };
+    Ok(Sources { avsc, mapping })
 }
 
-fn embedded() -> Vec<SourceFile> {
-    let mut files = Vec::new();
+fn embedded() -> Sources {
+    let built_in = |f: &include_dir::File<'_>| SourceFile {
+        path: format!("(built-in) {}", f.path().display()),
+        text: f.contents_utf8().unwrap_or_default().to_owned(),
+    };
+    let mut avsc = Vec::new();
     for (sub, kind) in KINDS {
         let Some(d) = DEFAULT_SET.get_dir(sub) else { continue };
         let mut entries: Vec<_> = d.files().filter(|f| f.path().extension().is_some_and(|x| x == "avsc")).collect();
         entries.sort_by_key(|f| f.path());
-        for f in entries {
-            files.push(SourceFile {
-                path: format!("(built-in) {}", f.path().display()),
-                kind: Some(kind),
-                text: f.contents_utf8().unwrap_or_default().to_owned(),
-            });
-        }
+        avsc.extend(entries.into_iter().map(|f| (kind, built_in(f))));
     }
-    if let Some(m) = DEFAULT_SET.get_file("mapping.toml") {
-        files.push(SourceFile {
-            path: "(built-in) mapping.toml".into(),
-            kind: None,
-            text: m.contents_utf8().unwrap_or_default().to_owned(),
-        });
-    }
-    files
+    Sources { avsc, mapping: DEFAULT_SET.get_file("mapping.toml").map(built_in) }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The `cceb` binary: serve, signals, the token subcommand (contract section 9).
 
 use crate::support::*;
+use cceb_protocol::outgoing::ServerMessage;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
@@ -136,4 +137,14 @@ async fn shutdown_closes_every_client_with_1012_and_stops_accepting() {
     assert_eq!(c1.closed().await.0, Some(1012));
     assert_eq!(c2.closed().await.0, Some(1012));
     assert!(tokio_tungstenite::connect_async(url).await.is_err(), "no new connections after shutdown");
+}
+
+#[tokio::test]
+async fn end_session_is_acknowledged_then_closed_with_1000() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.send(serde_json::json!({"type":"end_session","uuid":"bye"})).await;
+    let (code, before) = c.closed().await;
+    assert!(matches!(before.as_slice(), [ServerMessage::Ack { uuid }] if uuid == "bye"), "{before:?}");
+    assert_eq!(code, Some(1000));
 }

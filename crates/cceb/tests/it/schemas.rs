@@ -34,29 +34,25 @@ async fn start_error(dir: &Path) -> String {
     }
 }
 
+/// The start-up error of the default set with one file replaced by `contents`.
+async fn start_error_with(file: &str, contents: &str) -> String {
+    let dir = copy_default_set();
+    std::fs::write(dir.path().join(file), contents).expect("write");
+    start_error(dir.path()).await
+}
+
 #[tokio::test]
 async fn a_malformed_schema_stops_start_up_naming_the_file() {
-    let dir = copy_default_set();
-    std::fs::write(dir.path().join("actions/BlindTransferEvent.avsc"), "{ not json").expect("write");
-    let e = start_error(dir.path()).await;
+    let e = start_error_with("actions/BlindTransferEvent.avsc", "{ not json").await;
     assert!(e.contains("BlindTransferEvent.avsc") && e.contains("JSON"), "{e}");
 
-    let dir = copy_default_set();
-    std::fs::write(
-        dir.path().join("events/OffHookEvent.avsc"),
-        r#"{"type":"record","name":"OffHookEvent","fields":[{"name":"x","type":"nope"}]}"#,
-    )
-    .expect("write");
-    let e = start_error(dir.path()).await;
+    let bad_type = r#"{"type":"record","name":"OffHookEvent","fields":[{"name":"x","type":"nope"}]}"#;
+    let e = start_error_with("events/OffHookEvent.avsc", bad_type).await;
     assert!(e.contains("OffHookEvent.avsc"), "{e}");
 
-    let dir = copy_default_set();
-    std::fs::write(
-        dir.path().join("actions/AcceptInteractionEvent.avsc"),
-        r#"{"type":"record","name":"AcceptInteractionEvent","fields":[{"name":"interactionId","type":"string"}]}"#,
-    )
-    .expect("write");
-    let e = start_error(dir.path()).await;
+    let no_identity =
+        r#"{"type":"record","name":"AcceptInteractionEvent","fields":[{"name":"interactionId","type":"string"}]}"#;
+    let e = start_error_with("actions/AcceptInteractionEvent.avsc", no_identity).await;
     assert!(e.contains("AcceptInteractionEvent.avsc") && e.contains("tenantGuid"), "{e}");
 }
 

@@ -58,9 +58,8 @@ async fn oversize_frame_closes_with_1009() {
 async fn frame_at_the_limit_is_accepted() {
     let b = TestBridge::with(|s| s.max_frame_bytes = 1024).await;
     let (mut c, _) = b.agent("t", "a").await;
-    let mut msg = json!({"type":"ping","uuid":"p","pad":""}).to_string();
-    let pad = 1024 - msg.len();
-    msg = json!({"type":"ping","uuid":"p","pad":"x".repeat(pad)}).to_string();
+    let frame = |pad: usize| json!({"type":"ping","uuid":"p","pad":"x".repeat(pad)}).to_string();
+    let msg = frame(1024 - frame(0).len());
     assert_eq!(msg.len(), 1024);
     c.send_text(&msg).await;
     assert!(matches!(c.next().await, ServerMessage::Pong { uuid } if uuid == "p"));
@@ -132,25 +131,37 @@ async fn health_readiness_and_metrics() {
     c.send_text("nope").await;
     c.expect_error_any(ErrorCode::InvalidJson).await;
     c.expect_ack_of_action("m1", "ChangeAgentStateEvent", json!({"state": "Away"})).await;
+    c.send(json!({"type":"action","uuid":"m2","data":{"action":"MadeUpEvent-12345"}})).await;
+    c.expect_error("m2", ErrorCode::UnknownAction).await;
     b.event("AgentPresenceEvent", json!({"tenantGuid": "t-metrics", "agentGuid": "a", "state": "Away"})).await;
     let (_, uuid, _, _) = c.notification().await;
     c.ack(&uuid).await;
     c.round_trip("acked").await;
     let text = get("/metrics").await.expect("answers").text().await.expect("text");
-    for name in [
+    // Series are registered at start-up (at 0), so what this connection did is checked by value.
+    // The recorder is process-wide: other tests may have added to the same series, hence `>=`.
+    let value = |series: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    };
+    for series in [
         "cceb_connections",
         "cceb_sessions",
         "cceb_errors_total{code=\"invalid_json\"}",
+        "cceb_errors_total{code=\"unknown_action\"}",
         "cceb_notifications_sent_total{type=\"presence\"}",
-        "cceb_actions_total{record=\"ChangeAgentStateEvent\",outcome=\"published\"}",
-        "cceb_events_total{outcome=\"accepted\"}",
-        "cceb_notification_ack_seconds_bucket",
         "cceb_notifications_acked_total",
-        "cceb_notifications_redelivered_total",
-        "cceb_action_seconds_bucket",
+        "cceb_actions_total{record=\"ChangeAgentStateEvent\",outcome=\"published\"}",
+        "cceb_actions_total{record=\"unknown\",outcome=\"unknown_action\"}",
+        "cceb_events_total{outcome=\"accepted\"}",
+        "cceb_notification_ack_seconds_count",
+        "cceb_action_seconds_count",
+        "cceb_event_ingest_seconds_count",
     ] {
-        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+        assert!(value(series) >= 1.0, "{series} did not count what this test did");
     }
+    assert!(text.contains("cceb_notifications_redelivered_total"));
+    assert!(!text.contains("MadeUpEvent"), "client-chosen names never become labels");
 }
 
 #[tokio::test]
