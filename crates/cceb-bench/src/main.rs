@@ -4,7 +4,7 @@
 mod server;
 
 use anyhow::{bail, Context};
-use cceb_protocol::outgoing::{parse_server_message, ServerMessage};
+use cceb_protocol::outgoing::{parse_server_message, HelloReply, ServerMessage};
 use clap::{Parser, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -24,6 +24,7 @@ enum Scenario {
     Idle,
     Fanout,
     Actions,
+    Resume,
     All,
 }
 
@@ -59,6 +60,16 @@ struct Args {
     /// actions: actions to send in all.
     #[arg(long, default_value_t = 200_000)]
     actions: usize,
+    /// fanout: the receiving sessions are long-lived (every notification
+    /// written through the store before the backend port answers).
+    #[arg(long)]
+    long_lived: bool,
+    /// resume: long-lived sessions that disconnect and come back.
+    #[arg(long, default_value_t = 1_000)]
+    resume_sessions: usize,
+    /// resume: notifications waiting in each mailbox.
+    #[arg(long, default_value_t = 10)]
+    waiting: usize,
 }
 
 #[tokio::main]
@@ -66,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
     if a.quick {
         (a.sessions, a.fanout_sessions, a.events, a.action_sessions, a.actions) = (500, 100, 20_000, 20, 5_000);
+        a.resume_sessions = 100;
     }
     raise_fd_limit(a.sessions.max(a.fanout_sessions) as u64 * 2 + 1024)?;
     let run = |s| a.scenario == s || a.scenario == Scenario::All;
@@ -77,6 +89,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Scenario::Actions) {
         actions(&a).await?;
+    }
+    if run(Scenario::Resume) {
+        resume(&a).await?;
     }
     Ok(())
 }
@@ -100,13 +115,13 @@ fn report(scenario: &str, rows: &[(&str, String)], json: Value) {
     println!("{}", json!({"scenario": scenario, "results": json}));
 }
 
-async fn connect_hello(url: &str, token: &str) -> anyhow::Result<Ws> {
+async fn connect_hello(url: &str, data: Value) -> anyhow::Result<(Ws, HelloReply)> {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    ws.send(Message::text(json!({"type":"hello","uuid":"h","data":{"token": token}}).to_string())).await?;
+    ws.send(Message::text(json!({"type":"hello","uuid":"h","data": data}).to_string())).await?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => match parse_server_message(&t) {
-                Ok(ServerMessage::HelloReply { .. }) => return Ok(ws),
+                Ok(ServerMessage::HelloReply { reply, .. }) => return Ok((ws, reply)),
                 other => bail!("hello refused: {other:?}"),
             },
             Some(Ok(_)) => continue,
@@ -117,6 +132,17 @@ async fn connect_hello(url: &str, token: &str) -> anyhow::Result<Ws> {
 
 /// Opens `n` sessions, `parallel` at a time; agent i is `agent-{i}`.
 async fn open_sessions(server: &Server, n: usize, parallel: usize) -> anyhow::Result<Vec<Ws>> {
+    let hellos = open_with(server, n, parallel, |_| json!({})).await?;
+    Ok(hellos.into_iter().map(|(ws, _)| ws).collect())
+}
+
+/// Opens `n` sessions with `hello` data `extra(i)` added to the token.
+async fn open_with(
+    server: &Server,
+    n: usize,
+    parallel: usize,
+    extra: impl Fn(usize) -> Value,
+) -> anyhow::Result<Vec<(Ws, HelloReply)>> {
     let url = server.ws_url();
     let mut out = Vec::with_capacity(n);
     let mut ids = (0..n).peekable();
@@ -125,8 +151,10 @@ async fn open_sessions(server: &Server, n: usize, parallel: usize) -> anyhow::Re
         let tasks: Vec<_> = chunk
             .into_iter()
             .map(|i| {
-                let (url, token) = (url.clone(), server.token("tenant-1", &format!("agent-{i}")));
-                tokio::spawn(async move { connect_hello(&url, &token).await })
+                let mut data = extra(i);
+                data["token"] = Value::String(server.token("tenant-1", &format!("agent-{i}")));
+                let url = url.clone();
+                tokio::spawn(async move { connect_hello(&url, data).await })
             })
             .collect();
         for t in tasks {
@@ -170,7 +198,9 @@ fn now_micros() -> u64 {
 
 async fn fanout(a: &Args) -> anyhow::Result<()> {
     let server = Server::start(&a.cceb, &[]).await?;
-    let sessions = open_sessions(&server, a.fanout_sessions, 256).await?;
+    let long_lived = a.long_lived;
+    let sessions = open_with(&server, a.fanout_sessions, 256, |_| json!({"long_lived": long_lived})).await?;
+    let sessions = sessions.into_iter().map(|(ws, _)| ws);
     let received = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for mut ws in sessions {
@@ -231,6 +261,7 @@ async fn fanout(a: &Args) -> anyhow::Result<()> {
         "fanout",
         &[
             ("sessions", a.fanout_sessions.to_string()),
+            ("long-lived", a.long_lived.to_string()),
             ("target rate (/s)", target.clone()),
             ("delivered+acked", format!("{got} of {}", a.events)),
             ("notifications/s", format!("{rate:.0}")),
@@ -240,7 +271,7 @@ async fn fanout(a: &Args) -> anyhow::Result<()> {
             ),
             ("server CPU s per 100k", format!("{cpu_per_100k:.2}")),
         ],
-        json!({"sessions": a.fanout_sessions, "target_rate": target, "delivered": got, "events": a.events,
+        json!({"sessions": a.fanout_sessions, "long_lived": a.long_lived, "target_rate": target, "delivered": got, "events": a.events,
                "per_s": rate, "p50_ms": ms(0.5), "p99_ms": ms(0.99), "p999_ms": ms(0.999), "max_ms": h.max() as f64 / 1000.0,
                "server_cpu_s_per_100k": cpu_per_100k}),
     );
@@ -305,6 +336,88 @@ async fn actions(a: &Args) -> anyhow::Result<()> {
         ],
         json!({"sessions": a.action_sessions, "acked": done, "per_s": rate, "p50_ms": ms(0.5), "p99_ms": ms(0.99),
                "p999_ms": ms(0.999), "max_ms": h.max() as f64 / 1000.0, "server_cpu_s": cpu}),
+    );
+    Ok(())
+}
+
+/// Reads notifications until `n` arrived, acking each.
+async fn drain(ws: &mut Ws, n: usize) -> anyhow::Result<()> {
+    let mut got = 0;
+    while got < n {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                if let Ok(ServerMessage::Notification { uuid, .. }) = parse_server_message(&t) {
+                    ws.send(Message::text(format!(r#"{{"type":"ack","uuid":"{uuid}"}}"#))).await?;
+                    got += 1;
+                }
+            }
+            Some(Ok(_)) => continue,
+            other => bail!("closed while draining: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+async fn resume(a: &Args) -> anyhow::Result<()> {
+    let server = Server::start(&a.cceb, &[]).await?;
+    let (k, waiting) = (a.resume_sessions, a.waiting);
+    let opened = open_with(&server, k, 256, |_| json!({"long_lived": true})).await?;
+    let mut keys = Vec::with_capacity(k);
+    for (ws, reply) in opened {
+        keys.push(reply.session_key.context("no session key")?);
+        drop(ws);
+    }
+    // Every mailbox gets `waiting` notifications while nobody is connected.
+    for round in 0..waiting {
+        let body: Vec<Value> = (0..k)
+            .map(|i| json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"tenant-1","agentGuid": format!("agent-{i}"),"state": format!("r{round}")}}))
+            .collect();
+        for chunk in body.chunks(a.batch.max(1)) {
+            server.post_events(&Value::Array(chunk.to_vec())).await?;
+        }
+    }
+    let (cpu0, started) = (server.cpu_seconds()?, Instant::now());
+    let url = server.ws_url();
+    let tasks: Vec<_> = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let data = json!({"token": server.token("tenant-1", &format!("agent-{i}")), "session_key": key});
+            let url = url.clone();
+            tokio::spawn(async move {
+                let (mut ws, reply) = connect_hello(&url, data).await?;
+                if !reply.resumed {
+                    bail!("session {i} was not resumed");
+                }
+                let hello_at = started.elapsed();
+                drain(&mut ws, waiting).await?;
+                anyhow::Ok((hello_at, started.elapsed(), ws))
+            })
+        })
+        .collect();
+    let (mut last_hello, mut last_drained) = (Duration::ZERO, Duration::ZERO);
+    let mut conns = Vec::with_capacity(k);
+    for t in tasks {
+        let (h, d, ws) = t.await??;
+        (last_hello, last_drained) = (last_hello.max(h), last_drained.max(d));
+        conns.push(ws);
+    }
+    let cpu = server.cpu_seconds()? - cpu0;
+    drop(conns);
+    server.stop().await?;
+    let rate = k as f64 / last_hello.as_secs_f64();
+    report(
+        "resume",
+        &[
+            ("long-lived sessions", k.to_string()),
+            ("waiting notifications each", waiting.to_string()),
+            ("all resumed after (ms)", format!("{:.0}", last_hello.as_secs_f64() * 1000.0)),
+            ("all mailboxes drained after (ms)", format!("{:.0}", last_drained.as_secs_f64() * 1000.0)),
+            ("resume rate (/s)", format!("{rate:.0}")),
+            ("server CPU (s)", format!("{cpu:.2}")),
+        ],
+        json!({"sessions": k, "waiting": waiting, "resumed_ms": last_hello.as_secs_f64() * 1000.0,
+               "drained_ms": last_drained.as_secs_f64() * 1000.0, "resume_per_s": rate, "server_cpu_s": cpu}),
     );
     Ok(())
 }

@@ -13,6 +13,8 @@ const ADMIN: &str = "bench-admin";
 
 pub struct Server {
     child: Child,
+    /// The embedded store's directory (on disk, so fsync costs what it costs).
+    _data: tempfile::TempDir,
     pid: u32,
     addr: String,
     backend: String,
@@ -21,8 +23,10 @@ pub struct Server {
 
 impl Server {
     pub async fn start(bin: &str, env: &[(&str, &str)]) -> anyhow::Result<Server> {
+        let data = tempfile::tempdir()?;
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
+            .env("CCEB_DATA_DIR", data.path())
             .env("CCEB_LISTEN", "127.0.0.1:0")
             .env("CCEB_BACKEND_LISTEN", "127.0.0.1:0")
             .env("CCEB_JWT_HS256_SECRET", SECRET)
@@ -53,7 +57,7 @@ impl Server {
         // "listening on ADDR (backend port ADDR)"
         let words: Vec<&str> = line.split_whitespace().collect();
         let (addr, backend) = (words[2].to_owned(), words[5].trim_end_matches(')').to_owned());
-        Ok(Server { child, pid, addr, backend, http: reqwest::Client::new() })
+        Ok(Server { child, _data: data, pid, addr, backend, http: reqwest::Client::new() })
     }
 
     pub fn ws_url(&self) -> String {

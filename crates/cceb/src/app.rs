@@ -7,9 +7,10 @@ use crate::bus::{Bus, EmbeddedBus};
 use crate::config::Settings;
 use crate::metrics::Metrics;
 use crate::notify::Router;
+use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::schema::{SchemaError, SchemaSet};
-use crate::session::Registry;
-use crate::store::{MemoryStore, Store};
+use crate::session::{Registry, SessionSettings, Sessions};
+use crate::store::{EmbeddedStore, OpenError, Store, StoreError};
 use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub struct Shared {
     pub settings: Settings,
     pub verifier: Verifier,
     pub schemas: Arc<SchemaSet>,
-    pub registry: Arc<Registry>,
+    pub sessions: Arc<Sessions>,
     pub router: Arc<Router>,
     pub actions: Arc<Actions>,
     pub store: Arc<dyn Store>,
@@ -48,6 +49,12 @@ pub enum StartError {
     Schema(#[from] SchemaError),
     #[error(transparent)]
     Keys(#[from] KeyError),
+    #[error(transparent)]
+    Store(#[from] OpenError),
+    #[error("cannot restore sessions: {0}")]
+    Restore(#[from] StoreError),
+    #[error("push webhook: {0}")]
+    Push(#[from] reqwest::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
 }
@@ -73,11 +80,43 @@ impl Bridge {
             backend.local_addr().map_err(|source| StartError::Listen { addr: settings.backend_listen, source })?;
 
         let metrics = Arc::new(Metrics::new(schemas.action_names()));
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(settings.dedup_capacity));
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&settings.data_dir, settings.dedup_capacity)?);
         let embedded = Arc::new(EmbeddedBus::new(settings.embedded_log_capacity));
         let bus: Arc<dyn Bus> = embedded.clone();
-        let registry = Arc::new(Registry::default());
-        let router = Arc::new(Router::new(schemas.clone(), registry.clone(), store.clone(), metrics.clone()));
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        let push: Arc<dyn Push> = match &settings.push_webhook_url {
+            Some(url) => Arc::new(Webhook::start(
+                WebhookSettings {
+                    url: url.clone(),
+                    bearer: settings.push_webhook_token.clone(),
+                    attempts: settings.push_webhook_attempts,
+                    first_backoff: std::time::Duration::from_millis(settings.push_webhook_backoff_ms),
+                    timeout: std::time::Duration::from_secs(10),
+                    queue: 10_000,
+                    concurrency: 64,
+                },
+                metrics.clone(),
+                &tasks,
+                shutdown.clone(),
+            )?),
+            None => Arc::new(NoPush),
+        };
+        let sessions = Arc::new(Sessions::new(
+            Arc::new(Registry::default()),
+            store.clone(),
+            bus.clone(),
+            schemas.clone(),
+            push,
+            metrics.clone(),
+            SessionSettings {
+                ttl: settings.session_ttl(),
+                max_unacked: settings.max_unacked,
+                mailbox_capacity: settings.mailbox_capacity,
+                source: settings.source_name.clone(),
+            },
+        ));
+        let restored = sessions.restore().await?;
+        let router = Arc::new(Router::new(schemas.clone(), sessions.clone(), store.clone(), metrics.clone()));
         let actions = Arc::new(Actions::new(
             schemas.clone(),
             store.clone(),
@@ -98,16 +137,17 @@ impl Bridge {
             settings,
             verifier,
             schemas,
-            registry,
+            sessions,
             router,
             actions,
             store,
             bus,
             metrics,
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
+            shutdown,
+            tasks,
             ws_endpoint,
         });
+        spawn_sweeper(&shared);
         let serve = |listener: TcpListener, app: axum::Router| {
             let stop = shared.shutdown.clone();
             // Notifications and acks are small frames: Nagle's algorithm would hold them back.
@@ -124,7 +164,7 @@ impl Bridge {
         serve(backend, crate::http::backend::router(shared.clone(), embedded));
         tracing::info!(
             %addr, %backend_addr, schemas = %shared.schemas.origin, node = %shared.settings.node_id,
-            "cceb listening"
+            data_dir = %shared.settings.data_dir.display(), restored, "cceb listening"
         );
         Ok(Bridge { addr, backend_addr, shared })
     }
@@ -152,6 +192,25 @@ impl Bridge {
         if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
             tracing::warn!(left = shared.tasks.len(), "shutdown grace period passed with tasks still running");
         }
+        // Connections detach themselves as they close; this covers any that did not in time.
+        shared.sessions.detach_all();
+        shared.store.close().await;
         tracing::info!("cceb stopped");
     }
+}
+
+/// Expires sessions whose TTL passed, every `sweep_interval_ms`.
+fn spawn_sweeper(shared: &Arc<Shared>) {
+    let (sessions, stop) = (shared.sessions.clone(), shared.shutdown.clone());
+    let period = std::time::Duration::from_millis(shared.settings.sweep_interval_ms);
+    shared.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => sessions.sweep().await,
+            }
+        }
+    });
 }

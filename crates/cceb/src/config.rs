@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Settings whose environment value is taken verbatim, never parsed.
-const TEXT_SETTINGS: [&str; 13] = [
+const TEXT_SETTINGS: [&str; 15] = [
     "public_url",
     "node_id",
     "jwt_hs256_secret",
@@ -23,6 +23,8 @@ const TEXT_SETTINGS: [&str; 13] = [
     "data_dir",
     "schema_dir",
     "source_name",
+    "push_webhook_url",
+    "push_webhook_token",
     "log",
 ];
 
@@ -54,6 +56,7 @@ pub struct Settings {
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub admin_token: Option<String>,
+    /// Where the embedded store keeps its SQLite database.
     pub data_dir: PathBuf,
     /// Directory of `.avsc` files and `mapping.toml`; the built-in set when unset.
     pub schema_dir: Option<PathBuf>,
@@ -65,6 +68,18 @@ pub struct Settings {
     /// Largest client frame; larger closes with 1009.
     pub max_frame_bytes: usize,
     pub max_unacked: usize,
+    /// Most notifications one long-lived session keeps; past it the oldest is dropped.
+    pub mailbox_capacity: usize,
+    /// How often expired sessions are looked for.
+    pub sweep_interval_ms: u64,
+    /// Where push announcements are POSTed; no announcements when unset.
+    pub push_webhook_url: Option<String>,
+    /// Bearer token sent with each announcement.
+    pub push_webhook_token: Option<String>,
+    /// Attempts per announcement, the first included.
+    pub push_webhook_attempts: u32,
+    /// Wait before the first retry; doubles each time.
+    pub push_webhook_backoff_ms: u64,
     pub dedup_window_seconds: u64,
     /// Most action uuids remembered for deduplication; the oldest go first.
     pub dedup_capacity: usize,
@@ -112,6 +127,12 @@ impl Default for Settings {
             heartbeat_interval_ms: 25_000,
             max_frame_bytes: 64 * 1024,
             max_unacked: 1000,
+            mailbox_capacity: 1000,
+            sweep_interval_ms: 1000,
+            push_webhook_url: None,
+            push_webhook_token: None,
+            push_webhook_attempts: 5,
+            push_webhook_backoff_ms: 500,
             dedup_window_seconds: 600,
             dedup_capacity: 1_000_000,
             max_pending_actions: 64,
@@ -163,6 +184,9 @@ impl Settings {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_unacked", self.max_unacked as u64),
+            ("mailbox_capacity", self.mailbox_capacity as u64),
+            ("sweep_interval_ms", self.sweep_interval_ms),
+            ("session_ttl_seconds", self.session_ttl_seconds),
             ("embedded_log_capacity", self.embedded_log_capacity as u64),
             ("write_timeout_ms", self.write_timeout_ms),
         ];
@@ -172,6 +196,13 @@ impl Settings {
         if let Some(url) = &self.public_url {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
                 return Err(ConfigError::Invalid(format!("public_url `{url}` must start with ws:// or wss://")));
+            }
+        }
+        if let Some(url) = &self.push_webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "push_webhook_url `{url}` must start with http:// or https://"
+                )));
             }
         }
         Ok(())
@@ -195,6 +226,9 @@ impl Settings {
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_seconds)
     }
     pub fn dedup_window(&self) -> Duration {
         Duration::from_secs(self.dedup_window_seconds)

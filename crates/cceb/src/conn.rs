@@ -5,7 +5,7 @@
 use crate::actions::{ActionError, Done};
 use crate::app::Shared;
 use crate::auth::Identity;
-use crate::session::{AgentId, Due, Session, TokenBucket};
+use crate::session::{AgentId, Attachment, Due, OpenRequest, Session, TokenBucket};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
 use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};
@@ -35,12 +35,9 @@ pub async fn run(ws: WebSocket, shared: Arc<Shared>) {
     shared.metrics.connections.increment(1.0);
     let mut conn = Conn { ws, shared: shared.clone(), last_seen: Instant::now() };
     let end = match conn.hello().await {
-        Ok(Some((session, identity))) => {
-            shared.registry.add(session.clone());
-            shared.metrics.sessions.increment(1.0);
-            let end = conn.serve(&session, &identity).await;
-            shared.registry.remove(&session);
-            shared.metrics.sessions.decrement(1.0);
+        Ok(Some((session, attachment, identity))) => {
+            let end = conn.serve(&session, &attachment, &identity).await;
+            shared.sessions.disconnected(&session, &attachment);
             end
         }
         Ok(None) => None,
@@ -81,8 +78,9 @@ enum Step {
 }
 
 impl Conn {
-    /// Waits for `hello` and authenticates it. `Ok(None)`: the client left.
-    async fn hello(&mut self) -> Result<Option<(Arc<Session>, Identity)>, Close> {
+    /// Waits for `hello`, authenticates it and opens (or resumes) the
+    /// session. `Ok(None)`: the client left.
+    async fn hello(&mut self) -> Result<Option<(Arc<Session>, Attachment, Identity)>, Close> {
         let deadline = Instant::now() + self.shared.settings.hello_timeout();
         loop {
             let frame = tokio::select! {
@@ -131,15 +129,28 @@ impl Conn {
                 agent_guid: identity.agent_guid.as_str().into(),
                 ir_instance: identity.ir_instance.as_str().into(),
             };
+            let push_token = hello.push.filter(|p| p.provider == "webhook").map(|p| p.token);
+            let request = OpenRequest {
+                long_lived: hello.long_lived,
+                session_key: hello.session_key,
+                auto_accept: hello.auto_accept,
+                push_token,
+            };
+            let opened = match self.shared.sessions.open(agent, request).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot open a session");
+                    return Err(Close(close::SERVICE_RESTART, "sessions are unavailable, reconnect"));
+                }
+            };
+            let (session, attachment) = (opened.session, opened.attachment);
             let s = &self.shared.settings;
-            let session = Arc::new(Session::new(uuid::Uuid::new_v4().to_string(), agent, s.max_unacked));
             let reply = HelloReply {
-                session_id: session.id.clone(),
-                // Long-lived sessions (contract section 6) are not served yet: say so honestly.
-                session_key: None,
-                resumed: false,
-                long_lived: false,
-                auto_accept: false,
+                session_id: session.id.to_string(),
+                session_key: opened.key,
+                resumed: opened.resumed,
+                long_lived: session.is_long_lived(),
+                auto_accept: session.auto_accept(),
                 session_ttl_seconds: s.session_ttl_seconds,
                 heartbeat_interval_seconds: s.heartbeat_interval().as_secs().max(1),
                 agent: AgentRef {
@@ -147,15 +158,18 @@ impl Conn {
                     agent_guid: identity.agent_guid.clone(),
                     ir_instance: identity.ir_instance.clone(),
                 },
-                dropped: None,
+                dropped: opened.resumed.then_some(attachment.dropped),
             };
-            self.send(outgoing::hello_reply(&uuid, &reply)).await?;
-            tracing::debug!(session = %session.id, tenant = %identity.tenant_guid, agent = %identity.agent_guid, "hello");
-            return Ok(Some((session, identity)));
+            if let Err(c) = self.send(outgoing::hello_reply(&uuid, &reply)).await {
+                self.shared.sessions.disconnected(&session, &attachment);
+                return Err(c);
+            }
+            tracing::debug!(session = %session.id, resumed = opened.resumed, tenant = %identity.tenant_guid, agent = %identity.agent_guid, "hello");
+            return Ok(Some((session, attachment, identity)));
         }
     }
 
-    async fn serve(&mut self, session: &Arc<Session>, identity: &Identity) -> Option<Close> {
+    async fn serve(&mut self, session: &Arc<Session>, attachment: &Attachment, identity: &Identity) -> Option<Close> {
         let settings = &self.shared.settings;
         let (ack_timeout, hb, max_pending) =
             (settings.ack_timeout(), settings.heartbeat_interval(), settings.max_pending_actions);
@@ -173,6 +187,7 @@ impl Conn {
                 biased;
                 _ = self.shared.shutdown.cancelled() => Step::Stop(Close(close::SERVICE_RESTART, "server restarting")),
                 _ = sleep_until(token_expiry) => Step::Stop(Close(close::TOKEN_EXPIRED, "token expired")),
+                _ = attachment.taken_over.cancelled() => Step::Stop(Close(close::TAKEN_OVER, "session taken over")),
                 (uuid, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => Step::ActionDone(uuid, r),
                 _ = session.wake.notified() => Step::Wake,
                 _ = sleep_until(redeliver_at.unwrap_or_else(Instant::now)), if redeliver_at.is_some() => Step::Wake,
@@ -186,8 +201,7 @@ impl Conn {
                         return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
                     }
                     redeliver_at = session
-                        .outbox()
-                        .take_due(Instant::now().into_std(), ack_timeout, &mut due)
+                        .take_due(attachment.generation, Instant::now().into_std(), ack_timeout, &mut due)
                         .map(Instant::from_std);
                     if let Err(c) = self.write_due(&mut due).await {
                         return Some(c);
@@ -230,7 +244,7 @@ impl Conn {
                     };
                     let sent = match msg {
                         ClientMessage::Ack { uuid } => {
-                            if let Some(waited) = session.outbox().ack(&uuid, Instant::now().into_std()) {
+                            if let Some(waited) = session.ack(&uuid, Instant::now().into_std()) {
                                 self.shared.metrics.acked.increment(1);
                                 self.shared.metrics.notification_ack_seconds.record(waited.as_secs_f64());
                             }
@@ -253,6 +267,10 @@ impl Conn {
                             Ok(())
                         }
                         ClientMessage::EndSession { uuid } => {
+                            if let Err(e) = self.shared.sessions.end(session).await {
+                                self.send_error(&uuid, ErrorCode::BackendUnavailable, &e.to_string(), None).await;
+                                continue;
+                            }
                             return match self.send(outgoing::ack(&uuid)).await {
                                 Ok(()) => Some(Close(close::NORMAL, "session ended")),
                                 Err(c) => Some(c),

@@ -11,6 +11,7 @@ mod conn;
 pub mod http;
 pub mod metrics;
 pub mod notify;
+pub mod push;
 pub mod schema;
 pub mod session;
 pub mod store;

@@ -69,6 +69,10 @@ pub struct Metrics {
     pub notification_ack_seconds: Histogram,
     pub action_seconds: Histogram,
     pub event_ingest_seconds: Histogram,
+    pub sessions_resumed: Counter,
+    pub sessions_expired: Counter,
+    pub mailbox_dropped: Counter,
+    pub availability_published: Counter,
     errors: Vec<Counter>,
     /// Record name → one counter per outcome, resolved once.
     actions: HashMap<String, Vec<Counter>>,
@@ -100,6 +104,10 @@ impl Metrics {
             notification_ack_seconds: histogram!("cceb_notification_ack_seconds"),
             action_seconds: histogram!("cceb_action_seconds"),
             event_ingest_seconds: histogram!("cceb_event_ingest_seconds"),
+            sessions_resumed: counter!("cceb_sessions_resumed_total"),
+            sessions_expired: counter!("cceb_sessions_expired_total"),
+            mailbox_dropped: counter!("cceb_mailbox_dropped_total"),
+            availability_published: counter!("cceb_chat_availability_published_total"),
             errors: ErrorCode::ALL.iter().map(|c| counter!("cceb_errors_total", "code" => c.as_str())).collect(),
             actions,
         }
@@ -118,6 +126,16 @@ impl Metrics {
         if let Some(c) = counters {
             c[outcome.index()].increment(1);
         }
+    }
+
+    /// `outcome`: sent, failed, dropped (queue full) or cancelled (shutdown).
+    pub fn push_outcome(&self, outcome: &'static str) {
+        counter!("cceb_push_announcements_total", "outcome" => outcome).increment(1);
+    }
+
+    /// `outcome`: published or failed.
+    pub fn auto_accept(&self, outcome: &'static str) {
+        counter!("cceb_auto_accept_total", "outcome" => outcome).increment(1);
     }
 
     pub fn render() -> String {

@@ -8,7 +8,7 @@
 use crate::metrics::Metrics;
 use crate::schema::convert::{field, field_bool, field_i64, field_str, to_json, Keys};
 use crate::schema::{Audience, DirectoryChange, EventMapping, FieldError, SchemaSet, Transform};
-use crate::session::{Notification, Registry};
+use crate::session::{Notification, Sessions};
 use crate::store::{AgentEntry, AgentPatch, DirectoryOp, Store, StoreError};
 use apache_avro::types::Value as Avro;
 use cceb_protocol::NotificationType;
@@ -36,6 +36,8 @@ pub struct Event {
     pub value: Avro,
     plan: Vec<Planned>,
     directory: Option<DirectoryChange>,
+    /// The `state` that makes this event an offer to auto-accept.
+    auto_accept: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +58,14 @@ pub enum NotifyError {
 
 pub struct Router {
     schemas: Arc<SchemaSet>,
-    registry: Arc<Registry>,
+    sessions: Arc<Sessions>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
 }
 
 impl Router {
-    pub fn new(schemas: Arc<SchemaSet>, registry: Arc<Registry>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Router { schemas, registry, store, metrics }
+    pub fn new(schemas: Arc<SchemaSet>, sessions: Arc<Sessions>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Router { schemas, sessions, store, metrics }
     }
 
     /// Validates an event given as plain JSON (the backend port).
@@ -77,11 +79,18 @@ impl Router {
     pub fn event_from_avro(&self, record: &str, value: Avro) -> Result<Event, EventError> {
         let (_, mapping) = self.schemas.event(record).ok_or_else(|| EventError::UnknownRecord(record.to_owned()))?;
         let plan = plan(record, mapping, &value)?;
-        Ok(Event { record: record.to_owned(), value, plan, directory: mapping.directory })
+        Ok(Event {
+            record: record.to_owned(),
+            value,
+            plan,
+            directory: mapping.directory,
+            auto_accept: mapping.auto_accept.clone(),
+        })
     }
 
-    /// Applies the event to the directory and puts its notifications in the
-    /// outboxes of every addressed session; returns how many were queued.
+    /// Applies the event to the directory, puts its notifications in the
+    /// outboxes of every addressed session and carries out auto-accept;
+    /// returns how many were queued. Durable only after [`Router::commit`].
     pub async fn ingest(&self, event: &Event) -> Result<usize, NotifyError> {
         let extra = match event.directory {
             Some(change) => self.apply_directory(change, &event.value).await?,
@@ -91,17 +100,34 @@ impl Router {
         for p in event.plan.iter().chain(extra.iter()) {
             queued += self.send(&p.to, p.ty, &p.data);
         }
+        if let Some(offered) = &event.auto_accept {
+            let v = &event.value;
+            if field_str(v, "state") == Some(offered.as_str()) {
+                if let (Some(t), Some(a), Some(i)) =
+                    (field_str(v, "tenantGuid"), field_str(v, "agentGuid"), field_str(v, "interactionId"))
+                {
+                    self.sessions.offered(t, a, i).await;
+                }
+            }
+        }
         Ok(queued)
+    }
+
+    /// Returns once everything ingested so far is durable: only then may the
+    /// bus side be told the events were taken.
+    pub async fn commit(&self) -> Result<(), NotifyError> {
+        Ok(self.store.sync().await?)
     }
 
     /// Sends one notification the bridge makes itself (e.g. the synthesised
     /// off-hook offering); returns how many sessions got it.
     pub fn send(&self, to: &Target, ty: NotificationType, data: &Json) -> usize {
         let n = Arc::new(Notification { ty, uuid: uuid::Uuid::new_v4().to_string(), data: data.to_string().into() });
-        let deliver = |s: &Arc<crate::session::Session>| s.deliver(n.clone());
+        let deliver = |s: &Arc<crate::session::Session>| self.sessions.deliver_to(&n, s);
+        let registry = self.sessions.registry();
         let count = match to {
-            Target::Agent { tenant, agent } => self.registry.for_agent(tenant, agent, deliver),
-            Target::Tenant { tenant } => self.registry.for_tenant(tenant, deliver),
+            Target::Agent { tenant, agent } => registry.for_agent(tenant, agent, deliver),
+            Target::Tenant { tenant } => registry.for_tenant(tenant, deliver),
         };
         if count == 0 {
             self.metrics.undeliverable.increment(1);

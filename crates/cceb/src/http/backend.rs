@@ -62,7 +62,8 @@ struct EventIn {
 }
 
 /// Validates the whole body first, so a batch is taken entirely or not at all;
-/// answers 202 only once every notification is in its session's outbox.
+/// answers 202 only once every notification is in its session's outbox and
+/// durable in the store.
 async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
     let started = Instant::now();
     let metrics = &b.shared.metrics;
@@ -102,6 +103,9 @@ async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
             Ok(n) => notifications += n,
             Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
+    }
+    if let Err(e) = b.shared.router.commit().await {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
     metrics.events_accepted.increment(events.len() as u64);
     metrics.event_ingest_seconds.record(started.elapsed().as_secs_f64());

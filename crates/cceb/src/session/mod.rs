@@ -1,18 +1,27 @@
 //! Sessions: who is connected, as which agent, and what each session still owes
-//! its client. `registry` finds sessions by agent and tenant; `outbox` keeps
-//! one session's notifications until acked.
+//! its client. `registry` finds sessions by agent, tenant and id; `outbox`
+//! keeps one session's notifications until acked; `manager` opens, resumes,
+//! ends and expires them (contract sections 5 and 6); `key` makes and checks
+//! long-lived session keys.
 
+mod key;
+mod manager;
 mod outbox;
 mod rate;
 mod registry;
 
+pub use key::SessionKey;
+pub use manager::{OpenRequest, Opened, SessionSettings, Sessions};
 pub use outbox::{Due, Notification, Outbox, Pushed};
 pub use rate::TokenBucket;
 pub use registry::Registry;
 
+use crate::store::{now_ms, SessionRecord, Store};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// An authenticated agent: every lookup is keyed by (tenant, agent).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -22,41 +31,275 @@ pub struct AgentId {
     pub ir_instance: Arc<str>,
 }
 
+/// What makes a session long-lived: its key and the store it writes through.
+struct LongLived {
+    key_hash: [u8; 32],
+    store: Arc<dyn Store>,
+}
+
+impl std::fmt::Debug for LongLived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LongLived")
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    outbox: Outbox,
+    auto_accept: bool,
+    push_token: Option<String>,
+    /// Mailbox entries dropped since a client was last attached.
+    dropped: u64,
+    /// The connection attached now: its generation and its takeover signal.
+    attached: Option<(u64, CancellationToken)>,
+    generation: u64,
+    disconnected_at_ms: Option<u64>,
+}
+
+/// A connection's hold on a session.
+#[derive(Debug)]
+pub struct Attachment {
+    pub generation: u64,
+    /// Cancelled when another connection takes the session over (close 4005).
+    pub taken_over: CancellationToken,
+    /// Mailbox entries dropped while no client was attached.
+    pub dropped: u64,
+}
+
+/// What one delivery did, for metrics and push.
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub dropped: bool,
+    /// Device token to announce the notification to: the session is long-lived
+    /// and no client is attached.
+    pub announce_to: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct Session {
-    pub id: String,
+    pub id: Arc<str>,
     pub agent: AgentId,
-    outbox: Mutex<Outbox>,
-    /// Wakes the connection when there is something to write.
+    long_lived: Option<LongLived>,
+    state: Mutex<State>,
+    /// Wakes the attached connection when there is something to write.
     pub wake: Notify,
     overflowed: AtomicBool,
+    max_unacked: usize,
 }
 
 impl Session {
-    pub fn new(id: String, agent: AgentId, max_unacked: usize) -> Self {
+    /// A session that lives as long as its connection.
+    pub fn new(id: Arc<str>, agent: AgentId, max_unacked: usize, auto_accept: bool) -> Self {
+        // One over max_unacked: the connection is closed (4004) when it is reached.
+        Self::build(id, agent, None, Outbox::new(max_unacked + 1), max_unacked, auto_accept, None, None)
+    }
+
+    /// A long-lived session; every change is written through `store`.
+    pub fn long_lived(record: &SessionRecord, outbox: Outbox, max_unacked: usize, store: Arc<dyn Store>) -> Self {
+        let ll = LongLived { key_hash: record.key_hash, store };
+        let mut s = Self::build(
+            record.id.clone(),
+            record.agent.clone(),
+            Some(ll),
+            outbox,
+            max_unacked,
+            record.auto_accept,
+            record.push_token.clone(),
+            record.disconnected_at_ms,
+        );
+        s.state.get_mut().unwrap_or_else(PoisonError::into_inner).dropped = record.dropped;
+        s
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        id: Arc<str>,
+        agent: AgentId,
+        long_lived: Option<LongLived>,
+        outbox: Outbox,
+        max_unacked: usize,
+        auto_accept: bool,
+        push_token: Option<String>,
+        disconnected_at_ms: Option<u64>,
+    ) -> Self {
         Session {
             id,
             agent,
-            outbox: Mutex::new(Outbox::new(max_unacked)),
+            long_lived,
+            state: Mutex::new(State {
+                outbox,
+                auto_accept,
+                push_token,
+                dropped: 0,
+                attached: None,
+                generation: 0,
+                disconnected_at_ms,
+            }),
             wake: Notify::new(),
             overflowed: AtomicBool::new(false),
+            max_unacked,
         }
     }
 
-    pub fn outbox(&self) -> MutexGuard<'_, Outbox> {
-        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues a notification and wakes the connection.
-    pub fn deliver(&self, n: Arc<Notification>) {
-        if self.outbox().push(n) == Pushed::Overflow {
+    pub fn is_long_lived(&self) -> bool {
+        self.long_lived.is_some()
+    }
+
+    /// Whether `hash` is this session's key hash, compared in constant time.
+    pub fn key_matches(&self, hash: &[u8; 32]) -> bool {
+        let stored = self.long_lived.as_ref().map_or([0u8; 32], |l| l.key_hash);
+        let diff = stored.iter().zip(hash).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        self.long_lived.is_some() & (diff == 0)
+    }
+
+    pub fn auto_accept(&self) -> bool {
+        self.state().auto_accept
+    }
+
+    /// Whether the session is still valid at `now_ms`: attached, or
+    /// disconnected for less than `ttl`.
+    pub fn valid_at(&self, now_ms: u64, ttl: Duration) -> bool {
+        let st = self.state();
+        match (st.attached.is_some(), st.disconnected_at_ms) {
+            (true, _) | (false, None) => true,
+            (false, Some(at)) => now_ms < at.saturating_add(ttl.as_millis() as u64),
+        }
+    }
+
+    /// The record the store keeps, `None` for a short-lived session.
+    pub fn record(&self) -> Option<SessionRecord> {
+        let ll = self.long_lived.as_ref()?;
+        Some(Self::record_of(self, ll, &self.state()))
+    }
+
+    fn record_of(&self, ll: &LongLived, st: &State) -> SessionRecord {
+        SessionRecord {
+            id: self.id.clone(),
+            key_hash: ll.key_hash,
+            agent: self.agent.clone(),
+            auto_accept: st.auto_accept,
+            push_token: st.push_token.clone(),
+            dropped: st.dropped,
+            disconnected_at_ms: st.disconnected_at_ms,
+        }
+    }
+
+    /// Writes the record through (buffered) while `st` is held, so records
+    /// reach the store in the order they changed.
+    fn save(&self, st: &State) {
+        if let Some(ll) = &self.long_lived {
+            ll.store.session_put(&self.record_of(ll, st));
+        }
+    }
+
+    /// Attaches a connection: any earlier one is taken over, and everything
+    /// unacked is due again to the new one. `auto_accept` and `push_token`
+    /// follow what the client asks now.
+    pub fn attach(&self, auto_accept: bool, push_token: Option<String>) -> Attachment {
+        let mut st = self.state();
+        if let Some((_, old)) = st.attached.take() {
+            old.cancel();
+        }
+        st.generation += 1;
+        let taken_over = CancellationToken::new();
+        st.attached = Some((st.generation, taken_over.clone()));
+        st.disconnected_at_ms = None;
+        st.auto_accept = auto_accept;
+        st.push_token = push_token;
+        let dropped = std::mem::take(&mut st.dropped);
+        st.outbox.rewind();
+        self.overflowed.store(false, Ordering::Release);
+        self.save(&st);
+        let generation = st.generation;
+        drop(st);
+        self.wake.notify_one();
+        Attachment { generation, taken_over, dropped }
+    }
+
+    /// Detaches the connection of `generation` if it is still the attached
+    /// one; a long-lived session's TTL starts now. Returns whether it was.
+    pub fn detach(&self, generation: u64) -> bool {
+        let mut st = self.state();
+        if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
+            return false;
+        }
+        st.attached = None;
+        st.disconnected_at_ms = Some(now_ms());
+        self.save(&st);
+        true
+    }
+
+    /// Detaches whatever connection is attached (shutdown).
+    pub fn detach_any(&self) {
+        let generation = self.state().attached.as_ref().map(|(g, _)| *g);
+        if let Some(g) = generation {
+            self.detach(g);
+        }
+    }
+
+    /// Queues a notification (written through for a long-lived session) and
+    /// wakes the connection.
+    pub fn deliver(&self, n: &Arc<Notification>) -> Delivered {
+        let mut st = self.state();
+        let pushed = st.outbox.push(n.clone());
+        let mut out = Delivered { dropped: pushed.dropped.is_some(), announce_to: None };
+        if let Some(ll) = &self.long_lived {
+            // Under the lock: an ack of this seq must not reach the store before its put.
+            ll.store.mailbox_put(&self.id, pushed.seq, n);
+            if let Some(seq) = pushed.dropped {
+                ll.store.mailbox_remove(&self.id, seq);
+                st.dropped += 1;
+                self.save(&st);
+            }
+            if st.attached.is_none() {
+                out.announce_to = st.push_token.clone();
+            }
+        }
+        if st.attached.is_some() && st.outbox.len() > self.max_unacked {
             self.overflowed.store(true, Ordering::Release);
         }
+        drop(st);
         self.wake.notify_one();
+        out
+    }
+
+    /// Removes an acknowledged notification; returns how long it waited since
+    /// first sent, `None` for an unknown or already acked uuid.
+    pub fn ack(&self, uuid: &str, now: Instant) -> Option<Duration> {
+        let mut st = self.state();
+        let (seq, waited) = st.outbox.ack(uuid, now)?;
+        if let Some(ll) = &self.long_lived {
+            ll.store.mailbox_remove(&self.id, seq);
+        }
+        Some(waited)
+    }
+
+    /// What the connection of `generation` should write now; nothing when it
+    /// is no longer the attached one.
+    pub fn take_due(
+        &self,
+        generation: u64,
+        now: Instant,
+        ack_timeout: Duration,
+        out: &mut Vec<Due>,
+    ) -> Option<Instant> {
+        let mut st = self.state();
+        if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
+            return None;
+        }
+        st.outbox.take_due(now, ack_timeout, out)
     }
 
     /// Whether the client let more than `max_unacked` pile up (close 4004).
     pub fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Acquire)
+    }
+
+    pub fn mailbox_len(&self) -> usize {
+        self.state().outbox.len()
     }
 }

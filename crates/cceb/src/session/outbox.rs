@@ -20,8 +20,9 @@ pub struct Notification {
 struct Entry {
     seq: u64,
     n: Arc<Notification>,
-    /// Last time it was written to the client; `None` while unsent.
+    /// Last time it was written to the current connection; `None` while unsent.
     sent_at: Option<Instant>,
+    /// First time it was written to any connection.
     first_sent: Option<Instant>,
 }
 
@@ -33,25 +34,49 @@ pub struct Due {
     pub redelivery: bool,
 }
 
+/// What `push` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pushed {
-    Queued,
-    /// More than the allowed number is outstanding.
-    Overflow,
+pub struct Pushed {
+    pub seq: u64,
+    /// The oldest entry, dropped to stay within capacity.
+    pub dropped: Option<u64>,
 }
 
 #[derive(Debug)]
 pub struct Outbox {
     next_seq: u64,
-    /// In seq order; entries before `cursor` were sent at least once.
+    /// In seq order; entries before `cursor` were sent to the current connection.
     entries: VecDeque<Entry>,
     cursor: usize,
-    max_unacked: usize,
+    capacity: usize,
 }
 
 impl Outbox {
-    pub fn new(max_unacked: usize) -> Self {
-        Outbox { next_seq: 1, entries: VecDeque::new(), cursor: 0, max_unacked }
+    /// An outbox that keeps at most `capacity` entries, dropping the oldest.
+    pub fn new(capacity: usize) -> Self {
+        Outbox { next_seq: 1, entries: VecDeque::new(), cursor: 0, capacity }
+    }
+
+    /// An outbox read back from the store: entries in seq order, none sent
+    /// to a connection yet.
+    pub fn restore(
+        capacity: usize,
+        next_seq: u64,
+        entries: impl IntoIterator<Item = (u64, Arc<Notification>)>,
+    ) -> Self {
+        let entries: VecDeque<Entry> =
+            entries.into_iter().map(|(seq, n)| Entry { seq, n, sent_at: None, first_sent: None }).collect();
+        let next_seq = entries.back().map_or(next_seq, |e| next_seq.max(e.seq + 1));
+        Outbox { next_seq, entries, cursor: 0, capacity }
+    }
+
+    /// A new connection takes over: everything still unacked is due again,
+    /// in seq order, with its seq.
+    pub fn rewind(&mut self) {
+        self.cursor = 0;
+        for e in &mut self.entries {
+            e.sent_at = None;
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -66,23 +91,29 @@ impl Outbox {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.entries.push_back(Entry { seq, n, sent_at: None, first_sent: None });
-        if self.entries.len() > self.max_unacked {
-            Pushed::Overflow
-        } else {
-            Pushed::Queued
+        let mut dropped = None;
+        if self.entries.len() > self.capacity {
+            dropped = self.entries.pop_front().map(|e| e.seq);
+            self.cursor = self.cursor.saturating_sub(1);
         }
+        Pushed { seq, dropped }
     }
 
-    /// Removes an acknowledged notification; returns how long it waited since
-    /// first sent. Unknown or already acked uuids are ignored.
-    pub fn ack(&mut self, uuid: &str, now: Instant) -> Option<Duration> {
+    /// Removes an acknowledged notification; returns its seq and how long it
+    /// waited since first sent. Unknown or already acked uuids are ignored.
+    pub fn ack(&mut self, uuid: &str, now: Instant) -> Option<(u64, Duration)> {
         // Acks nearly always arrive in order: the front is the usual hit.
         let i = self.entries.iter().position(|e| e.n.uuid == uuid)?;
         let e = self.entries.remove(i)?;
         if i < self.cursor {
             self.cursor -= 1;
         }
-        Some(e.first_sent.map_or(Duration::ZERO, |t| now.saturating_duration_since(t)))
+        Some((e.seq, e.first_sent.map_or(Duration::ZERO, |t| now.saturating_duration_since(t))))
+    }
+
+    /// Entries neither acked nor dropped, for replay after a restart.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &Arc<Notification>)> {
+        self.entries.iter().map(|e| (e.seq, &e.n))
     }
 
     /// Everything to write now: sent entries whose ack is overdue (again, same
@@ -102,8 +133,9 @@ impl Outbox {
         let unsent = self.entries.len() - self.cursor;
         for e in self.entries.iter_mut().skip(self.cursor) {
             e.sent_at = Some(now);
-            e.first_sent = Some(now);
-            out.push(Due { seq: e.seq, n: e.n.clone(), redelivery: false });
+            let redelivery = e.first_sent.is_some();
+            e.first_sent.get_or_insert(now);
+            out.push(Due { seq: e.seq, n: e.n.clone(), redelivery });
         }
         if unsent > 0 {
             self.cursor = self.entries.len();
@@ -139,7 +171,7 @@ mod tests {
         out.clear();
         assert_eq!(o.take_due(t0 + Duration::from_secs(1), timeout, &mut out), Some(t0 + timeout));
         assert!(out.is_empty());
-        assert_eq!(o.ack("a", t0 + Duration::from_secs(2)), Some(Duration::from_secs(2)));
+        assert_eq!(o.ack("a", t0 + Duration::from_secs(2)), Some((1, Duration::from_secs(2))));
         assert_eq!(o.ack("a", t0), None, "second ack is ignored");
         o.push(n("c"));
         let t1 = t0 + timeout;
@@ -149,11 +181,32 @@ mod tests {
     }
 
     #[test]
-    fn overflow_past_max_unacked() {
+    fn past_capacity_the_oldest_is_dropped() {
+        let t0 = Instant::now();
         let mut o = Outbox::new(2);
-        assert_eq!(o.push(n("a")), Pushed::Queued);
-        assert_eq!(o.push(n("b")), Pushed::Queued);
-        assert_eq!(o.push(n("c")), Pushed::Overflow);
+        assert_eq!(o.push(n("a")), Pushed { seq: 1, dropped: None });
+        o.take_due(t0, Duration::from_secs(1), &mut Vec::new());
+        assert_eq!(o.push(n("b")), Pushed { seq: 2, dropped: None });
+        assert_eq!(o.push(n("c")), Pushed { seq: 3, dropped: Some(1) });
+        let mut out = Vec::new();
+        o.take_due(t0, Duration::from_secs(1), &mut out);
+        assert_eq!(seqs(&out), [(2, false), (3, false)]);
+    }
+
+    #[test]
+    fn rewind_replays_everything_unacked_in_order_with_its_seq() {
+        let t0 = Instant::now();
+        let mut o = Outbox::restore(10, 5, [(3, n("x")), (4, n("y"))]);
+        assert_eq!(o.push(n("z")).seq, 5, "seq continues after what was read back");
+        let mut out = Vec::new();
+        o.take_due(t0, Duration::from_secs(10), &mut out);
+        assert_eq!(seqs(&out), [(3, false), (4, false), (5, false)]);
+        o.ack("y", t0);
+        o.push(n("w"));
+        o.rewind();
+        out.clear();
+        o.take_due(t0, Duration::from_secs(10), &mut out);
+        assert_eq!(seqs(&out), [(3, true), (5, true), (6, false)]);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The sessions of this node, by tenant and agent.
+//! The sessions of this node, by tenant and agent, and the long-lived ones by id.
 
 use super::Session;
 use std::collections::HashMap;
@@ -10,24 +10,37 @@ type Agents = HashMap<Arc<str>, Vec<Arc<Session>>>;
 #[derive(Debug, Default)]
 pub struct Registry {
     tenants: RwLock<HashMap<Arc<str>, Agents>>,
+    long_lived: RwLock<HashMap<Arc<str>, Arc<Session>>>,
     count: AtomicUsize,
 }
 
 impl Registry {
     pub fn add(&self, s: Arc<Session>) {
+        if s.is_long_lived() {
+            self.long_lived.write().unwrap_or_else(PoisonError::into_inner).insert(s.id.clone(), s.clone());
+        }
         let mut t = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
         let agents = t.entry(s.agent.tenant_guid.clone()).or_default();
         agents.entry(s.agent.agent_guid.clone()).or_default().push(s);
         self.count.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn remove(&self, s: &Arc<Session>) {
+    /// Removes the session; returns whether it was registered.
+    pub fn remove(&self, s: &Arc<Session>) -> bool {
+        if s.is_long_lived() {
+            let mut ll = self.long_lived.write().unwrap_or_else(PoisonError::into_inner);
+            if ll.get(&s.id).is_some_and(|x| Arc::ptr_eq(x, s)) {
+                ll.remove(&s.id);
+            }
+        }
+        let mut removed = false;
         let mut t = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
-        let Some(agents) = t.get_mut(&s.agent.tenant_guid) else { return };
+        let Some(agents) = t.get_mut(&s.agent.tenant_guid) else { return false };
         if let Some(list) = agents.get_mut(&s.agent.agent_guid) {
             if let Some(i) = list.iter().position(|x| Arc::ptr_eq(x, s)) {
                 list.swap_remove(i);
                 self.count.fetch_sub(1, Ordering::Relaxed);
+                removed = true;
             }
             if list.is_empty() {
                 agents.remove(&s.agent.agent_guid);
@@ -36,6 +49,17 @@ impl Registry {
         if agents.is_empty() {
             t.remove(&s.agent.tenant_guid);
         }
+        removed
+    }
+
+    /// A long-lived session by id.
+    pub fn long_lived(&self, id: &str) -> Option<Arc<Session>> {
+        self.long_lived.read().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+    }
+
+    /// Every long-lived session, for the expiry sweep.
+    pub fn all_long_lived(&self) -> Vec<Arc<Session>> {
+        self.long_lived.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
     }
 
     /// Calls `f` for every session of one agent; returns how many.
@@ -76,7 +100,7 @@ mod tests {
 
     fn session(t: &str, a: &str) -> Arc<Session> {
         let agent = AgentId { tenant_guid: t.into(), agent_guid: a.into(), ir_instance: "ir".into() };
-        Arc::new(Session::new(format!("{t}/{a}"), agent, 10))
+        Arc::new(Session::new(format!("{t}/{a}").into(), agent, 10, false))
     }
 
     #[test]
@@ -90,10 +114,10 @@ mod tests {
         assert_eq!(r.for_agent("t1", "a", |_| {}), 2);
         assert_eq!(r.for_tenant("t1", |_| {}), 3);
         let mut ids = Vec::new();
-        r.for_tenant("t2", |s| ids.push(s.id.clone()));
+        r.for_tenant("t2", |s| ids.push(s.id.to_string()));
         assert_eq!(ids, ["t2/a"]);
-        r.remove(&a);
-        r.remove(&a);
+        assert!(r.remove(&a));
+        assert!(!r.remove(&a));
         assert_eq!(r.len(), 3);
         assert_eq!(r.for_agent("t1", "a", |_| {}), 1);
     }

@@ -1,12 +1,19 @@
-//! Shared state behind a trait: the tenant directory and action deduplication.
-//! The embedded store keeps it in this process; a cluster store (Redis) will
-//! implement the same trait, so nothing above it may assume one process.
+//! Shared state behind a trait: the tenant directory, action deduplication,
+//! long-lived sessions with their mailboxes, chat availability and auto-accept
+//! claims. The embedded store keeps it in this process's memory with a SQLite
+//! journal under `CCEB_DATA_DIR`; a cluster store (Redis) will implement the
+//! same trait, so nothing above it may assume one process.
 
+mod embedded;
+mod journal;
 mod memory;
 
-pub use memory::MemoryStore;
+pub use embedded::EmbeddedStore;
+pub use journal::OpenError;
 
+use crate::session::{AgentId, Notification};
 use async_trait::async_trait;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What the bridge knows of one agent, from provisioning records.
@@ -58,6 +65,31 @@ impl DedupKey {
     }
 }
 
+/// A long-lived session as the store keeps it (contract section 6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub id: Arc<str>,
+    /// SHA-256 of the key's secret part; the key itself is never stored.
+    pub key_hash: [u8; 32],
+    pub agent: AgentId,
+    pub auto_accept: bool,
+    /// Device token for the push provider.
+    pub push_token: Option<String>,
+    /// Mailbox entries dropped since the client last connected.
+    pub dropped: u64,
+    /// Unix milliseconds; `None` while a client is connected.
+    pub disconnected_at_ms: Option<u64>,
+}
+
+/// A session read back at start-up: its record and its mailbox in seq order.
+#[derive(Debug)]
+pub struct StoredSession {
+    pub record: SessionRecord,
+    /// Seq the next notification gets.
+    pub next_seq: u64,
+    pub mailbox: Vec<(u64, Arc<Notification>)>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
@@ -73,7 +105,42 @@ pub trait Store: Send + Sync + 'static {
     async fn resolve_contact(&self, tenant: &str, contact_id: &str) -> Result<Option<String>, StoreError>;
     /// Whether this action was already published within the window.
     async fn dedup_contains(&self, key: DedupKey) -> Result<bool, StoreError>;
-    /// Remembers a published action for `window`.
+    /// Remembers a published action for `window`; durable when it returns.
     async fn dedup_insert(&self, key: DedupKey, window: Duration) -> Result<(), StoreError>;
+
+    /// Every long-lived session the store holds, with its mailbox.
+    async fn sessions(&self) -> Result<Vec<StoredSession>, StoreError>;
+    // The writes below are buffered, in call order, and durable once a later
+    // `sync` returns: the notification path must not wait for a disk per session.
+    fn session_put(&self, record: &SessionRecord);
+    /// Deletes the session and its mailbox.
+    fn session_delete(&self, id: &str);
+    fn mailbox_put(&self, session: &Arc<str>, seq: u64, n: &Arc<Notification>);
+    fn mailbox_remove(&self, session: &Arc<str>, seq: u64);
+    /// Every buffered write so far is durable.
+    async fn sync(&self) -> Result<(), StoreError>;
+
+    /// Adds `delta` to the agent's count of valid long-lived sessions; returns the new count.
+    async fn availability_count(&self, agent: &AgentId, delta: i64) -> Result<u64, StoreError>;
+    /// Agents whose last published chat availability is `available: true`.
+    async fn availability_published(&self) -> Result<Vec<AgentId>, StoreError>;
+    /// Records the availability just published for the agent; durable when it returns.
+    async fn set_availability_published(&self, agent: &AgentId, available: bool) -> Result<(), StoreError>;
+
+    /// Claims the auto-accept of one interaction for the agent; `false` when
+    /// it was already claimed. Durable when it returns.
+    async fn auto_accept_claim(&self, agent: &AgentId, interaction: &str, ttl: Duration) -> Result<bool, StoreError>;
+    /// Gives a claim back (the accept could not be published).
+    async fn auto_accept_release(&self, agent: &AgentId, interaction: &str) -> Result<(), StoreError>;
+
+    /// Forgets what has expired (dedup keys, auto-accept claims).
+    async fn expire(&self) -> Result<(), StoreError>;
     fn ready(&self) -> bool;
+    /// Makes every buffered write durable and stops; later writes are lost.
+    async fn close(&self);
+}
+
+/// Wall-clock milliseconds since the Unix epoch: what persisted times are in.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

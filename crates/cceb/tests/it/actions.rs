@@ -189,7 +189,11 @@ async fn the_same_action_uuid_is_acked_again_and_published_once() {
 
 #[tokio::test]
 async fn actions_are_published_in_the_order_sent() {
-    let b = TestBridge::with(|s| s.action_burst = 500).await;
+    let b = TestBridge::with(|s| {
+        s.action_burst = 500;
+        s.max_pending_actions = 500;
+    })
+    .await;
     let (mut c, _) = b.agent("t", "a").await;
     for n in 0..200 {
         c.send(json!({"type":"action","uuid": format!("o-{n}"),"data":{"action":"UpdateInteractionEvent","action_details":{"interactionId": format!("i-{n}")}}})).await;

@@ -2,69 +2,16 @@
 
 use crate::support::*;
 use cceb_protocol::outgoing::ServerMessage;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
-fn cceb() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cceb"));
-    c.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("CCEB_LISTEN", "127.0.0.1:0")
-        .env("CCEB_BACKEND_LISTEN", "127.0.0.1:0")
-        .env("CCEB_LOG", "warn");
-    c
-}
-
-/// A `cceb serve` process, killed if a test ends without waiting for it.
-struct Server(Option<Child>);
-
-impl Server {
-    fn id(&self) -> u32 {
-        self.0.as_ref().map_or(0, Child::id)
-    }
-
-    async fn wait(mut self) -> std::process::ExitStatus {
-        let mut child = self.0.take().expect("running");
-        tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Starts `cceb serve`; returns the process, its stdout lines up to the listening line, and the address.
-fn spawn(cmd: &mut Command) -> (Server, Vec<String>, String) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn cceb");
-    let stdout = child.stdout.take().expect("stdout");
-    let child = Server(Some(child));
-    let mut lines = Vec::new();
-    let mut out = BufReader::new(stdout);
-    loop {
-        let mut line = String::new();
-        assert!(out.read_line(&mut line).expect("read") > 0, "cceb exited before listening: {lines:?}");
-        if let Some(rest) = line.strip_prefix("listening on ") {
-            let addr = rest.split_whitespace().next().expect("address").to_owned();
-            lines.push(line);
-            return (child, lines, addr);
-        }
-        lines.push(line);
-    }
-}
 
 fn sigterm(child: &Server) {
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
-    assert!(status.success());
+    child.signal("-TERM");
 }
 
 #[tokio::test]
 async fn sigterm_closes_clients_with_1012_and_exits_0() {
-    let (child, _, addr) = spawn(cceb().args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET));
+    let data = tempfile::tempdir().expect("tempdir");
+    let child = Server::spawn(cceb(data.path()).args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET));
+    let addr = &child.addr;
     let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
     c.hello(&token("t", "a")).await;
     sigterm(&child);
@@ -75,14 +22,17 @@ async fn sigterm_closes_clients_with_1012_and_exits_0() {
 
 #[tokio::test]
 async fn serve_refuses_to_start_without_a_key() {
-    let out = cceb().args(["serve"]).output().expect("run");
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = cceb(data.path()).args(["serve"]).output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CCEB_JWT_HS256_SECRET"));
 }
 
 #[tokio::test]
 async fn dev_mode_prints_a_secret_an_admin_token_and_a_working_token() {
-    let (child, lines, addr) = spawn(cceb().args(["serve", "--dev"]));
+    let data = tempfile::tempdir().expect("tempdir");
+    let child = Server::spawn(cceb(data.path()).args(["serve", "--dev"]));
+    let (lines, addr) = (&child.lines, &child.addr);
     let text = lines.concat();
     assert!(text.contains("CCEB_JWT_HS256_SECRET=") && text.contains("CCEB_ADMIN_TOKEN="), "{text}");
     let token = lines.iter().map(|l| l.trim()).find(|l| l.starts_with("ey")).expect("a token is printed").to_owned();
@@ -96,7 +46,8 @@ async fn dev_mode_prints_a_secret_an_admin_token_and_a_working_token() {
 #[tokio::test]
 async fn token_subcommand_mints_a_token_the_bridge_accepts() {
     let b = TestBridge::start().await;
-    let out = cceb()
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = cceb(data.path())
         .args(["token", "--agent", "a-9", "--tenant", "t-9", "--ir", "ir-9", "--ttl", "10m"])
         .env("CCEB_JWT_HS256_SECRET", SECRET)
         .output()
@@ -119,7 +70,9 @@ async fn settings_come_from_a_toml_file_and_the_environment_wins() {
         format!("jwt_hs256_secret = \"{SECRET}\"\nnode_id = \"from-file\"\nhello_timeout_ms = 150\n"),
     )
     .expect("write");
-    let (child, _, addr) = spawn(cceb().args(["serve", "--config"]).arg(&file).env("CCEB_NODE_ID", "from-env"));
+    let data = tempfile::tempdir().expect("tempdir");
+    let child = Server::spawn(cceb(data.path()).args(["serve", "--config"]).arg(&file).env("CCEB_NODE_ID", "from-env"));
+    let addr = &child.addr;
     assert_eq!(discover(&addr, &token("t", "a")).await["node_id"], "from-env");
     let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
     assert_eq!(c.closed().await.0, Some(4003), "hello_timeout_ms from the file applies");

@@ -8,5 +8,7 @@ mod auth;
 mod backend;
 mod lifecycle;
 mod notifications;
+mod restart;
 mod schemas;
+mod sessions;
 mod transport;

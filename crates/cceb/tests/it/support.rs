@@ -7,8 +7,10 @@ use cceb_protocol::outgoing::{parse_server_message, HelloReply, ServerMessage};
 use cceb_protocol::{ErrorCode, NotificationType};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -40,6 +42,9 @@ pub struct TestBridge {
     pub addr: SocketAddr,
     pub backend: SocketAddr,
     pub http: reqwest::Client,
+    settings: Settings,
+    /// The embedded store's directory, deleted with the bridge.
+    _data: tempfile::TempDir,
 }
 
 impl TestBridge {
@@ -48,14 +53,17 @@ impl TestBridge {
     }
 
     pub async fn with(f: impl FnOnce(&mut Settings)) -> TestBridge {
-        let mut s = test_settings();
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut s = Settings { data_dir: data.path().to_owned(), ..test_settings() };
         f(&mut s);
-        let bridge = Bridge::start(s).await.expect("bridge starts");
+        let bridge = Bridge::start(s.clone()).await.expect("bridge starts");
         TestBridge {
             addr: bridge.addr,
             backend: bridge.backend_addr,
             bridge: Some(bridge),
             http: reqwest::Client::new(),
+            settings: s,
+            _data: data,
         }
     }
 
@@ -64,6 +72,14 @@ impl TestBridge {
         if let Some(b) = self.bridge.take() {
             b.shutdown().await;
         }
+    }
+
+    /// Graceful shutdown, then a new bridge on the same data directory (new ports).
+    pub async fn restart(&mut self) {
+        self.shutdown().await;
+        let bridge = Bridge::start(self.settings.clone()).await.expect("bridge restarts");
+        (self.addr, self.backend) = (bridge.addr, bridge.backend_addr);
+        self.bridge = Some(bridge);
     }
 
     pub fn ws_url(&self) -> String {
@@ -191,7 +207,12 @@ impl Client {
     }
 
     pub async fn hello(&mut self, token: &str) -> HelloReply {
-        self.send(json!({"type":"hello","uuid":"hello-1","data":{"token": token}})).await;
+        self.hello_with(json!({"token": token})).await
+    }
+
+    /// `hello` with the given `data`; expects `hello_reply`.
+    pub async fn hello_with(&mut self, data: Value) -> HelloReply {
+        self.send(json!({"type":"hello","uuid":"hello-1","data": data})).await;
         match self.next().await {
             ServerMessage::HelloReply { uuid, reply } => {
                 assert_eq!(uuid, "hello-1");
@@ -305,6 +326,78 @@ impl Client {
         match self.action(uuid, action, details).await {
             ServerMessage::Ack { uuid: u } => assert_eq!(u, uuid),
             other => panic!("expected ack of {uuid}, got {other:?}"),
+        }
+    }
+}
+
+/// The `cceb` binary with a clean environment, loopback ports chosen by the
+/// system and its data in `data`.
+pub fn cceb(data: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cceb"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CCEB_LISTEN", "127.0.0.1:0")
+        .env("CCEB_BACKEND_LISTEN", "127.0.0.1:0")
+        .env("CCEB_DATA_DIR", data)
+        .env("CCEB_LOG", "warn");
+    c
+}
+
+/// A `cceb serve` process, killed if a test ends without waiting for it.
+pub struct Server {
+    child: Option<Child>,
+    /// Stdout up to and including the listening line.
+    pub lines: Vec<String>,
+    pub addr: String,
+    pub backend: String,
+}
+
+impl Server {
+    /// Starts `cceb serve` and waits for its listening line.
+    pub fn spawn(cmd: &mut Command) -> Server {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("spawn cceb");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut server = Server { child: Some(child), lines: Vec::new(), addr: String::new(), backend: String::new() };
+        let mut out = BufReader::new(stdout);
+        loop {
+            let mut line = String::new();
+            assert!(out.read_line(&mut line).expect("read") > 0, "cceb exited before listening: {:?}", server.lines);
+            if let Some(rest) = line.strip_prefix("listening on ") {
+                // `listening on ADDR (backend port ADDR)`
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                server.addr = words[0].to_owned();
+                server.backend = words.last().map(|w| w.trim_end_matches(')')).unwrap_or_default().to_owned();
+                server.lines.push(line);
+                return server;
+            }
+            server.lines.push(line);
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([sig, &self.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+    }
+
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait")
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws/v1", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }

@@ -141,7 +141,10 @@ async fn health_readiness_and_metrics() {
     // Series are registered at start-up (at 0), so what this connection did is checked by value.
     // The recorder is process-wide: other tests may have added to the same series, hence `>=`.
     let value = |series: &str| -> f64 {
-        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+        let line = text
+            .lines()
+            .find(|l| l.strip_prefix(series).is_some_and(|rest| rest.starts_with(' ')))
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
         line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
     };
     for series in [

@@ -1,0 +1,128 @@
+//! Push announcements for long-lived sessions without a connection (contract
+//! section 6). The payload stays in the mailbox; the provider only tells the
+//! device that something waits. Announcing never blocks delivery: it is a
+//! `try_send` into a bounded queue, and a full queue drops the announcement
+//! (counted), never the notification.
+
+use crate::metrics::Metrics;
+use cceb_protocol::NotificationType;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What a push provider receives: `{token, session_id, type, uuid}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Announcement {
+    pub token: String,
+    pub session_id: Arc<str>,
+    #[serde(rename = "type")]
+    pub ty: NotificationType,
+    pub uuid: String,
+}
+
+pub trait Push: Send + Sync + 'static {
+    /// Queues an announcement; must return at once.
+    fn announce(&self, a: Announcement);
+}
+
+/// No provider configured: announcements are not made.
+pub struct NoPush;
+
+impl Push for NoPush {
+    fn announce(&self, _: Announcement) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    pub url: String,
+    /// Sent as `Authorization: Bearer` when set.
+    pub bearer: Option<String>,
+    /// Attempts per announcement, the first included.
+    pub attempts: u32,
+    pub first_backoff: Duration,
+    pub timeout: Duration,
+    pub queue: usize,
+    pub concurrency: usize,
+}
+
+/// POSTs each announcement as JSON to a configured URL, retrying with
+/// exponential backoff on errors and non-2xx answers.
+pub struct Webhook {
+    tx: mpsc::Sender<Announcement>,
+    metrics: Arc<Metrics>,
+}
+
+impl Webhook {
+    pub fn start(
+        settings: WebhookSettings,
+        metrics: Arc<Metrics>,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<Webhook, reqwest::Error> {
+        let client = reqwest::Client::builder().timeout(settings.timeout).build()?;
+        let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        tasks.spawn(send_loop(rx, client, Arc::new(settings), metrics.clone(), tasks.clone(), stop));
+        Ok(Webhook { tx, metrics })
+    }
+}
+
+impl Push for Webhook {
+    fn announce(&self, a: Announcement) {
+        if self.tx.try_send(a).is_err() {
+            self.metrics.push_outcome("dropped");
+        }
+    }
+}
+
+async fn send_loop(
+    mut rx: mpsc::Receiver<Announcement>,
+    client: reqwest::Client,
+    settings: Arc<WebhookSettings>,
+    metrics: Arc<Metrics>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
+    loop {
+        let a = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = rx.recv() => match a { Some(a) => a, None => return },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let (client, settings, metrics, stop) = (client.clone(), settings.clone(), metrics.clone(), stop.clone());
+        tasks.spawn(async move {
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => "cancelled",
+                ok = deliver(&client, &settings, &a) => if ok { "sent" } else { "failed" },
+            };
+            if outcome == "failed" {
+                tracing::warn!(session = %a.session_id, uuid = %a.uuid, "push announcement failed after retries");
+            }
+            metrics.push_outcome(outcome);
+            drop(slot);
+        });
+    }
+}
+
+async fn deliver(client: &reqwest::Client, s: &WebhookSettings, a: &Announcement) -> bool {
+    let mut backoff = s.first_backoff;
+    for attempt in 1..=s.attempts.max(1) {
+        let mut req = client.post(&s.url).json(a);
+        if let Some(b) = &s.bearer {
+            req = req.bearer_auth(b);
+        }
+        match req.send().await {
+            Ok(r) if r.status().is_success() => return true,
+            Ok(r) => tracing::debug!(status = %r.status(), attempt, "push webhook refused"),
+            Err(e) => tracing::debug!(error = %e, attempt, "push webhook unreachable"),
+        }
+        if attempt < s.attempts {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+    false
+}

@@ -1,0 +1,344 @@
+//! The life of sessions (contract section 6): open or resume on `hello`,
+//! detach on disconnect, end on `end_session`, expire after the TTL, restore
+//! after a restart. Also what follows from the set of valid sessions: chat
+//! availability records and auto-accept.
+
+use super::{AgentId, Attachment, Notification, Outbox, Registry, Session, SessionKey};
+use crate::bus::{Bus, BusError, OutRecord};
+use crate::metrics::Metrics;
+use crate::push::{Announcement, Push};
+use crate::schema::SchemaSet;
+use crate::store::{now_ms, SessionRecord, Store, StoreError};
+use serde_json::{Map, Value as Json};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The record the bridge publishes when an agent's chat availability changes.
+const AVAILABILITY_RECORD: &str = "AgentChatAvailabilityEvent";
+/// The record auto-accept publishes.
+const ACCEPT_RECORD: &str = "AcceptInteractionEvent";
+
+#[derive(Debug, Clone)]
+pub struct SessionSettings {
+    pub ttl: Duration,
+    pub max_unacked: usize,
+    pub mailbox_capacity: usize,
+    /// `source` of the records the bridge publishes itself.
+    pub source: String,
+}
+
+/// What a `hello` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct OpenRequest {
+    pub long_lived: bool,
+    pub session_key: Option<String>,
+    pub auto_accept: bool,
+    pub push_token: Option<String>,
+}
+
+pub struct Opened {
+    pub session: Arc<Session>,
+    pub attachment: Attachment,
+    /// The key to give the client (long-lived sessions).
+    pub key: Option<String>,
+    pub resumed: bool,
+}
+
+pub struct Sessions {
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn Bus>,
+    schemas: Arc<SchemaSet>,
+    push: Arc<dyn Push>,
+    metrics: Arc<Metrics>,
+    settings: SessionSettings,
+    /// Serialises availability decisions so one transition publishes one record.
+    availability: tokio::sync::Mutex<Availability>,
+}
+
+#[derive(Default)]
+struct Availability {
+    /// Agents whose last published availability is `true`.
+    published: HashSet<AgentId>,
+    /// Agents whose record could not be published yet; the sweep retries.
+    pending: HashSet<AgentId>,
+}
+
+impl Sessions {
+    pub fn new(
+        registry: Arc<Registry>,
+        store: Arc<dyn Store>,
+        bus: Arc<dyn Bus>,
+        schemas: Arc<SchemaSet>,
+        push: Arc<dyn Push>,
+        metrics: Arc<Metrics>,
+        settings: SessionSettings,
+    ) -> Self {
+        Sessions { registry, store, bus, schemas, push, metrics, settings, availability: tokio::sync::Mutex::default() }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Brings back the long-lived sessions of the store, expires those whose
+    /// TTL passed while the bridge was down, and publishes any availability
+    /// change not yet published. Returns how many sessions came back.
+    pub async fn restore(&self) -> Result<usize, StoreError> {
+        let stored = self.store.sessions().await?;
+        let now = now_ms();
+        let count = stored.len();
+        for s in stored {
+            let mut record = s.record;
+            // A bridge stopped by SIGKILL never recorded the disconnect: count the TTL from now.
+            record.disconnected_at_ms.get_or_insert(now);
+            let outbox = Outbox::restore(self.settings.mailbox_capacity, s.next_seq, s.mailbox);
+            let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
+            self.add(session);
+        }
+        let mut av = self.availability.lock().await;
+        av.published = self.store.availability_published().await?.into_iter().collect();
+        av.pending = av.published.clone();
+        av.pending.extend(self.registry.all_long_lived().iter().map(|s| s.agent.clone()));
+        drop(av);
+        self.sweep().await;
+        Ok(count)
+    }
+
+    /// Opens the session a `hello` asks for: resumes it when the key is valid
+    /// for this agent, else creates a new one (long-lived when asked, or when
+    /// a key was given).
+    pub async fn open(&self, agent: AgentId, req: OpenRequest) -> Result<Opened, StoreError> {
+        if let Some(text) = &req.session_key {
+            if let Some(session) = self.find(&agent, text) {
+                let attachment = session.attach(req.auto_accept, req.push_token);
+                self.store.sync().await?;
+                self.metrics.sessions_resumed.increment(1);
+                return Ok(Opened { session, attachment, key: Some(text.clone()), resumed: true });
+            }
+        }
+        let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        if !(req.long_lived || req.session_key.is_some()) {
+            let session = Arc::new(Session::new(id, agent, self.settings.max_unacked, req.auto_accept));
+            let attachment = session.attach(req.auto_accept, None);
+            self.add(session.clone());
+            return Ok(Opened { session, attachment, key: None, resumed: false });
+        }
+        let (text, key) = SessionKey::generate(&id);
+        let record = SessionRecord {
+            id,
+            key_hash: key.hash,
+            agent,
+            auto_accept: req.auto_accept,
+            push_token: req.push_token.clone(),
+            dropped: 0,
+            disconnected_at_ms: None,
+        };
+        let outbox = Outbox::new(self.settings.mailbox_capacity);
+        let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
+        let attachment = session.attach(req.auto_accept, req.push_token);
+        // The key must survive a crash before the client is given it.
+        self.store.sync().await?;
+        self.add(session.clone());
+        self.availability_changed(&session.agent, 1).await;
+        Ok(Opened { session, attachment, key: Some(text), resumed: false })
+    }
+
+    /// The valid long-lived session `text` names, if it belongs to `agent`.
+    /// Whatever fails, the caller learns nothing but "no".
+    fn find(&self, agent: &AgentId, text: &str) -> Option<Arc<Session>> {
+        let key = SessionKey::parse(text)?;
+        let session = self.registry.long_lived(&key.session_id)?;
+        let owned = session.key_matches(&key.hash) & (session.agent == *agent);
+        (owned && session.valid_at(now_ms(), self.settings.ttl)).then_some(session)
+    }
+
+    fn add(&self, session: Arc<Session>) {
+        self.registry.add(session);
+        self.metrics.sessions.increment(1.0);
+    }
+
+    fn remove(&self, session: &Arc<Session>) -> bool {
+        let removed = self.registry.remove(session);
+        if removed {
+            self.metrics.sessions.decrement(1.0);
+        }
+        removed
+    }
+
+    /// The connection of `attachment` is gone: a short-lived session ends, a
+    /// long-lived one keeps its mailbox and starts counting its TTL.
+    pub fn disconnected(&self, session: &Arc<Session>, attachment: &Attachment) {
+        if session.is_long_lived() {
+            session.detach(attachment.generation);
+        } else {
+            self.remove(session);
+        }
+    }
+
+    /// `end_session`: the session, its key and its mailbox are gone.
+    pub async fn end(&self, session: &Arc<Session>) -> Result<(), StoreError> {
+        if !session.is_long_lived() || !self.remove(session) {
+            return Ok(());
+        }
+        self.store.session_delete(&session.id);
+        self.store.sync().await?;
+        self.availability_changed(&session.agent, -1).await;
+        Ok(())
+    }
+
+    /// Removes expired sessions, forgets expired store entries and retries
+    /// unpublished availability changes. Run every second or so.
+    pub async fn sweep(&self) {
+        let now = now_ms();
+        for s in self.registry.all_long_lived() {
+            if !s.valid_at(now, self.settings.ttl) && self.remove(&s) {
+                tracing::debug!(session = %s.id, "session expired");
+                self.metrics.sessions_expired.increment(1);
+                self.store.session_delete(&s.id);
+                if let Err(e) = self.store.sync().await {
+                    tracing::warn!(error = %e, "cannot record an expired session");
+                }
+                self.availability_changed(&s.agent, -1).await;
+            }
+        }
+        if let Err(e) = self.store.expire().await {
+            tracing::warn!(error = %e, "store expiry failed");
+        }
+        let pending: Vec<AgentId> = self.availability.lock().await.pending.drain().collect();
+        for agent in pending {
+            self.availability_changed(&agent, 0).await;
+        }
+    }
+
+    /// Puts a notification in one session's outbox; a disconnected
+    /// long-lived session with a push token gets it announced.
+    pub fn deliver_to(&self, n: &Arc<Notification>, s: &Arc<Session>) {
+        let d = s.deliver(n);
+        if d.dropped {
+            self.metrics.mailbox_dropped.increment(1);
+        }
+        if let Some(token) = d.announce_to {
+            self.push.announce(Announcement { token, session_id: s.id.clone(), ty: n.ty, uuid: n.uuid.clone() });
+        }
+    }
+
+    /// Publishes the agent's chat availability if the count of its valid
+    /// long-lived sessions (after `delta`) disagrees with the last published.
+    async fn availability_changed(&self, agent: &AgentId, delta: i64) {
+        let mut av = self.availability.lock().await;
+        let count = match self.store.availability_count(agent, delta).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count sessions for chat availability");
+                av.pending.insert(agent.clone());
+                return;
+            }
+        };
+        let want = count > 0;
+        if av.published.contains(agent) == want {
+            return;
+        }
+        let fields = Map::from_iter([("available".to_owned(), Json::Bool(want))]);
+        let published = match self.publish_system(AVAILABILITY_RECORD, agent, fields).await {
+            Ok(()) => self.store.set_availability_published(agent, want).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match published {
+            Ok(()) => {
+                self.metrics.availability_published.increment(1);
+                if want {
+                    av.published.insert(agent.clone());
+                } else {
+                    av.published.remove(agent);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, agent = %agent.agent_guid, "chat availability not published; will retry");
+                av.pending.insert(agent.clone());
+            }
+        }
+    }
+
+    /// An interaction was offered to the agent: accept it on the agent's
+    /// behalf once, if a valid session of the agent asked for auto-accept.
+    pub async fn offered(&self, tenant: &str, agent: &str, interaction: &str) {
+        let now = now_ms();
+        let mut who = None;
+        self.registry.for_agent(tenant, agent, |s| {
+            if who.is_none() && s.auto_accept() && s.valid_at(now, self.settings.ttl) {
+                who = Some(s.agent.clone());
+            }
+        });
+        let Some(who) = who else { return };
+        match self.store.auto_accept_claim(&who, interaction, self.settings.ttl).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "auto-accept not claimed");
+                self.metrics.auto_accept("failed");
+                return;
+            }
+        }
+        let fields = Map::from_iter([("interactionId".to_owned(), Json::String(interaction.to_owned()))]);
+        match self.publish_system(ACCEPT_RECORD, &who, fields).await {
+            Ok(()) => self.metrics.auto_accept("published"),
+            Err(e) => {
+                tracing::warn!(error = %e, interaction, "auto-accept not published");
+                self.metrics.auto_accept("failed");
+                // Give the claim back so a redelivered offer can try again.
+                let _ = self.store.auto_accept_release(&who, interaction).await;
+            }
+        }
+    }
+
+    /// Publishes a record the bridge makes on the agent's behalf
+    /// (`isSystemAction: true`).
+    async fn publish_system(
+        &self,
+        name: &str,
+        who: &AgentId,
+        mut fields: Map<String, Json>,
+    ) -> Result<(), PublishError> {
+        let record = self.schemas.record(name).ok_or_else(|| PublishError::NoSchema(name.to_owned()))?;
+        for (k, v) in [
+            ("tenantGuid", Json::from(&*who.tenant_guid)),
+            ("agentGuid", Json::from(&*who.agent_guid)),
+            ("irInstance", Json::from(&*who.ir_instance)),
+            ("isSystemAction", Json::Bool(true)),
+            ("isRelocate", Json::Bool(false)),
+            ("source", Json::from(self.settings.source.as_str())),
+        ] {
+            if record.has_field(k) {
+                fields.insert(k.to_owned(), v);
+            }
+        }
+        let value = self.schemas.build(record, &fields).map_err(|e| PublishError::Schema(e.to_string()))?;
+        self.bus.publish(OutRecord { record: name.to_owned(), key: who.agent_guid.to_string(), value }).await?;
+        Ok(())
+    }
+
+    /// On shutdown: every attached long-lived session starts its TTL now.
+    pub fn detach_all(&self) {
+        for s in self.registry.all_long_lived() {
+            s.detach_any();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PublishError {
+    #[error("no schema for `{0}`")]
+    NoSchema(String),
+    #[error("`{0}`")]
+    Schema(String),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions").field("sessions", &self.registry.len()).finish()
+    }
+}

@@ -1,0 +1,423 @@
+//! The embedded store's durability: a SQLite database (WAL, `synchronous =
+//! FULL`) written by one thread. Writers append operations to a queue; the
+//! thread takes everything queued, applies it in one transaction and commits
+//! once (group commit), then answers the barriers that were in the batch. So a
+//! busy bridge pays one fsync per batch, not per notification.
+
+use super::{AgentEntry, SessionRecord, StoredSession};
+use crate::session::{AgentId, Notification};
+use cceb_protocol::NotificationType;
+use rusqlite::{params, Connection};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use tokio::sync::oneshot;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS sessions(
+    id TEXT PRIMARY KEY, key_hash BLOB NOT NULL, tenant TEXT NOT NULL, agent TEXT NOT NULL,
+    ir_instance TEXT NOT NULL, auto_accept INTEGER NOT NULL, push_token TEXT,
+    dropped INTEGER NOT NULL, disconnected_at INTEGER, next_seq INTEGER NOT NULL DEFAULT 1);
+CREATE TABLE IF NOT EXISTS mailbox(
+    session TEXT NOT NULL, seq INTEGER NOT NULL, uuid TEXT NOT NULL, type TEXT NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY(session, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dedup(key BLOB PRIMARY KEY, expires INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedup_expires ON dedup(expires);
+CREATE TABLE IF NOT EXISTS directory(
+    tenant TEXT NOT NULL, agent TEXT NOT NULL, contact_id TEXT, off_hook INTEGER NOT NULL,
+    recording_controls INTEGER, PRIMARY KEY(tenant, agent)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS availability(
+    tenant TEXT NOT NULL, agent TEXT NOT NULL, ir_instance TEXT NOT NULL, PRIMARY KEY(tenant, agent)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS auto_accepted(
+    tenant TEXT NOT NULL, agent TEXT NOT NULL, interaction TEXT NOT NULL, expires INTEGER NOT NULL,
+    PRIMARY KEY(tenant, agent, interaction)) WITHOUT ROWID;
+";
+
+#[derive(Debug)]
+pub enum Op {
+    SessionPut(SessionRecord),
+    SessionDelete(String),
+    MailboxPut {
+        session: Arc<str>,
+        seq: u64,
+        n: Arc<Notification>,
+    },
+    MailboxRemove {
+        session: Arc<str>,
+        seq: u64,
+    },
+    DedupPut {
+        key: u128,
+        expires_ms: u64,
+    },
+    DirectoryPut {
+        tenant: String,
+        entry: AgentEntry,
+    },
+    DirectoryRemove {
+        tenant: String,
+        agent: String,
+    },
+    Availability {
+        agent: AgentId,
+        available: bool,
+    },
+    AutoAccepted {
+        agent: AgentId,
+        interaction: String,
+        expires_ms: u64,
+    },
+    AutoAcceptRemove {
+        agent: AgentId,
+        interaction: String,
+    },
+    /// Deletes what expired before this time; keeps at most `dedup_keep` dedup keys.
+    Expire {
+        now_ms: u64,
+        dedup_keep: usize,
+    },
+    Barrier(oneshot::Sender<Result<(), String>>),
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Op>,
+    closed: bool,
+}
+
+struct Inner {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    healthy: AtomicBool,
+}
+
+pub struct Journal {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Everything read back when the journal opens.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub sessions: Vec<StoredSession>,
+    pub directory: Vec<(String, AgentEntry)>,
+    /// Unexpired dedup keys, oldest expiry first.
+    pub dedup: Vec<(u128, u64)>,
+    pub published: Vec<AgentId>,
+    pub accepted: Vec<(AgentId, String, u64)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("data directory {dir}: {source}")]
+pub struct OpenError {
+    dir: String,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl Journal {
+    /// Opens (or creates) `<dir>/cceb.sqlite3`, reads its content back and
+    /// starts the writer thread.
+    pub fn open(dir: &Path, now_ms: u64) -> Result<(Journal, Loaded), OpenError> {
+        let err =
+            |source: Box<dyn std::error::Error + Send + Sync>| OpenError { dir: dir.display().to_string(), source };
+        std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
+        let mut conn = Connection::open(dir.join("cceb.sqlite3")).map_err(|e| err(e.into()))?;
+        prepare(&conn).map_err(|e| err(e.into()))?;
+        let loaded = load(&mut conn, now_ms).map_err(|e| err(e.into()))?;
+        let inner = Arc::new(Inner { queue: Mutex::default(), ready: Condvar::new(), healthy: AtomicBool::new(true) });
+        let writer = inner.clone();
+        let thread = std::thread::Builder::new()
+            .name("cceb-journal".into())
+            .spawn(move || write_loop(conn, &writer))
+            .map_err(|e| err(e.into()))?;
+        Ok((Journal { inner, thread: Mutex::new(Some(thread)) }, loaded))
+    }
+
+    pub fn push(&self, op: Op) {
+        let mut q = self.inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if q.closed {
+            return;
+        }
+        q.ops.push(op);
+        // Only the first op of a batch needs to wake the writer.
+        if q.ops.len() == 1 {
+            self.inner.ready.notify_one();
+        }
+    }
+
+    /// Resolves once every op pushed before it is committed.
+    pub async fn sync(&self) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.push(Op::Barrier(tx));
+        rx.await.unwrap_or_else(|_| Err("the store is closed".into()))
+    }
+
+    /// Whether the last commit succeeded.
+    pub fn healthy(&self) -> bool {
+        self.inner.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Commits what is queued and stops the writer thread.
+    pub fn close(&self) {
+        {
+            let mut q = self.inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            q.closed = true;
+            self.inner.ready.notify_one();
+        }
+        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn prepare(conn: &Connection) -> rusqlite::Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: a commit is on disk before the barrier answers (power loss included).
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "database schema version {version} is newer than this bridge ({SCHEMA_VERSION})"
+        )));
+    }
+    conn.execute_batch(SCHEMA)?;
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(())
+}
+
+fn write_loop(mut conn: Connection, inner: &Inner) {
+    loop {
+        let batch = {
+            let mut q = inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            while q.ops.is_empty() && !q.closed {
+                q = inner.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
+            }
+            if q.ops.is_empty() {
+                return;
+            }
+            std::mem::take(&mut q.ops)
+        };
+        let mut barriers = Vec::new();
+        let mut writes = Vec::with_capacity(batch.len());
+        for op in batch {
+            match op {
+                Op::Barrier(tx) => barriers.push(tx),
+                op => writes.push(op),
+            }
+        }
+        let result = if writes.is_empty() { Ok(()) } else { apply(&mut conn, writes).map_err(|e| e.to_string()) };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "store write failed");
+        }
+        inner.healthy.store(result.is_ok(), Ordering::Relaxed);
+        for b in barriers {
+            let _ = b.send(result.clone());
+        }
+    }
+}
+
+fn apply(conn: &mut Connection, ops: Vec<Op>) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    // Seq numbers must keep growing across restarts even once a mailbox is empty.
+    let mut next_seq: HashMap<Arc<str>, u64> = HashMap::new();
+    for op in ops {
+        match op {
+            Op::SessionPut(r) => {
+                tx.prepare_cached(
+                    "INSERT INTO sessions(id, key_hash, tenant, agent, ir_instance, auto_accept, push_token, dropped,
+                        disconnected_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT(id) DO UPDATE SET auto_accept = ?6, push_token = ?7, dropped = ?8,
+                        disconnected_at = ?9",
+                )?
+                .execute(params![
+                    &*r.id,
+                    &r.key_hash[..],
+                    &*r.agent.tenant_guid,
+                    &*r.agent.agent_guid,
+                    &*r.agent.ir_instance,
+                    r.auto_accept,
+                    r.push_token,
+                    r.dropped,
+                    r.disconnected_at_ms,
+                ])?;
+            }
+            Op::SessionDelete(id) => {
+                tx.prepare_cached("DELETE FROM mailbox WHERE session = ?1")?.execute([&id])?;
+                tx.prepare_cached("DELETE FROM sessions WHERE id = ?1")?.execute([&id])?;
+            }
+            Op::MailboxPut { session, seq, n } => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO mailbox(session, seq, uuid, type, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![&*session, seq, n.uuid, n.ty.as_str(), &*n.data])?;
+                let e = next_seq.entry(session).or_default();
+                *e = (*e).max(seq + 1);
+            }
+            Op::MailboxRemove { session, seq } => {
+                tx.prepare_cached("DELETE FROM mailbox WHERE session = ?1 AND seq = ?2")?
+                    .execute(params![&*session, seq])?;
+            }
+            Op::DedupPut { key, expires_ms } => {
+                tx.prepare_cached("INSERT OR REPLACE INTO dedup(key, expires) VALUES (?1, ?2)")?
+                    .execute(params![&key.to_le_bytes()[..], expires_ms])?;
+            }
+            Op::DirectoryPut { tenant, entry } => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO directory(tenant, agent, contact_id, off_hook, recording_controls)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![
+                    tenant,
+                    entry.agent_guid,
+                    entry.contact_id,
+                    entry.off_hook_enabled,
+                    entry.recording_controls
+                ])?;
+            }
+            Op::DirectoryRemove { tenant, agent } => {
+                tx.prepare_cached("DELETE FROM directory WHERE tenant = ?1 AND agent = ?2")?
+                    .execute(params![tenant, agent])?;
+            }
+            Op::Availability { agent, available: true } => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO availability(tenant, agent, ir_instance) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![&*agent.tenant_guid, &*agent.agent_guid, &*agent.ir_instance])?;
+            }
+            Op::Availability { agent, available: false } => {
+                tx.prepare_cached("DELETE FROM availability WHERE tenant = ?1 AND agent = ?2")?
+                    .execute(params![&*agent.tenant_guid, &*agent.agent_guid])?;
+            }
+            Op::AutoAccepted { agent, interaction, expires_ms } => {
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO auto_accepted(tenant, agent, interaction, expires) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![&*agent.tenant_guid, &*agent.agent_guid, interaction, expires_ms])?;
+            }
+            Op::AutoAcceptRemove { agent, interaction } => {
+                tx.prepare_cached("DELETE FROM auto_accepted WHERE tenant = ?1 AND agent = ?2 AND interaction = ?3")?
+                    .execute(params![&*agent.tenant_guid, &*agent.agent_guid, interaction])?;
+            }
+            Op::Expire { now_ms, dedup_keep } => {
+                tx.prepare_cached("DELETE FROM dedup WHERE expires <= ?1")?.execute([now_ms])?;
+                tx.prepare_cached(
+                    "DELETE FROM dedup WHERE expires < (SELECT expires FROM dedup ORDER BY expires DESC LIMIT 1 OFFSET ?1)",
+                )?
+                .execute([dedup_keep])?;
+                tx.prepare_cached("DELETE FROM auto_accepted WHERE expires <= ?1")?.execute([now_ms])?;
+            }
+            Op::Barrier(_) => {}
+        }
+    }
+    for (session, seq) in next_seq {
+        tx.prepare_cached("UPDATE sessions SET next_seq = max(next_seq, ?2) WHERE id = ?1")?
+            .execute(params![&*session, seq])?;
+    }
+    tx.commit()
+}
+
+fn load(conn: &mut Connection, now_ms: u64) -> rusqlite::Result<Loaded> {
+    let mut loaded = Loaded::default();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    {
+        let mut st = conn.prepare(
+            "SELECT id, key_hash, tenant, agent, ir_instance, auto_accept, push_token, dropped, disconnected_at, next_seq
+             FROM sessions",
+        )?;
+        let rows = st.query_map([], |r| {
+            let hash: Vec<u8> = r.get(1)?;
+            let mut key_hash = [0u8; 32];
+            if hash.len() == 32 {
+                key_hash.copy_from_slice(&hash);
+            }
+            let id: String = r.get(0)?;
+            Ok(StoredSession {
+                record: SessionRecord {
+                    id: id.into(),
+                    key_hash,
+                    agent: agent(r.get(2)?, r.get(3)?, r.get(4)?),
+                    auto_accept: r.get(5)?,
+                    push_token: r.get(6)?,
+                    dropped: r.get(7)?,
+                    disconnected_at_ms: r.get(8)?,
+                },
+                next_seq: r.get(9)?,
+                mailbox: Vec::new(),
+            })
+        })?;
+        for s in rows {
+            let s = s?;
+            index.insert(s.record.id.to_string(), loaded.sessions.len());
+            loaded.sessions.push(s);
+        }
+    }
+    {
+        let mut st = conn.prepare("SELECT session, seq, uuid, type, data FROM mailbox ORDER BY session, seq")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let session: String = r.get(0)?;
+            let seq: u64 = r.get(1)?;
+            let ty: String = r.get(3)?;
+            let (Some(&i), Ok(ty)) = (index.get(&session), ty.parse::<NotificationType>()) else { continue };
+            let data: String = r.get(4)?;
+            let s = &mut loaded.sessions[i];
+            s.next_seq = s.next_seq.max(seq + 1);
+            s.mailbox.push((seq, Arc::new(Notification { ty, uuid: r.get(2)?, data: data.into() })));
+        }
+    }
+    {
+        let mut st = conn.prepare("SELECT tenant, agent, contact_id, off_hook, recording_controls FROM directory")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                AgentEntry {
+                    agent_guid: r.get(1)?,
+                    contact_id: r.get(2)?,
+                    off_hook_enabled: r.get(3)?,
+                    recording_controls: r.get(4)?,
+                },
+            ))
+        })?;
+        loaded.directory = rows.collect::<Result<_, _>>()?;
+    }
+    {
+        let mut st = conn.prepare("SELECT key, expires FROM dedup WHERE expires > ?1 ORDER BY expires")?;
+        let rows = st.query_map([now_ms], |r| {
+            let k: Vec<u8> = r.get(0)?;
+            let mut b = [0u8; 16];
+            if k.len() == 16 {
+                b.copy_from_slice(&k);
+            }
+            Ok((u128::from_le_bytes(b), r.get(1)?))
+        })?;
+        loaded.dedup = rows.collect::<Result<_, _>>()?;
+    }
+    {
+        let mut st = conn.prepare("SELECT tenant, agent, ir_instance FROM availability")?;
+        let rows = st.query_map([], |r| Ok(agent(r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        loaded.published = rows.collect::<Result<_, _>>()?;
+    }
+    {
+        let mut st =
+            conn.prepare("SELECT tenant, agent, interaction, expires FROM auto_accepted WHERE expires > ?1")?;
+        let rows =
+            st.query_map([now_ms], |r| Ok((agent(r.get(0)?, r.get(1)?, String::new()), r.get(2)?, r.get(3)?)))?;
+        loaded.accepted = rows.collect::<Result<_, _>>()?;
+    }
+    Ok(loaded)
+}
+
+fn agent(tenant: String, agent: String, ir: String) -> AgentId {
+    AgentId { tenant_guid: tenant.into(), agent_guid: agent.into(), ir_instance: ir.into() }
+}
