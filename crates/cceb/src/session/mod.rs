@@ -152,8 +152,7 @@ impl Session {
     /// Whether `hash` is this session's key hash, compared in constant time.
     pub fn key_matches(&self, hash: &[u8; 32]) -> bool {
         let stored = self.long_lived.as_ref().map_or([0u8; 32], |l| l.key_hash);
-        let diff = stored.iter().zip(hash).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        self.long_lived.is_some() & (diff == 0)
+        self.long_lived.is_some() & key::hash_eq(&stored, hash)
     }
 
     pub fn auto_accept(&self) -> bool {

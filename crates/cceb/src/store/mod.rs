@@ -105,7 +105,7 @@ pub trait Store: Send + Sync + 'static {
     async fn resolve_contact(&self, tenant: &str, contact_id: &str) -> Result<Option<String>, StoreError>;
     /// Whether this action was already published within the window.
     async fn dedup_contains(&self, key: DedupKey) -> Result<bool, StoreError>;
-    /// Remembers a published action for `window`; durable when it returns.
+    /// Remembers a published action for `window` (durable with the next `sync`).
     async fn dedup_insert(&self, key: DedupKey, window: Duration) -> Result<(), StoreError>;
 
     /// Every long-lived session the store holds, with its mailbox.

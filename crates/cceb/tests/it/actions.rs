@@ -276,3 +276,17 @@ async fn the_tenant_directory_follows_provisioning_updates_and_deletes() {
     c.send(json!({"type":"action","uuid":"gone","data":{"action":"BlindTransferEvent","action_details": transfer("2222")}})).await;
     c.expect_error("gone", ErrorCode::UnknownAgent).await;
 }
+
+#[tokio::test]
+async fn deduplication_and_the_tenant_directory_survive_a_restart() {
+    let (mut b, mut c) = with_colleague().await;
+    let transfer = json!({"interactionId": "i", "destinationAgentContactId": "2002"});
+    c.expect_ack_of_action("before", "BlindTransferEvent", transfer.clone()).await;
+    drop(c);
+    b.restart().await;
+    let (mut c, _) = b.agent("t1", "a1").await;
+    c.expect_ack_of_action("before", "BlindTransferEvent", transfer.clone()).await;
+    assert!(b.published().await.is_empty(), "a retry after the restart is not published again");
+    c.expect_ack_of_action("after", "BlindTransferEvent", transfer).await;
+    assert_eq!(b.published().await[0]["value"]["destinationAgentGuid"], "a2", "the contact id still resolves");
+}

@@ -363,3 +363,19 @@ async fn the_other_sessions_of_the_agent_keep_their_own_mailboxes() {
     assert_eq!(again, uuid, "an ack on one session does not ack another's copy");
     assert!(mobile.round_trip("nothing-else").await.is_empty());
 }
+
+#[tokio::test]
+async fn a_session_whose_ttl_passed_while_the_bridge_was_down_is_gone_after_the_restart() {
+    let mut b = TestBridge::with(|s| s.session_ttl_seconds = 1).await;
+    let mut c = b.connect().await;
+    let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
+    b.shutdown().await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    b.restart().await;
+    let records = published_values(&b, "AgentChatAvailabilityEvent").await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["available"], false);
+    let (_, r) = resume(&b.ws_url(), "t", "a", &key).await;
+    assert!(!r.resumed);
+}
