@@ -3,8 +3,8 @@
 
 use crate::actions::{ActionSettings, Actions};
 use crate::auth::{KeyError, Verifier};
-use crate::bus::{Bus, EmbeddedBus};
-use crate::config::Settings;
+use crate::bus::{Bus, BusError, EmbeddedBus, KafkaBus};
+use crate::config::{BusKind, Settings};
 use crate::metrics::Metrics;
 use crate::notify::Router;
 use crate::push::{NoPush, Push, Webhook, WebhookSettings};
@@ -51,6 +51,8 @@ pub enum StartError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] OpenError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
     #[error("cannot restore sessions: {0}")]
     Restore(#[from] StoreError),
     #[error("push webhook: {0}")]
@@ -62,7 +64,8 @@ pub enum StartError {
 /// A running bridge.
 pub struct Bridge {
     pub addr: SocketAddr,
-    pub backend_addr: SocketAddr,
+    /// The backend port (embedded bus only).
+    pub backend_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
 }
 
@@ -74,15 +77,31 @@ impl Bridge {
             TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })
         };
         let public = listen(settings.listen).await?;
-        let backend = listen(settings.backend_listen).await?;
         let addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
-        let backend_addr =
-            backend.local_addr().map_err(|source| StartError::Listen { addr: settings.backend_listen, source })?;
+        // The backend port stands in for a real bus: only the embedded bus has one.
+        let backend = match settings.bus {
+            BusKind::Embedded => Some(listen(settings.backend_listen).await?),
+            BusKind::Kafka => None,
+        };
+        let backend_addr = match &backend {
+            Some(l) => {
+                Some(l.local_addr().map_err(|source| StartError::Listen { addr: settings.backend_listen, source })?)
+            }
+            None => None,
+        };
 
         let metrics = Arc::new(Metrics::new(schemas.action_names()));
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&settings.data_dir, settings.dedup_capacity)?);
-        let embedded = Arc::new(EmbeddedBus::new(settings.embedded_log_capacity));
-        let bus: Arc<dyn Bus> = embedded.clone();
+        let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
+            BusKind::Embedded => {
+                let e = Arc::new(EmbeddedBus::new(settings.embedded_log_capacity));
+                (e.clone(), Some(e), None)
+            }
+            BusKind::Kafka => {
+                let k = Arc::new(KafkaBus::new(settings.kafka(), schemas.clone())?);
+                (k.clone(), None, Some(k))
+            }
+        };
         let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
         let push: Arc<dyn Push> = match &settings.push_webhook_url {
             Some(url) => Arc::new(Webhook::start(
@@ -117,6 +136,9 @@ impl Bridge {
         ));
         let restored = sessions.restore().await?;
         let router = Arc::new(Router::new(schemas.clone(), sessions.clone(), store.clone(), metrics.clone()));
+        if let Some(k) = &kafka {
+            k.start(router.clone(), metrics.clone(), &tasks, shutdown.clone())?;
+        }
         let actions = Arc::new(Actions::new(
             schemas.clone(),
             store.clone(),
@@ -161,9 +183,11 @@ impl Bridge {
             })
         };
         serve(public, crate::http::public(shared.clone()));
-        serve(backend, crate::http::backend::router(shared.clone(), embedded));
+        if let (Some(listener), Some(embedded)) = (backend, embedded) {
+            serve(listener, crate::http::backend::router(shared.clone(), embedded));
+        }
         tracing::info!(
-            %addr, %backend_addr, schemas = %shared.schemas.origin, node = %shared.settings.node_id,
+            %addr, ?backend_addr, bus = ?shared.settings.bus, schemas = %shared.schemas.origin, node = %shared.settings.node_id,
             data_dir = %shared.settings.data_dir.display(), restored, "cceb listening"
         );
         Ok(Bridge { addr, backend_addr, shared })

@@ -5,12 +5,13 @@
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Settings whose environment value is taken verbatim, never parsed.
-const TEXT_SETTINGS: [&str; 15] = [
+const TEXT_SETTINGS: [&str; 20] = [
     "public_url",
     "node_id",
     "jwt_hs256_secret",
@@ -25,8 +26,21 @@ const TEXT_SETTINGS: [&str; 15] = [
     "source_name",
     "push_webhook_url",
     "push_webhook_token",
+    "kafka_brokers",
+    "kafka_action_topic",
+    "kafka_provisioning_topic",
+    "kafka_group_id",
+    "kafka_dead_letter_topic",
     "log",
 ];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    /// In this process; backends use the backend port.
+    Embedded,
+    Kafka,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -46,6 +60,22 @@ pub struct Settings {
     pub node_id: String,
     /// The embedded bus's backend port (contract section 8).
     pub backend_listen: SocketAddr,
+    pub bus: BusKind,
+    /// `bootstrap.servers`.
+    pub kafka_brokers: String,
+    /// Topic of actions that `kafka_action_topics` does not route.
+    pub kafka_action_topic: String,
+    /// Record name → topic.
+    pub kafka_action_topics: HashMap<String, String>,
+    pub kafka_event_topics: Vec<String>,
+    /// Read from the beginning at start (tenant directory); empty: none.
+    pub kafka_provisioning_topic: String,
+    pub kafka_group_id: String,
+    /// Where undecodable records are copied; empty: nowhere.
+    pub kafka_dead_letter_topic: String,
+    pub kafka_publish_timeout_ms: u64,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*…).
+    pub kafka_properties: HashMap<String, String>,
     pub jwt_hs256_secret: Option<String>,
     /// PEM file with an RSA public key for RS256 tokens.
     pub jwt_rs256_public_key_file: Option<PathBuf>,
@@ -111,6 +141,16 @@ impl Default for Settings {
             public_url: None,
             node_id: "node-1".into(),
             backend_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            bus: BusKind::Embedded,
+            kafka_brokers: "127.0.0.1:9092".into(),
+            kafka_action_topic: "cceb.actions".into(),
+            kafka_action_topics: HashMap::new(),
+            kafka_event_topics: vec!["cceb.events".into(), "cceb.provisioning".into()],
+            kafka_provisioning_topic: "cceb.provisioning".into(),
+            kafka_group_id: "cceb".into(),
+            kafka_dead_letter_topic: String::new(),
+            kafka_publish_timeout_ms: 5000,
+            kafka_properties: HashMap::new(),
             jwt_hs256_secret: None,
             jwt_rs256_public_key_file: None,
             jwt_es256_public_key_file: None,
@@ -189,6 +229,7 @@ impl Settings {
             ("session_ttl_seconds", self.session_ttl_seconds),
             ("embedded_log_capacity", self.embedded_log_capacity as u64),
             ("write_timeout_ms", self.write_timeout_ms),
+            ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
@@ -229,6 +270,20 @@ impl Settings {
     }
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_seconds)
+    }
+    pub fn kafka(&self) -> crate::bus::KafkaSettings {
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        crate::bus::KafkaSettings {
+            brokers: self.kafka_brokers.clone(),
+            action_topic: self.kafka_action_topic.clone(),
+            action_topics: self.kafka_action_topics.clone(),
+            event_topics: self.kafka_event_topics.clone(),
+            provisioning_topic: non_empty(&self.kafka_provisioning_topic),
+            group_id: self.kafka_group_id.clone(),
+            dead_letter_topic: non_empty(&self.kafka_dead_letter_topic),
+            publish_timeout: Duration::from_millis(self.kafka_publish_timeout_ms),
+            properties: self.kafka_properties.clone(),
+        }
     }
     pub fn dedup_window(&self) -> Duration {
         Duration::from_secs(self.dedup_window_seconds)

@@ -111,27 +111,33 @@ fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let bridge = Bridge::start(settings).await?;
-        println!("listening on {} (backend port {})", bridge.addr, bridge.backend_addr);
+        // Handlers first: a SIGTERM right after the listening line must drain, not kill.
+        let signals = signals()?;
         let stop = bridge.shutdown_token();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.await;
             tracing::info!("signal received, draining");
             stop.cancel();
         });
+        match bridge.backend_addr {
+            Some(b) => println!("listening on {} (backend port {b})", bridge.addr),
+            None => println!("listening on {} (bus kafka)", bridge.addr),
+        }
         bridge.run_until_stopped().await;
         anyhow::Ok(())
     })
 }
 
-async fn wait_for_signal() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn signals() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 fn init_logging(settings: &Settings) {

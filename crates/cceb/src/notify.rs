@@ -93,7 +93,7 @@ impl Router {
     /// returns how many were queued. Durable only after [`Router::commit`].
     pub async fn ingest(&self, event: &Event) -> Result<usize, NotifyError> {
         let extra = match event.directory {
-            Some(change) => self.apply_directory(change, &event.value).await?,
+            Some(change) => self.directory_change(change, &event.value).await?,
             None => None,
         };
         let mut queued = 0;
@@ -135,7 +135,16 @@ impl Router {
         count
     }
 
-    async fn apply_directory(&self, change: DirectoryChange, v: &Avro) -> Result<Option<Planned>, NotifyError> {
+    /// Applies only the event's directory change (catching up on provisioning
+    /// at start, without notifying anyone).
+    pub async fn apply_directory(&self, event: &Event) -> Result<(), NotifyError> {
+        if let Some(change) = event.directory {
+            self.directory_change(change, &event.value).await?;
+        }
+        Ok(())
+    }
+
+    async fn directory_change(&self, change: DirectoryChange, v: &Avro) -> Result<Option<Planned>, NotifyError> {
         let (Some(tenant), Some(agent)) = (field_str(v, "tenantGuid"), field_str(v, "agentGuid")) else {
             return Ok(None);
         };

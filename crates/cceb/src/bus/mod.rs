@@ -4,8 +4,10 @@
 //! [`crate::notify::Router::ingest`].
 
 pub mod embedded;
+pub mod kafka;
 
 pub use embedded::EmbeddedBus;
+pub use kafka::{KafkaBus, KafkaSettings};
 
 use apache_avro::types::Value as Avro;
 use async_trait::async_trait;

@@ -8,6 +8,7 @@
 
 pub mod convert;
 mod mapping;
+pub mod wire;
 
 pub use convert::{FieldError, Keys, Names};
 pub use mapping::{Audience, DirectoryChange, Each, EventMapping, Transform};
@@ -68,6 +69,7 @@ pub struct SchemaSet {
     records: HashMap<String, Record>,
     mappings: HashMap<String, EventMapping>,
     names: Names,
+    wire: wire::Wire,
     /// Where the set came from, for the start-up log.
     pub origin: String,
 }
@@ -126,7 +128,8 @@ impl SchemaSet {
             }
         }
         let mappings = mapping::load(&mapping_file.path, &mapping_file.text, &records)?;
-        Ok(SchemaSet { records, mappings, names, origin })
+        let wire = wire::Wire::new(records.iter().map(|(n, r)| (n.as_str(), Schema::Record(r.schema.clone()))));
+        Ok(SchemaSet { records, mappings, names, wire, origin })
     }
 
     pub fn record(&self, name: &str) -> Option<&Record> {
@@ -142,6 +145,11 @@ impl SchemaSet {
     pub fn event(&self, name: &str) -> Option<(&Record, &EventMapping)> {
         let r = self.records.get(name).filter(|r| r.kind == RecordKind::Event)?;
         Some((r, self.mappings.get(name)?))
+    }
+
+    /// Avro single-object encoding of the set's records (the Kafka wire format).
+    pub fn wire(&self) -> &wire::Wire {
+        &self.wire
     }
 
     pub fn action_names(&self) -> impl Iterator<Item = &str> {

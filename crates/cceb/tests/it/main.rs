@@ -6,6 +6,8 @@ mod support;
 mod actions;
 mod auth;
 mod backend;
+mod kafka;
+mod kafka_backend;
 mod lifecycle;
 mod notifications;
 mod restart;

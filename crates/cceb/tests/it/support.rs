@@ -40,8 +40,14 @@ pub fn test_settings() -> Settings {
 pub struct TestBridge {
     pub bridge: Option<Bridge>,
     pub addr: SocketAddr,
+    /// The backend port (embedded bus; unused on Kafka).
     pub backend: SocketAddr,
     pub http: reqwest::Client,
+    /// Set when the suite runs against a Kafka broker (`CCEB_TEST_KAFKA`).
+    pub kafka: Option<crate::kafka_backend::KafkaBackend>,
+    /// Offset of the last action published before the latest restart (Kafka
+    /// keeps them; the embedded log starts empty).
+    published_mark: u64,
     settings: Settings,
     /// The embedded store's directory, deleted with the bridge.
     _data: tempfile::TempDir,
@@ -56,14 +62,38 @@ impl TestBridge {
         let data = tempfile::tempdir().expect("tempdir");
         let mut s = Settings { data_dir: data.path().to_owned(), ..test_settings() };
         f(&mut s);
+        let kafka = match crate::kafka_backend::brokers() {
+            Some(brokers) => Some(crate::kafka_backend::KafkaBackend::create(&brokers, &mut s).await),
+            None => None,
+        };
         let bridge = Bridge::start(s.clone()).await.expect("bridge starts");
+        if let Some(k) = &kafka {
+            k.wait_ready(bridge.addr).await;
+        }
         TestBridge {
             addr: bridge.addr,
-            backend: bridge.backend_addr,
+            backend: bridge.backend_addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             bridge: Some(bridge),
             http: reqwest::Client::new(),
+            kafka,
+            published_mark: 0,
             settings: s,
             _data: data,
+        }
+    }
+
+    /// Wraps a bridge started by the test itself on Kafka.
+    pub async fn attach(bridge: Bridge, kafka: crate::kafka_backend::KafkaBackend) -> TestBridge {
+        kafka.wait_ready(bridge.addr).await;
+        TestBridge {
+            addr: bridge.addr,
+            backend: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bridge: Some(bridge),
+            http: reqwest::Client::new(),
+            kafka: Some(kafka),
+            published_mark: 0,
+            settings: test_settings(),
+            _data: tempfile::tempdir().expect("tempdir"),
         }
     }
 
@@ -74,11 +104,26 @@ impl TestBridge {
         }
     }
 
-    /// Graceful shutdown, then a new bridge on the same data directory (new ports).
+    /// Graceful shutdown, then a new bridge with an empty data directory (a new node).
+    pub async fn restart_fresh(&mut self) {
+        self._data = tempfile::tempdir().expect("tempdir");
+        self.settings.data_dir = self._data.path().to_owned();
+        self.restart().await;
+    }
+
+    /// Graceful shutdown, then a new bridge on the same data directory (new
+    /// ports). `published` then lists what the new bridge published.
     pub async fn restart(&mut self) {
+        if self.kafka.is_some() {
+            self.published_mark = self.actions_after(0, 0).await["next"].as_u64().unwrap_or(0);
+        }
         self.shutdown().await;
         let bridge = Bridge::start(self.settings.clone()).await.expect("bridge restarts");
-        (self.addr, self.backend) = (bridge.addr, bridge.backend_addr);
+        if let Some(k) = &self.kafka {
+            k.wait_ready(bridge.addr).await;
+        }
+        self.addr = bridge.addr;
+        self.backend = bridge.backend_addr.unwrap_or(self.backend);
         self.bridge = Some(bridge);
     }
 
@@ -101,8 +146,13 @@ impl TestBridge {
         (c, reply)
     }
 
-    /// Posts events to the backend port; returns status and body.
+    /// Posts events to the backend port (on Kafka: produces them to the
+    /// events topic and waits until the bridge committed them); returns
+    /// status and body.
     pub async fn post_events(&self, body: Value) -> (u16, Value) {
+        if let Some(k) = &self.kafka {
+            return k.post_events(body).await;
+        }
         let r = self
             .http
             .post(format!("http://{}/backend/v1/events", self.backend))
@@ -129,8 +179,12 @@ impl TestBridge {
         .await;
     }
 
-    /// Published actions after `after` (long-poll of the backend port).
+    /// Published actions after `after` (long-poll of the backend port; on
+    /// Kafka, the action topic).
     pub async fn actions_after(&self, after: u64, wait_ms: u64) -> Value {
+        if let Some(k) = &self.kafka {
+            return k.actions_after(after, wait_ms).await;
+        }
         self.http
             .get(format!("http://{}/backend/v1/actions?after={after}&wait_ms={wait_ms}", self.backend))
             .bearer_auth(ADMIN)
@@ -142,10 +196,12 @@ impl TestBridge {
             .expect("json")
     }
 
+    /// Actions published since this bridge (re)started.
     pub async fn published(&self) -> Vec<Value> {
-        self.actions_after(0, 0).await["records"].as_array().cloned().unwrap_or_default()
+        self.actions_after(self.published_mark, 0).await["records"].as_array().cloned().unwrap_or_default()
     }
 
+    /// The embedded bus's outage switch (embedded only).
     pub async fn set_bus(&self, accepting: bool) {
         let r = self
             .http

@@ -1,0 +1,354 @@
+//! The Kafka bus (contract section 8): actions out through an idempotent
+//! producer (acks=all), events in through a consumer group, Avro single-object
+//! encoding both ways (`schema::wire`).
+//!
+//! Offsets are committed only after `Router::commit`, i.e. once every
+//! notification the records made is in the session outboxes and durable. A
+//! record that cannot be decoded or mapped is counted, logged with its
+//! topic/partition/offset, copied to the dead-letter topic when one is set, and
+//! skipped: it never stops its partition.
+
+use super::{Bus, BusError, OutRecord};
+use crate::metrics::Metrics;
+use crate::notify::Router;
+use crate::schema::SchemaSet;
+use async_trait::async_trait;
+use futures_util::FutureExt;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Most records taken from the consumer before one commit.
+const BATCH: usize = 500;
+
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    /// Topic of actions the routing table does not name.
+    pub action_topic: String,
+    /// Record name → topic.
+    pub action_topics: HashMap<String, String>,
+    pub event_topics: Vec<String>,
+    /// Read from the beginning at start so the tenant directory is complete before ready.
+    pub provisioning_topic: Option<String>,
+    pub group_id: String,
+    pub dead_letter_topic: Option<String>,
+    /// Longest an action waits for the broker before `backend_unavailable`.
+    pub publish_timeout: Duration,
+    /// Any other librdkafka property (security.protocol, sasl.*, ssl.*…).
+    pub properties: HashMap<String, String>,
+}
+
+impl KafkaSettings {
+    fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.properties {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+pub struct KafkaBus {
+    /// Replaced after an outage (see `health`).
+    producer: std::sync::RwLock<Arc<FutureProducer>>,
+    schemas: Arc<SchemaSet>,
+    settings: KafkaSettings,
+    broker_up: AtomicBool,
+    caught_up: AtomicBool,
+    /// An action timed out since the producer was made.
+    publish_failed: AtomicBool,
+}
+
+impl KafkaBus {
+    pub fn new(settings: KafkaSettings, schemas: Arc<SchemaSet>) -> Result<KafkaBus, BusError> {
+        let producer = Arc::new(new_producer(&settings)?);
+        let caught_up = settings.provisioning_topic.is_none();
+        Ok(KafkaBus {
+            producer: std::sync::RwLock::new(producer),
+            schemas,
+            settings,
+            broker_up: AtomicBool::new(false),
+            caught_up: AtomicBool::new(caught_up),
+            publish_failed: AtomicBool::new(false),
+        })
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    fn topic_of(&self, record: &str) -> &str {
+        self.settings.action_topics.get(record).unwrap_or(&self.settings.action_topic)
+    }
+
+    /// Starts the directory catch-up, the consumer group and the broker
+    /// health check; all stop on `stop`.
+    pub fn start(
+        self: &Arc<Self>,
+        router: Arc<Router>,
+        metrics: Arc<Metrics>,
+        tasks: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<(), BusError> {
+        let consumer: StreamConsumer = self
+            .settings
+            .client()
+            .set("group.id", &self.settings.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(|e| BusError::Unavailable(format!("kafka consumer: {e}")))?;
+        let topics: Vec<&str> = self.settings.event_topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(|e| BusError::Unavailable(format!("kafka subscribe: {e}")))?;
+        let ingest = Ingest { bus: self.clone(), router, metrics };
+        let (bus, stop2) = (self.clone(), stop.clone());
+        tasks.spawn(health(bus, stop2));
+        tasks.spawn(async move {
+            // Directory first: nothing is consumed (and no client is ready) before it is complete.
+            ingest.catch_up(&stop).await;
+            ingest.consume(consumer, &stop).await;
+        });
+        Ok(())
+    }
+
+    /// Copies a record the bridge cannot use to the dead-letter topic.
+    async fn dead_letter(&self, m: &BorrowedMessage<'_>, reason: &str) {
+        let Some(topic) = &self.settings.dead_letter_topic else { return };
+        let headers = OwnedHeaders::new().insert(Header { key: "cceb-error", value: Some(reason) }).insert(Header {
+            key: "cceb-source",
+            value: Some(&format!("{}/{}/{}", m.topic(), m.partition(), m.offset())),
+        });
+        let mut r = FutureRecord::to(topic).payload(m.payload().unwrap_or_default()).headers(headers);
+        if let Some(k) = m.key() {
+            r = r.key(k);
+        }
+        if let Err((e, _)) = self.producer().send(r, Timeout::After(self.settings.publish_timeout)).await {
+            tracing::warn!(error = %e, "dead-letter topic refused a record");
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for KafkaBus {
+    async fn publish(&self, record: OutRecord) -> Result<(), BusError> {
+        let bytes = self
+            .schemas
+            .wire()
+            .encode(&record.record, record.value)
+            .map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let r = FutureRecord::to(self.topic_of(&record.record)).key(&record.key).payload(&bytes);
+        match self.producer().send(r, Timeout::After(self.settings.publish_timeout)).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) => {
+                self.publish_failed.store(true, Ordering::Relaxed);
+                Err(BusError::Unavailable(format!("kafka: {e}")))
+            }
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.broker_up.load(Ordering::Relaxed) && self.caught_up.load(Ordering::Relaxed)
+    }
+}
+
+/// Asks the broker for metadata every second: `/readyz` follows the answer.
+async fn health(bus: Arc<KafkaBus>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let producer = bus.producer();
+        let up = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, Duration::from_secs(1)).is_ok_and(|m| !m.brokers().is_empty())
+        })
+        .await
+        .unwrap_or(false);
+        // Records that timed out during an outage leave the idempotent
+        // producer's sequence state behind; a fresh producer starts clean.
+        // Done before `/readyz` says ready again.
+        let fatal = bus.producer().client().fatal_error().is_some();
+        if up && (fatal || bus.publish_failed.load(Ordering::Relaxed)) {
+            match new_producer(&bus.settings) {
+                Ok(p) => {
+                    *bus.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
+                    bus.publish_failed.store(false, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot recreate the kafka producer"),
+            }
+        }
+        if up != bus.broker_up.swap(up, Ordering::Relaxed) {
+            tracing::info!(up, "kafka broker reachability changed");
+        }
+    }
+}
+
+fn new_producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
+    settings
+        .client()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", settings.publish_timeout.as_millis().max(1).to_string())
+        .create()
+        .map_err(|e| BusError::Unavailable(format!("kafka producer: {e}")))
+}
+
+struct Ingest {
+    bus: Arc<KafkaBus>,
+    router: Arc<Router>,
+    metrics: Arc<Metrics>,
+}
+
+/// Where a record came from, for logs.
+fn at(m: &BorrowedMessage<'_>) -> String {
+    format!("{}/{}/{}", m.topic(), m.partition(), m.offset())
+}
+
+impl Ingest {
+    /// Reads the provisioning topic from the beginning to its end as of now,
+    /// applying only directory changes (no notifications: those come through
+    /// the consumer group, once).
+    async fn catch_up(&self, stop: &CancellationToken) {
+        let Some(topic) = self.bus.settings.provisioning_topic.clone() else { return };
+        loop {
+            match self.catch_up_once(&topic, stop).await {
+                Ok(n) => {
+                    tracing::info!(topic, records = n, "tenant directory caught up");
+                    self.bus.caught_up.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, topic, "directory catch-up failed; retrying"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    async fn catch_up_once(&self, topic: &str, stop: &CancellationToken) -> Result<usize, String> {
+        let settings = self.bus.settings.clone();
+        let topic = topic.to_owned();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+        let stop2 = stop.clone();
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let c: BaseConsumer = settings
+                .client()
+                .set("group.id", format!("{}-directory", settings.group_id))
+                .set("enable.auto.commit", "false")
+                .create()
+                .map_err(|e| e.to_string())?;
+            let md = c.fetch_metadata(Some(&topic), Duration::from_secs(5)).map_err(|e| e.to_string())?;
+            let mut tpl = TopicPartitionList::new();
+            let mut high: HashMap<i32, i64> = HashMap::new();
+            for p in md.topics().iter().flat_map(|t| t.partitions()) {
+                let (lo, hi) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(5)).map_err(|e| e.to_string())?;
+                if hi > lo {
+                    high.insert(p.id(), hi);
+                }
+                tpl.add_partition_offset(&topic, p.id(), Offset::Beginning).map_err(|e| e.to_string())?;
+            }
+            c.assign(&tpl).map_err(|e| e.to_string())?;
+            while !high.is_empty() && !stop2.is_cancelled() {
+                match c.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        if high.get(&m.partition()).is_some_and(|&h| m.offset() + 1 >= h) {
+                            high.remove(&m.partition());
+                        }
+                        if tx.blocking_send(m.payload().unwrap_or_default().to_vec()).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(Err(e)) => return Err(e.to_string()),
+                    None => {}
+                }
+            }
+            Ok(())
+        });
+        let mut n = 0;
+        while let Some(payload) = rx.recv().await {
+            let Ok((record, value)) = self.bus.schemas.wire().decode(&payload) else { continue };
+            if let Ok(ev) = self.router.event_from_avro(record, value) {
+                self.router.apply_directory(&ev).await.map_err(|e| e.to_string())?;
+                n += 1;
+            }
+        }
+        reader.await.map_err(|e| e.to_string())??;
+        self.router.commit().await.map_err(|e| e.to_string())?;
+        Ok(n)
+    }
+
+    async fn consume(&self, consumer: StreamConsumer, stop: &CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                m = consumer.recv() => m,
+            };
+            let started = std::time::Instant::now();
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match consumer.recv().now_or_never() {
+                    Some(m) => batch.push(m),
+                    None => break,
+                }
+            }
+            for m in &batch {
+                match m {
+                    Ok(m) => self.handle(m, stop).await,
+                    Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+                }
+            }
+            // Offsets only once every notification of the batch is durable.
+            while let Err(e) = self.router.commit().await {
+                tracing::error!(error = %e, "cannot make notifications durable; offsets held");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+            self.metrics.event_ingest_seconds.record(started.elapsed().as_secs_f64());
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
+                tracing::warn!(error = %e, "offset commit failed; records may be delivered again");
+            }
+        }
+    }
+
+    async fn handle(&self, m: &BorrowedMessage<'_>, stop: &CancellationToken) {
+        let decoded = self.bus.schemas.wire().decode(m.payload().unwrap_or_default());
+        let event = match decoded {
+            Ok((record, value)) => self.router.event_from_avro(record, value).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let ev = match event {
+            Ok(ev) => ev,
+            Err(reason) => {
+                self.metrics.events_undecodable.increment(1);
+                tracing::warn!(at = %at(m), %reason, "skipping a record that cannot be used");
+                self.bus.dead_letter(m, &reason).await;
+                return;
+            }
+        };
+        // A store failure must not skip the record: retry until it is taken.
+        while let Err(e) = self.router.ingest(&ev).await {
+            tracing::error!(error = %e, at = %at(m), "cannot ingest; retrying");
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        self.metrics.events_accepted.increment(1);
+    }
+}

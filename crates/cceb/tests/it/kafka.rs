@@ -1,0 +1,209 @@
+//! Contract section 8 on a real Kafka-protocol broker: what only the Kafka
+//! bus does. `scripts/test` runs this module only in the Kafka pass (the rest
+//! of the suite runs in both passes).
+
+use crate::sessions::{long_lived, resume, states};
+use crate::support::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::json;
+
+fn kafka(b: &TestBridge) -> &crate::kafka_backend::KafkaBackend {
+    b.kafka.as_ref().expect("this module runs against a Kafka broker (CCEB_TEST_KAFKA)")
+}
+
+async fn presence(b: &TestBridge, state: &str) {
+    b.event("AgentPresenceEvent", json!({"tenantGuid": "t", "agentGuid": "a", "state": state})).await;
+}
+
+#[tokio::test]
+async fn actions_go_to_the_routed_topic_avro_encoded_and_keyed_by_agent() {
+    let routed = format!("routed-{}", uuid::Uuid::new_v4().simple());
+    let brokers = std::env::var("CCEB_TEST_KAFKA").expect("brokers");
+    crate::kafka_backend::create_topics(&brokers, &[&routed]).await;
+    let b = TestBridge::with(|s| {
+        s.kafka_action_topics.insert("AcceptInteractionEvent".into(), routed.clone());
+    })
+    .await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.expect_ack_of_action("k1", "ChangeAgentStateEvent", json!({"state": "Away"})).await;
+    c.expect_ack_of_action("k2", "AcceptInteractionEvent", json!({"interactionId": "i-1"})).await;
+    let page = b.actions_after(0, 5000).await;
+    assert_eq!(page["records"].as_array().map(Vec::len), Some(1), "the default topic has the unrouted one");
+    let r = &page["records"][0];
+    assert_eq!((&r["record"], &r["key"]), (&json!("ChangeAgentStateEvent"), &json!("a")));
+    assert_eq!(r["value"]["state"], "Away");
+    assert_eq!(r["value"]["isSystemAction"], false);
+    let page = kafka(&b).records_after(&routed, 0, 5000).await;
+    assert_eq!(page["records"][0]["record"], "AcceptInteractionEvent");
+    assert_eq!(page["records"][0]["value"]["interactionId"], "i-1");
+}
+
+#[tokio::test]
+async fn an_undecodable_record_is_skipped_counted_and_dead_lettered_and_the_partition_goes_on() {
+    let dlq = format!("dlq-{}", uuid::Uuid::new_v4().simple());
+    let brokers = std::env::var("CCEB_TEST_KAFKA").expect("brokers");
+    crate::kafka_backend::create_topics(&brokers, &[&dlq]).await;
+    let b = TestBridge::with(|s| s.kafka_dead_letter_topic = dlq.clone()).await;
+    let k = kafka(&b);
+    let (mut c, _) = b.agent("t", "a").await;
+    k.produce(&k.events_topic, "a", b"definitely not avro").await;
+    // Decodable but not mappable: off-hook message ids are 250-255.
+    k.produce_event(&k.events_topic, "OffHookEvent", json!({"tenantGuid":"t","agentGuid":"a","messageId":999})).await;
+    presence(&b, "after-garbage").await;
+    let (_, _, _, data) = c.notification().await;
+    assert_eq!(data["state"], "after-garbage");
+    let metrics = b.http.get(b.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+    let skipped = metrics.lines().find_map(|l| l.strip_prefix("cceb_events_total{outcome=\"undecodable\"} "));
+    assert!(skipped.and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= 2.0), "{metrics}");
+    let dead = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("dlq-reader-{}", uuid::Uuid::new_v4()))
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&dlq, 0, Offset::Beginning).expect("offset");
+        c.assign(&tpl).expect("assign");
+        let m = c.poll(PATIENCE * 2).expect("a dead letter").expect("record");
+        let reason = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "cceb-error").and_then(|h| h.value.map(<[u8]>::to_vec)));
+        (m.payload().unwrap_or_default().to_vec(), reason)
+    })
+    .await
+    .expect("join");
+    assert_eq!(dead.0, b"definitely not avro");
+    assert!(dead.1.is_some_and(|r| !r.is_empty()), "the reason travels in a header");
+}
+
+#[tokio::test]
+async fn a_restart_neither_loses_nor_repeats_a_committed_notification() {
+    let mut b = TestBridge::start().await;
+    let mut c = b.connect().await;
+    let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
+    presence(&b, "s1").await;
+    let first = states(&mut c, 1).await;
+    drop(c);
+    presence(&b, "s2").await;
+    b.restart().await;
+    presence(&b, "s3").await;
+    let (mut c, r) = resume(&b.ws_url(), "t", "a", &key).await;
+    assert!(r.resumed);
+    let got = states(&mut c, 3).await;
+    assert_eq!(got[0], first[0]);
+    let order: Vec<&str> = got.iter().map(|(_, _, s)| s.as_str()).collect();
+    assert_eq!(order, ["s1", "s2", "s3"]);
+    for (uuid, _, _) in &got {
+        c.ack(uuid).await;
+    }
+    assert!(c.round_trip("no-repeat").await.is_empty(), "nothing consumed twice after the restart");
+}
+
+#[tokio::test]
+async fn the_directory_is_read_from_the_provisioning_topic_before_ready() {
+    let mut b = TestBridge::start().await;
+    let k = kafka(&b);
+    let agent = json!({"tenantGuid": "t", "agentGuid": "a2", "contactId": "2002", "offHookEnabled": false, "recordingControls": 0});
+    k.produce_event(&k.provisioning_topic, "AgentAddedEvent", agent).await;
+    // A new node: empty data directory, same topics and group (offsets committed).
+    b.restart_fresh().await;
+    let ready = b.http.get(b.url("/readyz")).send().await.expect("answers");
+    assert_eq!(ready.status().as_u16(), 200);
+    let (mut c, _) = b.agent("t", "a1").await;
+    c.expect_ack_of_action(
+        "x1",
+        "BlindTransferEvent",
+        json!({"interactionId": "i", "destinationAgentContactId": "2002"}),
+    )
+    .await;
+    let page = b.actions_after(0, 5000).await;
+    assert_eq!(page["records"][0]["value"]["destinationAgentGuid"], "a2");
+}
+
+/// A broker of this test's own, so it can be stopped and started again.
+struct Broker {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Broker {
+    fn start(port: u16) -> Broker {
+        let bin = std::env::var("CCEB_TEST_TANSU").expect("CCEB_TEST_TANSU: the tansu binary");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "tansu listens");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Broker { child, port }
+    }
+
+    fn stop(mut self) -> u16 {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.port
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn readyz(b: &TestBridge, want: u16) {
+    let deadline = std::time::Instant::now() + PATIENCE * 3;
+    loop {
+        let r = b.http.get(b.url("/readyz")).send().await.expect("answers");
+        if r.status().as_u16() == want {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "/readyz never answered {want}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_broker_outage_is_backend_unavailable_and_everything_resumes_when_it_returns() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let broker = Broker::start(port);
+    let brokers = format!("127.0.0.1:{port}");
+    let mut s = test_settings();
+    let data = tempfile::tempdir().expect("tempdir");
+    s.data_dir = data.path().to_owned();
+    s.kafka_publish_timeout_ms = 1500;
+    let k = crate::kafka_backend::KafkaBackend::create(&brokers, &mut s).await;
+    let bridge = cceb::Bridge::start(s).await.expect("starts");
+    let b = TestBridge::attach(bridge, k).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.expect_ack_of_action("before", "ChangeAgentStateEvent", json!({"state": "Away"})).await;
+
+    let port = broker.stop();
+    c.send(json!({"type":"action","uuid":"during","data":{"action":"ChangeAgentStateEvent","action_details":{"state":"Busy"}}}))
+        .await;
+    c.expect_error("during", cceb_protocol::ErrorCode::BackendUnavailable).await;
+    readyz(&b, 503).await;
+
+    let _broker = Broker::start(port);
+    let k = kafka(&b);
+    crate::kafka_backend::create_topics(&brokers, &[&k.events_topic, &k.provisioning_topic, &k.actions_topic]).await;
+    readyz(&b, 200).await;
+    // The same uuid is published now (it was not remembered while refused).
+    c.expect_ack_of_action("during", "ChangeAgentStateEvent", json!({"state": "Busy"})).await;
+    let states: Vec<_> = b.published().await.iter().map(|r| r["value"]["state"].clone()).collect();
+    assert_eq!(states, [json!("Busy")], "the new broker has the retried action");
+    presence(&b, "after-outage").await;
+    let (_, _, _, data) = c.notification().await;
+    assert_eq!(data["state"], "after-outage", "consumption resumed by itself");
+}
