@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Settings whose environment value is taken verbatim, never parsed.
-const TEXT_SETTINGS: [&str; 20] = [
+const TEXT_SETTINGS: [&str; 21] = [
     "public_url",
     "node_id",
     "jwt_hs256_secret",
@@ -31,6 +31,7 @@ const TEXT_SETTINGS: [&str; 20] = [
     "kafka_provisioning_topic",
     "kafka_group_id",
     "kafka_dead_letter_topic",
+    "schema_registry_url",
     "log",
 ];
 
@@ -76,6 +77,8 @@ pub struct Settings {
     pub kafka_publish_timeout_ms: u64,
     /// Extra librdkafka properties (security.protocol, sasl.*, ssl.*…).
     pub kafka_properties: HashMap<String, String>,
+    /// Confluent-compatible schema registry for Kafka records; single-object encoding when unset.
+    pub schema_registry_url: Option<String>,
     pub jwt_hs256_secret: Option<String>,
     /// PEM file with an RSA public key for RS256 tokens.
     pub jwt_rs256_public_key_file: Option<PathBuf>,
@@ -151,6 +154,7 @@ impl Default for Settings {
             kafka_dead_letter_topic: String::new(),
             kafka_publish_timeout_ms: 5000,
             kafka_properties: HashMap::new(),
+            schema_registry_url: None,
             jwt_hs256_secret: None,
             jwt_rs256_public_key_file: None,
             jwt_es256_public_key_file: None,
@@ -283,6 +287,7 @@ impl Settings {
             dead_letter_topic: non_empty(&self.kafka_dead_letter_topic),
             publish_timeout: Duration::from_millis(self.kafka_publish_timeout_ms),
             properties: self.kafka_properties.clone(),
+            registry_url: self.schema_registry_url.clone(),
         }
     }
     pub fn dedup_window(&self) -> Duration {

@@ -8,10 +8,13 @@
 //! topic/partition/offset, copied to the dead-letter topic when one is set, and
 //! skipped: it never stops its partition.
 
+use super::registry::{RegistryError, SchemaRegistry};
 use super::{Bus, BusError, OutRecord};
 use crate::metrics::Metrics;
 use crate::notify::Router;
+use crate::schema::wire::confluent_frame;
 use crate::schema::SchemaSet;
+use apache_avro::types::Value as Avro;
 use async_trait::async_trait;
 use futures_util::FutureExt;
 use rdkafka::config::ClientConfig;
@@ -46,6 +49,8 @@ pub struct KafkaSettings {
     pub publish_timeout: Duration,
     /// Any other librdkafka property (security.protocol, sasl.*, ssl.*…).
     pub properties: HashMap<String, String>,
+    /// Confluent-compatible schema registry; without one, single-object encoding.
+    pub registry_url: Option<String>,
 }
 
 impl KafkaSettings {
@@ -59,7 +64,14 @@ impl KafkaSettings {
     }
 }
 
+/// Why a record could not be decoded: worth a retry, or never.
+enum DecodeError {
+    Retry(String),
+    Skip(String),
+}
+
 pub struct KafkaBus {
+    registry: Option<SchemaRegistry>,
     /// Replaced after an outage (see `health`).
     producer: std::sync::RwLock<Arc<FutureProducer>>,
     schemas: Arc<SchemaSet>,
@@ -74,7 +86,14 @@ impl KafkaBus {
     pub fn new(settings: KafkaSettings, schemas: Arc<SchemaSet>) -> Result<KafkaBus, BusError> {
         let producer = Arc::new(new_producer(&settings)?);
         let caught_up = settings.provisioning_topic.is_none();
+        let registry = match &settings.registry_url {
+            Some(url) => Some(
+                SchemaRegistry::new(url, settings.publish_timeout).map_err(|e| BusError::Unavailable(e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(KafkaBus {
+            registry,
             producer: std::sync::RwLock::new(producer),
             schemas,
             settings,
@@ -122,6 +141,22 @@ impl KafkaBus {
         Ok(())
     }
 
+    /// The record name and value of a consumed payload: Confluent-framed when a
+    /// registry is configured and the payload starts with `00`, else single-object.
+    async fn decode(&self, payload: &[u8]) -> Result<(String, Avro), DecodeError> {
+        let wire = self.schemas.wire();
+        if let (Some(registry), Some((id, datum))) = (&self.registry, confluent_frame(payload)) {
+            let writer = registry.writer(id).await.map_err(|e| match e {
+                RegistryError::Http(_) => DecodeError::Retry(e.to_string()),
+                RegistryError::BadSchema { .. } => DecodeError::Skip(e.to_string()),
+            })?;
+            let (name, value) =
+                wire.decode_confluent(&writer.0, &writer.1, datum).map_err(|e| DecodeError::Skip(e.to_string()))?;
+            return Ok((name.to_owned(), value));
+        }
+        wire.decode(payload).map(|(n, v)| (n.to_owned(), v)).map_err(|e| DecodeError::Skip(e.to_string()))
+    }
+
     /// Copies a record the bridge cannot use to the dead-letter topic.
     async fn dead_letter(&self, m: &BorrowedMessage<'_>, reason: &str) {
         let Some(topic) = &self.settings.dead_letter_topic else { return };
@@ -142,12 +177,23 @@ impl KafkaBus {
 #[async_trait]
 impl Bus for KafkaBus {
     async fn publish(&self, record: OutRecord) -> Result<(), BusError> {
-        let bytes = self
-            .schemas
-            .wire()
-            .encode(&record.record, record.value)
-            .map_err(|e| BusError::Unavailable(e.to_string()))?;
-        let r = FutureRecord::to(self.topic_of(&record.record)).key(&record.key).payload(&bytes);
+        let topic = self.topic_of(&record.record);
+        let wire = self.schemas.wire();
+        let unavailable = BusError::Unavailable;
+        let bytes = match &self.registry {
+            Some(registry) => {
+                let schema =
+                    wire.schema(&record.record).ok_or_else(|| unavailable(format!("no schema {}", record.record)))?;
+                let id = registry
+                    .id_for(&format!("{topic}-value"), &record.record, schema)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                wire.encode_confluent(&record.record, id, record.value)
+            }
+            None => wire.encode(&record.record, record.value),
+        }
+        .map_err(|e| unavailable(e.to_string()))?;
+        let r = FutureRecord::to(topic).key(&record.key).payload(&bytes);
         match self.producer().send(r, Timeout::After(self.settings.publish_timeout)).await {
             Ok(_) => Ok(()),
             Err((e, _)) => {
@@ -171,8 +217,11 @@ async fn health(bus: Arc<KafkaBus>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let producer = bus.producer();
+        // One topic, not all: the answer is small, and it names the brokers all the same.
+        let topic = bus.settings.action_topic.clone();
         let up = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(None, Duration::from_secs(1)).is_ok_and(|m| !m.brokers().is_empty())
+            let md = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(1));
+            md.is_ok_and(|m| !m.brokers().is_empty())
         })
         .await
         .unwrap_or(false);
@@ -280,8 +329,12 @@ impl Ingest {
         });
         let mut n = 0;
         while let Some(payload) = rx.recv().await {
-            let Ok((record, value)) = self.bus.schemas.wire().decode(&payload) else { continue };
-            if let Ok(ev) = self.router.event_from_avro(record, value) {
+            let (record, value) = match self.bus.decode(&payload).await {
+                Ok(d) => d,
+                Err(DecodeError::Retry(e)) => return Err(e),
+                Err(DecodeError::Skip(_)) => continue,
+            };
+            if let Ok(ev) = self.router.event_from_avro(&record, value) {
                 self.router.apply_directory(&ev).await.map_err(|e| e.to_string())?;
                 n += 1;
             }
@@ -327,10 +380,22 @@ impl Ingest {
     }
 
     async fn handle(&self, m: &BorrowedMessage<'_>, stop: &CancellationToken) {
-        let decoded = self.bus.schemas.wire().decode(m.payload().unwrap_or_default());
+        let decoded = loop {
+            match self.bus.decode(m.payload().unwrap_or_default()).await {
+                Err(DecodeError::Retry(e)) => {
+                    // The registry is away: the record is fine, wait for it.
+                    tracing::warn!(error = %e, at = %at(m), "cannot decode yet; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+                other => break other,
+            }
+        };
         let event = match decoded {
-            Ok((record, value)) => self.router.event_from_avro(record, value).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok((record, value)) => self.router.event_from_avro(&record, value).map_err(|e| e.to_string()),
+            Err(DecodeError::Skip(e) | DecodeError::Retry(e)) => Err(e),
         };
         let ev = match event {
             Ok(ev) => ev,

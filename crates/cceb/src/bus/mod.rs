@@ -5,6 +5,7 @@
 
 pub mod embedded;
 pub mod kafka;
+mod registry;
 
 pub use embedded::EmbeddedBus;
 pub use kafka::{KafkaBus, KafkaSettings};

@@ -1,6 +1,8 @@
 //! Avro on the bus: single-object encoding (`C3 01`, the 8-byte little-endian
-//! CRC-64-AVRO fingerprint of the writer schema, then the binary datum). The
-//! fingerprint names the record, so a consumer needs no registry.
+//! CRC-64-AVRO fingerprint of the writer schema, then the binary datum), whose
+//! fingerprint names the record so a consumer needs no registry; and the
+//! Confluent framing (`00`, a big-endian 4-byte schema id, the datum) used
+//! with a schema registry.
 
 use apache_avro::headers::{HeaderBuilder, RabinFingerprintHeader};
 use apache_avro::schema::Schema;
@@ -9,6 +11,16 @@ use std::collections::HashMap;
 
 const MAGIC: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
+const CONFLUENT_HEADER_LEN: usize = 5;
+
+/// The schema id and datum of a Confluent-framed message, if it is one.
+pub fn confluent_frame(bytes: &[u8]) -> Option<(u32, &[u8])> {
+    if bytes.len() < CONFLUENT_HEADER_LEN || bytes[0] != 0 {
+        return None;
+    }
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    Some((id, &bytes[CONFLUENT_HEADER_LEN..]))
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
@@ -56,6 +68,39 @@ impl Wire {
         Ok(out)
     }
 
+    /// A record's own schema (to register it, or to resolve a writer's data to it).
+    pub fn schema(&self, record: &str) -> Option<&Schema> {
+        self.records.get(record).map(|(s, _)| s)
+    }
+
+    /// `00`, the schema id, the binary datum.
+    pub fn encode_confluent(&self, record: &str, id: u32, value: Avro) -> Result<Vec<u8>, WireError> {
+        let (schema, _) = self.records.get(record).ok_or_else(|| WireError::UnknownRecord(record.to_owned()))?;
+        let datum = apache_avro::to_avro_datum(schema, value)
+            .map_err(|e| WireError::Encode { record: record.to_owned(), reason: e.to_string() })?;
+        let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
+        out.push(0);
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&datum);
+        Ok(out)
+    }
+
+    /// Decodes a Confluent datum written with `writer` (named `record`) into
+    /// the set's own schema of that record.
+    pub fn decode_confluent<'a>(
+        &'a self,
+        record: &str,
+        writer: &Schema,
+        datum: &[u8],
+    ) -> Result<(&'a str, Avro), WireError> {
+        let (name, (ours, _)) =
+            self.records.get_key_value(record).ok_or_else(|| WireError::UnknownRecord(record.to_owned()))?;
+        let mut rest = datum;
+        let value = apache_avro::from_avro_datum(writer, &mut rest, Some(ours))
+            .map_err(|e| WireError::Decode { record: name.clone(), reason: e.to_string() })?;
+        Ok((name, value))
+    }
+
     /// The record name and value of one single-object encoded message.
     pub fn decode<'a>(&'a self, bytes: &[u8]) -> Result<(&'a str, Avro), WireError> {
         if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
@@ -98,6 +143,21 @@ mod tests {
         let mut truncated = bytes;
         truncated.truncate(12);
         assert!(matches!(set.wire().decode(&truncated), Err(WireError::Decode { .. })));
+    }
+
+    #[test]
+    fn confluent_framing_carries_the_schema_id_and_decodes_with_the_writer_schema() {
+        let set = SchemaSet::load(None).expect("default set");
+        let (r, _) = set.event("AgentPresenceEvent").expect("record");
+        let v = set.build(r, json!({"tenantGuid":"t","agentGuid":"a","state":"Away"}).as_object().expect("obj"));
+        let v = v.expect("valid");
+        let bytes = set.wire().encode_confluent("AgentPresenceEvent", 258, v.clone()).expect("encodes");
+        let (id, datum) = confluent_frame(&bytes).expect("framed");
+        assert_eq!((bytes[0], id), (0, 258));
+        let writer = set.wire().schema("AgentPresenceEvent").expect("schema").clone();
+        assert_eq!(set.wire().decode_confluent("AgentPresenceEvent", &writer, datum), Ok(("AgentPresenceEvent", v)));
+        assert_eq!(confluent_frame(&[0, 1]), None);
+        assert_eq!(confluent_frame(&[0xC3, 1, 0, 0, 0, 0]), None);
     }
 
     static SET: std::sync::LazyLock<SchemaSet> =

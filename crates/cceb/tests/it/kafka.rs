@@ -10,6 +10,29 @@ use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::json;
 
+/// The first record of partition 0 of `topic`: payload and headers.
+async fn first_record(brokers: &str, topic: &str) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let (brokers, topic) = (brokers.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("reader-{}", uuid::Uuid::new_v4()))
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning).expect("offset");
+        c.assign(&tpl).expect("assign");
+        let m = c.poll(PATIENCE * 2).expect("a record").expect("record");
+        let headers = m
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec())).collect())
+            .unwrap_or_default();
+        (m.payload().unwrap_or_default().to_vec(), headers)
+    })
+    .await
+    .expect("join")
+}
+
 fn kafka(b: &TestBridge) -> &crate::kafka_backend::KafkaBackend {
     b.kafka.as_ref().expect("this module runs against a Kafka broker (CCEB_TEST_KAFKA)")
 }
@@ -58,23 +81,9 @@ async fn an_undecodable_record_is_skipped_counted_and_dead_lettered_and_the_part
     let metrics = b.http.get(b.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
     let skipped = metrics.lines().find_map(|l| l.strip_prefix("cceb_events_total{outcome=\"undecodable\"} "));
     assert!(skipped.and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= 2.0), "{metrics}");
-    let dead = tokio::task::spawn_blocking(move || {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .set("group.id", format!("dlq-reader-{}", uuid::Uuid::new_v4()))
-            .create()
-            .expect("consumer");
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&dlq, 0, Offset::Beginning).expect("offset");
-        c.assign(&tpl).expect("assign");
-        let m = c.poll(PATIENCE * 2).expect("a dead letter").expect("record");
-        let reason = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == "cceb-error").and_then(|h| h.value.map(<[u8]>::to_vec)));
-        (m.payload().unwrap_or_default().to_vec(), reason)
-    })
-    .await
-    .expect("join");
+    let (payload, headers) = first_record(&brokers, &dlq).await;
+    let reason = headers.into_iter().find(|(k, _)| k == "cceb-error").map(|(_, v)| v);
+    let dead = (payload, reason);
     assert_eq!(dead.0, b"definitely not avro");
     assert!(dead.1.is_some_and(|r| !r.is_empty()), "the reason travels in a header");
 }
@@ -206,4 +215,87 @@ async fn a_broker_outage_is_backend_unavailable_and_everything_resumes_when_it_r
     presence(&b, "after-outage").await;
     let (_, _, _, data) = c.notification().await;
     assert_eq!(data["state"], "after-outage", "consumption resumed by itself");
+}
+
+/// Subjects and schemas a registry received, by id (1-based).
+type Registered = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+/// The two endpoints of the Confluent schema registry REST API the bridge
+/// uses. No Confluent-compatible registry can be installed on this machine
+/// (none is packaged for crates.io, PyPI, Debian or npm), so this stands in.
+async fn registry() -> (String, Registered) {
+    use axum::extract::{Path, State};
+    use axum::routing::{get, post};
+    use axum::Json;
+    use serde_json::Value;
+    let seen: Registered = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/subjects/{subject}/versions",
+            post(|State(seen): State<Registered>, Path(subject): Path<String>, Json(body): Json<Value>| async move {
+                let schema = body["schema"].as_str().unwrap_or_default().to_owned();
+                let mut seen = seen.lock().expect("lock");
+                let id = match seen.iter().position(|(_, s)| *s == schema) {
+                    Some(i) => i + 1,
+                    None => {
+                        seen.push((subject, schema));
+                        seen.len()
+                    }
+                };
+                Json(json!({ "id": id }))
+            }),
+        )
+        .route(
+            "/schemas/ids/{id}",
+            get(|State(seen): State<Registered>, Path(id): Path<usize>| async move {
+                let seen = seen.lock().expect("lock");
+                Json(json!({ "schema": seen.get(id.wrapping_sub(1)).map(|(_, s)| s.clone()) }))
+            }),
+        )
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn with_a_schema_registry_records_use_the_confluent_framing_both_ways() {
+    let (url, seen) = registry().await;
+    let b = TestBridge::with(|s| s.schema_registry_url = Some(url.clone())).await;
+    let k = kafka(&b);
+    let (mut c, _) = b.agent("t", "a").await;
+    c.expect_ack_of_action("r1", "ChangeAgentStateEvent", json!({"state": "Away"})).await;
+    let brokers = std::env::var("CCEB_TEST_KAFKA").expect("brokers");
+    let (payload, _) = first_record(&brokers, &k.actions_topic).await;
+    assert_eq!(payload[0], 0, "Confluent magic byte");
+    let id = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]) as usize;
+    let (subject, schema) = seen.lock().expect("lock")[id - 1].clone();
+    assert_eq!(subject, format!("{}-value", k.actions_topic), "TopicNameStrategy subject");
+    let writer = apache_avro::Schema::parse_str(&schema).expect("a registered Avro schema");
+    let value = apache_avro::from_avro_datum(&writer, &mut &payload[5..], None).expect("decodes");
+    let value = cceb::schema::convert::to_json(&value, cceb::schema::Keys::AsIs);
+    assert_eq!((&value["state"], &value["agentGuid"]), (&json!("Away"), &json!("a")));
+
+    // The backend registers its event schema and frames its record the same way.
+    let set = cceb::schema::SchemaSet::load(None).expect("schemas");
+    let event_schema = set.wire().schema("AgentPresenceEvent").expect("schema").clone();
+    let text = serde_json::to_string(&event_schema).expect("json");
+    let r: serde_json::Value = reqwest::Client::new()
+        .post(format!("{url}/subjects/{}-value/versions", k.events_topic))
+        .json(&json!({ "schema": text }))
+        .send()
+        .await
+        .expect("registry answers")
+        .json()
+        .await
+        .expect("json");
+    let id = r["id"].as_u64().expect("id") as u32;
+    let (rec, _) = set.event("AgentPresenceEvent").expect("record");
+    let v = set.build(rec, json!({"tenantGuid":"t","agentGuid":"a","state":"framed"}).as_object().expect("obj"));
+    let bytes = set.wire().encode_confluent("AgentPresenceEvent", id, v.expect("valid")).expect("encodes");
+    let (partition, offset) = k.produce(&k.events_topic, "a", &bytes).await;
+    k.wait_committed(&k.events_topic, partition, offset).await;
+    let (_, _, _, data) = c.notification().await;
+    assert_eq!(data["state"], "framed");
 }

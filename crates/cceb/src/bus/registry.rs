@@ -1,0 +1,97 @@
+//! A Confluent-compatible schema registry client: schema ids for the records
+//! the bridge produces (registered under `<topic>-value`, the registry's
+//! default TopicNameStrategy) and writer schemas for the ids it consumes.
+//! Both are cached: the registry is asked once per (subject, record) and id.
+
+use apache_avro::schema::Schema;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("schema registry: {0}")]
+    Http(String),
+    #[error("schema registry id {id}: {reason}")]
+    BadSchema { id: u32, reason: String },
+}
+
+type Writer = Arc<(String, Schema)>;
+
+pub struct SchemaRegistry {
+    http: reqwest::Client,
+    url: String,
+    ids: Mutex<HashMap<(String, String), u32>>,
+    writers: Mutex<HashMap<u32, Writer>>,
+}
+
+#[derive(Deserialize)]
+struct IdAnswer {
+    id: u32,
+}
+
+#[derive(Deserialize)]
+struct SchemaAnswer {
+    schema: String,
+}
+
+impl SchemaRegistry {
+    pub fn new(url: &str, timeout: Duration) -> Result<SchemaRegistry, RegistryError> {
+        let http =
+            reqwest::Client::builder().timeout(timeout).build().map_err(|e| RegistryError::Http(e.to_string()))?;
+        Ok(SchemaRegistry {
+            http,
+            url: url.trim_end_matches('/').to_owned(),
+            ids: Mutex::default(),
+            writers: Mutex::default(),
+        })
+    }
+
+    /// The id of `schema` under `subject`, registering it if the registry does not have it.
+    pub async fn id_for(&self, subject: &str, record: &str, schema: &Schema) -> Result<u32, RegistryError> {
+        let key = (subject.to_owned(), record.to_owned());
+        if let Some(&id) = self.ids.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+            return Ok(id);
+        }
+        let text = serde_json::to_string(schema).map_err(|e| RegistryError::Http(e.to_string()))?;
+        let r = self
+            .http
+            .post(format!("{}/subjects/{subject}/versions", self.url))
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .json(&json!({ "schema": text }))
+            .send()
+            .await
+            .map_err(|e| RegistryError::Http(e.to_string()))?;
+        if !r.status().is_success() {
+            return Err(RegistryError::Http(format!("registering {subject} answered {}", r.status())));
+        }
+        let id = r.json::<IdAnswer>().await.map_err(|e| RegistryError::Http(e.to_string()))?.id;
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(key, id);
+        Ok(id)
+    }
+
+    /// The record name and writer schema of `id`.
+    pub async fn writer(&self, id: u32) -> Result<Writer, RegistryError> {
+        if let Some(w) = self.writers.lock().unwrap_or_else(PoisonError::into_inner).get(&id) {
+            return Ok(w.clone());
+        }
+        let r = self
+            .http
+            .get(format!("{}/schemas/ids/{id}", self.url))
+            .send()
+            .await
+            .map_err(|e| RegistryError::Http(e.to_string()))?;
+        if !r.status().is_success() {
+            return Err(RegistryError::Http(format!("schema id {id} answered {}", r.status())));
+        }
+        let text = r.json::<SchemaAnswer>().await.map_err(|e| RegistryError::Http(e.to_string()))?.schema;
+        let bad = |reason: String| RegistryError::BadSchema { id, reason };
+        let schema = Schema::parse_str(&text).map_err(|e| bad(e.to_string()))?;
+        let Schema::Record(rs) = &schema else { return Err(bad("not a record".into())) };
+        let w = Arc::new((rs.name.name.clone(), schema.clone()));
+        self.writers.lock().unwrap_or_else(PoisonError::into_inner).insert(id, w.clone());
+        Ok(w)
+    }
+}
