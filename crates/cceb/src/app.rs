@@ -73,9 +73,7 @@ impl Bridge {
     pub async fn start(settings: Settings) -> Result<Bridge, StartError> {
         let schemas = Arc::new(SchemaSet::load(settings.schema_dir.as_deref())?);
         let verifier = Verifier::from_settings(&settings)?;
-        let listen = |addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })
-        };
+        let listen = |addr: SocketAddr| async move { bind(addr).map_err(|source| StartError::Listen { addr, source }) };
         let public = listen(settings.listen).await?;
         let addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
         // The backend port stands in for a real bus: only the embedded bus has one.
@@ -221,6 +219,18 @@ impl Bridge {
         shared.store.close().await;
         tracing::info!("cceb stopped");
     }
+}
+
+/// Most connections waiting to be accepted. The default (128 in std) overflowed
+/// under reconnect storms: every dropped SYN costs the client a 1 s retransmit.
+const ACCEPT_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // A restarted bridge can bind again while old connections sit in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_BACKLOG)
 }
 
 /// Expires sessions whose TTL passed, every `sweep_interval_ms`.

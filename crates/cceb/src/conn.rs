@@ -182,15 +182,23 @@ impl Conn {
         let mut due = Vec::new();
         let mut bucket =
             TokenBucket::new(settings.action_rate_per_second, settings.action_burst, Instant::now().into_std());
+        // Made once, not per turn of the loop: each turn is one notification or
+        // ack at high rates, and re-arming timers and token waits showed in profiles.
+        let shutdown = self.shared.shutdown.clone();
+        let stopping = shutdown.cancelled();
+        let taken_over = attachment.taken_over.cancelled();
+        let expiry = sleep_until(token_expiry);
+        let redeliver = sleep_until(token_expiry);
+        tokio::pin!(stopping, taken_over, expiry, redeliver);
         loop {
             let step = tokio::select! {
                 biased;
-                _ = self.shared.shutdown.cancelled() => Step::Stop(Close(close::SERVICE_RESTART, "server restarting")),
-                _ = sleep_until(token_expiry) => Step::Stop(Close(close::TOKEN_EXPIRED, "token expired")),
-                _ = attachment.taken_over.cancelled() => Step::Stop(Close(close::TAKEN_OVER, "session taken over")),
+                _ = &mut stopping => Step::Stop(Close(close::SERVICE_RESTART, "server restarting")),
+                _ = &mut expiry => Step::Stop(Close(close::TOKEN_EXPIRED, "token expired")),
+                _ = &mut taken_over => Step::Stop(Close(close::TAKEN_OVER, "session taken over")),
                 (uuid, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => Step::ActionDone(uuid, r),
                 _ = session.wake.notified() => Step::Wake,
-                _ = sleep_until(redeliver_at.unwrap_or_else(Instant::now)), if redeliver_at.is_some() => Step::Wake,
+                _ = &mut redeliver, if redeliver_at.is_some() => Step::Wake,
                 _ = heartbeat.tick() => Step::Heartbeat,
                 f = self.ws.recv() => Step::Frame(f),
             };
@@ -200,9 +208,13 @@ impl Conn {
                     if session.overflowed() {
                         return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
                     }
-                    redeliver_at = session
+                    let next = session
                         .take_due(attachment.generation, Instant::now().into_std(), ack_timeout, &mut due)
                         .map(Instant::from_std);
+                    if let Some(at) = next.filter(|&at| redeliver_at != Some(at)) {
+                        redeliver.as_mut().reset(at);
+                    }
+                    redeliver_at = next;
                     if let Err(c) = self.write_due(&mut due).await {
                         return Some(c);
                     }

@@ -122,7 +122,9 @@ impl Router {
     /// Sends one notification the bridge makes itself (e.g. the synthesised
     /// off-hook offering); returns how many sessions got it.
     pub fn send(&self, to: &Target, ty: NotificationType, data: &Json) -> usize {
-        let n = Arc::new(Notification { ty, uuid: uuid::Uuid::new_v4().to_string(), data: data.to_string().into() });
+        // A v4 uuid from the thread-local generator: `new_v4` asks the kernel each time.
+        let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string();
+        let n = Arc::new(Notification { ty, uuid, data: data.to_string().into() });
         let deliver = |s: &Arc<crate::session::Session>| self.sessions.deliver_to(&n, s);
         let registry = self.sessions.registry();
         let count = match to {
