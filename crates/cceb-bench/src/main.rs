@@ -99,6 +99,10 @@ async fn main() -> anyhow::Result<()> {
 /// Each session is a socket on both sides; 50k sessions need well over the usual 1024.
 fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
     let (_, hard) = rlimit::Resource::NOFILE.get()?;
+    // Root may raise the hard limit too; the server (our child) inherits both.
+    if want > hard && rlimit::Resource::NOFILE.set(want, want).is_ok() {
+        return Ok(());
+    }
     let soft = want.min(hard);
     rlimit::Resource::NOFILE.set(soft, hard)?;
     if soft < want {
