@@ -306,18 +306,7 @@ impl Sessions {
         mut fields: Map<String, Json>,
     ) -> Result<(), PublishError> {
         let record = self.schemas.record(name).ok_or_else(|| PublishError::NoSchema(name.to_owned()))?;
-        for (k, v) in [
-            ("tenantGuid", Json::from(&*who.tenant_guid)),
-            ("agentGuid", Json::from(&*who.agent_guid)),
-            ("irInstance", Json::from(&*who.ir_instance)),
-            ("isSystemAction", Json::Bool(true)),
-            ("isRelocate", Json::Bool(false)),
-            ("source", Json::from(self.settings.source.as_str())),
-        ] {
-            if record.has_field(k) {
-                fields.insert(k.to_owned(), v);
-            }
-        }
+        crate::actions::inject_identity(record, &mut fields, who, true, &self.settings.source);
         let value = self.schemas.build(record, &fields).map_err(|e| PublishError::Schema(e.to_string()))?;
         self.bus.publish(OutRecord { record: name.to_owned(), key: who.agent_guid.to_string(), value }).await?;
         Ok(())
