@@ -111,9 +111,12 @@ impl Sessions {
     /// a key was given).
     pub async fn open(&self, agent: AgentId, req: OpenRequest) -> Result<Opened, StoreError> {
         if let Some(text) = &req.session_key {
-            if let Some(session) = self.find(&agent, text) {
+            let found = self.find(&agent, text);
+            // None: it ended between the lookup and now; a new session follows.
+            if let Some((session, attachment)) =
+                found.and_then(|s| s.attach(req.auto_accept, req.push_token.clone()).map(|a| (s, a)))
+            {
                 // No sync: after a crash the session counts as disconnected anyway.
-                let attachment = session.attach(req.auto_accept, req.push_token);
                 self.metrics.sessions_resumed.increment(1);
                 return Ok(Opened { session, attachment, key: Some(text.clone()), resumed: true });
             }
@@ -121,7 +124,7 @@ impl Sessions {
         let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
         if !(req.long_lived || req.session_key.is_some()) {
             let session = Arc::new(Session::new(id, agent, self.settings.max_unacked, req.auto_accept));
-            let attachment = session.attach(req.auto_accept, None);
+            let attachment = session.attach(req.auto_accept, None).ok_or_else(ended_at_once)?;
             self.add(session.clone());
             return Ok(Opened { session, attachment, key: None, resumed: false });
         }
@@ -137,7 +140,7 @@ impl Sessions {
         };
         let outbox = Outbox::new(self.settings.mailbox_capacity);
         let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
-        let attachment = session.attach(req.auto_accept, req.push_token);
+        let attachment = session.attach(req.auto_accept, req.push_token).ok_or_else(ended_at_once)?;
         // The key must survive a crash before the client is given it.
         self.store.sync().await?;
         self.add(session.clone());
@@ -183,9 +186,10 @@ impl Sessions {
 
     /// `end_session`: the session, its key and its mailbox are gone.
     pub async fn end(&self, session: &Arc<Session>) -> Result<(), StoreError> {
-        if !session.is_long_lived() || !self.remove(session) {
+        if !session.is_long_lived() || !session.end(None) {
             return Ok(());
         }
+        self.remove(session);
         self.store.session_delete(&session.id);
         self.store.sync().await?;
         self.availability_changed(&session.agent, -1).await;
@@ -197,7 +201,10 @@ impl Sessions {
     pub async fn sweep(&self) {
         let now = now_ms();
         for s in self.registry.all_long_lived() {
-            if !s.valid_at(now, self.settings.ttl) && self.remove(&s) {
+            // Ended under the session's lock: a resume racing the sweep either
+            // attached first (then it is valid) or finds it ended.
+            if s.end(Some((now, self.settings.ttl))) {
+                self.remove(&s);
                 tracing::debug!(session = %s.id, "session expired");
                 self.metrics.sessions_expired.increment(1);
                 self.store.session_delete(&s.id);
@@ -318,6 +325,12 @@ impl Sessions {
             s.detach_any();
         }
     }
+}
+
+/// A session that was just made cannot have ended; if it somehow did, the
+/// client is told to reconnect rather than the bridge panicking.
+fn ended_at_once() -> StoreError {
+    StoreError::Unavailable("the new session ended before it was attached".into())
 }
 
 #[derive(Debug, thiserror::Error)]

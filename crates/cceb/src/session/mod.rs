@@ -54,6 +54,8 @@ struct State {
     attached: Option<(u64, CancellationToken)>,
     generation: u64,
     disconnected_at_ms: Option<u64>,
+    /// Ended (`end_session`, expiry): never attached or written again.
+    ended: bool,
 }
 
 /// A connection's hold on a session.
@@ -134,6 +136,7 @@ impl Session {
                 attached: None,
                 generation: 0,
                 disconnected_at_ms,
+                ended: false,
             }),
             wake: Notify::new(),
             overflowed: AtomicBool::new(false),
@@ -162,11 +165,27 @@ impl Session {
     /// Whether the session is still valid at `now_ms`: attached, or
     /// disconnected for less than `ttl`.
     pub fn valid_at(&self, now_ms: u64, ttl: Duration) -> bool {
-        let st = self.state();
-        match (st.attached.is_some(), st.disconnected_at_ms) {
-            (true, _) | (false, None) => true,
-            (false, Some(at)) => now_ms < at.saturating_add(ttl.as_millis() as u64),
+        Self::valid(&self.state(), now_ms, ttl)
+    }
+
+    fn valid(st: &State, now_ms: u64, ttl: Duration) -> bool {
+        match (st.ended, st.attached.is_some(), st.disconnected_at_ms) {
+            (true, _, _) => false,
+            (false, true, _) | (false, false, None) => true,
+            (false, false, Some(at)) => now_ms < at.saturating_add(ttl.as_millis() as u64),
         }
+    }
+
+    /// Ends the session — unless `unless_valid_at` (now, TTL) finds it still
+    /// valid — so that no later resume can attach to it and nothing more is
+    /// written for it. Returns whether this call ended it.
+    pub fn end(&self, unless_valid_at: Option<(u64, Duration)>) -> bool {
+        let mut st = self.state();
+        if st.ended || unless_valid_at.is_some_and(|(now, ttl)| Self::valid(&st, now, ttl)) {
+            return false;
+        }
+        st.ended = true;
+        true
     }
 
     /// The record the store keeps, `None` for a short-lived session.
@@ -190,6 +209,9 @@ impl Session {
     /// Writes the record through (buffered) while `st` is held, so records
     /// reach the store in the order they changed.
     fn save(&self, st: &State) {
+        if st.ended {
+            return;
+        }
         if let Some(ll) = &self.long_lived {
             ll.store.session_put(&self.record_of(ll, st));
         }
@@ -198,8 +220,12 @@ impl Session {
     /// Attaches a connection: any earlier one is taken over, and everything
     /// unacked is due again to the new one. `auto_accept` and `push_token`
     /// follow what the client asks now.
-    pub fn attach(&self, auto_accept: bool, push_token: Option<String>) -> Attachment {
+    /// `None` once the session has ended.
+    pub fn attach(&self, auto_accept: bool, push_token: Option<String>) -> Option<Attachment> {
         let mut st = self.state();
+        if st.ended {
+            return None;
+        }
         if let Some((_, old)) = st.attached.take() {
             old.cancel();
         }
@@ -216,7 +242,7 @@ impl Session {
         let generation = st.generation;
         drop(st);
         self.wake.notify_one();
-        Attachment { generation, taken_over, dropped }
+        Some(Attachment { generation, taken_over, dropped })
     }
 
     /// Detaches the connection of `generation` if it is still the attached
@@ -246,7 +272,7 @@ impl Session {
         let mut st = self.state();
         let pushed = st.outbox.push(n.clone());
         let mut out = Delivered { dropped: pushed.dropped.is_some(), announce_to: None };
-        if let Some(ll) = &self.long_lived {
+        if let Some(ll) = self.long_lived.as_ref().filter(|_| !st.ended) {
             // Under the lock: an ack of this seq must not reach the store before its put.
             ll.store.mailbox_put(&self.id, pushed.seq, n);
             if let Some(seq) = pushed.dropped {
@@ -271,7 +297,7 @@ impl Session {
     pub fn ack(&self, uuid: &str, now: Instant) -> Option<Duration> {
         let mut st = self.state();
         let (seq, waited) = st.outbox.ack(uuid, now)?;
-        if let Some(ll) = &self.long_lived {
+        if let Some(ll) = self.long_lived.as_ref().filter(|_| !st.ended) {
             ll.store.mailbox_remove(&self.id, seq);
         }
         Some(waited)

@@ -118,8 +118,8 @@ async fn a_second_connection_with_the_key_takes_over_and_the_first_is_closed_wit
 }
 
 #[tokio::test]
-async fn end_session_drops_the_mailbox_and_kills_the_key() {
-    let b = TestBridge::start().await;
+async fn end_session_drops_the_mailbox_and_kills_the_key_also_across_a_restart() {
+    let mut b = TestBridge::start().await;
     let mut c = b.connect().await;
     let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
     presence(&b, "t", "a", "unacked").await;
@@ -130,6 +130,10 @@ async fn end_session_drops_the_mailbox_and_kills_the_key() {
     let (mut c, r) = resume(&b.ws_url(), "t", "a", &key).await;
     assert!(!r.resumed);
     assert!(c.round_trip("empty").await.is_empty(), "the mailbox went with the session");
+    drop(c);
+    b.restart().await;
+    let (_, r) = resume(&b.ws_url(), "t", "a", &key).await;
+    assert!(!r.resumed, "an ended session does not come back after a restart");
 }
 
 #[tokio::test]
