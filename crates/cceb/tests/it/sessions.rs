@@ -383,3 +383,37 @@ async fn a_session_whose_ttl_passed_while_the_bridge_was_down_is_gone_after_the_
     let (_, r) = resume(&b.ws_url(), "t", "a", &key).await;
     assert!(!r.resumed);
 }
+
+#[tokio::test]
+async fn a_webhook_that_never_answers_does_not_hold_up_delivery() {
+    // Accepts connections and reads nothing: every announcement hangs until its timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/push", silent.local_addr().expect("addr"));
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = silent.accept().await {
+            keep.lock().expect("lock").push(sock);
+        }
+    });
+    let b = TestBridge::with(|s| s.push_webhook_url = Some(url)).await;
+    let mut c = b.connect().await;
+    let key = long_lived(&mut c, "t", "a", json!({"push": {"provider": "webhook", "token": "d"}})).await;
+    let key = key.session_key.expect("key");
+    drop(c);
+    for n in 1..=3 {
+        let posted = tokio::time::timeout(PATIENCE, presence(&b, "t", "a", &format!("s{n}"))).await;
+        posted.expect("the backend port answers without waiting for the webhook");
+    }
+    let (mut c, _) = resume(&b.ws_url(), "t", "a", &key).await;
+    let got: Vec<String> = states(&mut c, 3).await.into_iter().map(|(_, _, s)| s).collect();
+    assert_eq!(got, ["s1", "s2", "s3"]);
+    // And the announcements were attempted, hanging on the silent receiver.
+    tokio::time::timeout(PATIENCE, async {
+        while held.lock().expect("lock").is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the bridge tried to announce");
+}
