@@ -200,6 +200,7 @@ impl Sessions {
     /// unpublished availability changes. Run every second or so.
     pub async fn sweep(&self) {
         let now = now_ms();
+        let mut expired = Vec::new();
         for s in self.registry.all_long_lived() {
             // Ended under the session's lock: a resume racing the sweep either
             // attached first (then it is valid) or finds it ended.
@@ -208,11 +209,17 @@ impl Sessions {
                 tracing::debug!(session = %s.id, "session expired");
                 self.metrics.sessions_expired.increment(1);
                 self.store.session_delete(&s.id);
-                if let Err(e) = self.store.sync().await {
-                    tracing::warn!(error = %e, "cannot record an expired session");
-                }
-                self.availability_changed(&s.agent, -1).await;
+                expired.push(s);
             }
+        }
+        // One commit for every session that expired in this sweep.
+        if !expired.is_empty() {
+            if let Err(e) = self.store.sync().await {
+                tracing::warn!(error = %e, "cannot record expired sessions");
+            }
+        }
+        for s in expired {
+            self.availability_changed(&s.agent, -1).await;
         }
         if let Err(e) = self.store.expire().await {
             tracing::warn!(error = %e, "store expiry failed");
