@@ -54,6 +54,20 @@ impl ActionOutcome {
     }
 }
 
+/// How a push announcement ended, for `cceb_push_announcements_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushOutcome {
+    Sent,
+    /// Every attempt failed.
+    Failed,
+    /// The queue was full.
+    Dropped,
+    /// The bridge stopped first.
+    Cancelled,
+}
+
+const PUSH_OUTCOMES: [&str; 4] = ["sent", "failed", "dropped", "cancelled"];
+
 /// Label of actions whose record is not in the schema set (keeps cardinality bounded).
 const UNKNOWN_RECORD: &str = "unknown";
 
@@ -75,6 +89,10 @@ pub struct Metrics {
     pub mailbox_dropped: Counter,
     pub availability_published: Counter,
     errors: Vec<Counter>,
+    /// By `PushOutcome`.
+    push: Vec<Counter>,
+    /// Failed, published.
+    auto_accept: [Counter; 2],
     /// Record name → one counter per outcome, resolved once.
     actions: HashMap<String, Vec<Counter>>,
 }
@@ -111,6 +129,11 @@ impl Metrics {
             mailbox_dropped: counter!("cceb_mailbox_dropped_total"),
             availability_published: counter!("cceb_chat_availability_published_total"),
             errors: ErrorCode::ALL.iter().map(|c| counter!("cceb_errors_total", "code" => c.as_str())).collect(),
+            push: PUSH_OUTCOMES.iter().map(|&o| counter!("cceb_push_announcements_total", "outcome" => o)).collect(),
+            auto_accept: [
+                counter!("cceb_auto_accept_total", "outcome" => "failed"),
+                counter!("cceb_auto_accept_total", "outcome" => "published"),
+            ],
             actions,
         }
     }
@@ -130,14 +153,12 @@ impl Metrics {
         }
     }
 
-    /// `outcome`: sent, failed, dropped (queue full) or cancelled (shutdown).
-    pub fn push_outcome(&self, outcome: &'static str) {
-        counter!("cceb_push_announcements_total", "outcome" => outcome).increment(1);
+    pub fn push_outcome(&self, outcome: PushOutcome) {
+        self.push[outcome as usize].increment(1);
     }
 
-    /// `outcome`: published or failed.
-    pub fn auto_accept(&self, outcome: &'static str) {
-        counter!("cceb_auto_accept_total", "outcome" => outcome).increment(1);
+    pub fn auto_accept(&self, published: bool) {
+        self.auto_accept[usize::from(published)].increment(1);
     }
 
     pub fn render() -> String {

@@ -4,7 +4,7 @@
 //! `try_send` into a bounded queue, and a full queue drops the announcement
 //! (counted), never the notification.
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PushOutcome};
 use cceb_protocol::NotificationType;
 use serde::Serialize;
 use std::sync::Arc;
@@ -72,7 +72,7 @@ impl Webhook {
 impl Push for Webhook {
     fn announce(&self, a: Announcement) {
         if self.tx.try_send(a).is_err() {
-            self.metrics.push_outcome("dropped");
+            self.metrics.push_outcome(PushOutcome::Dropped);
         }
     }
 }
@@ -95,10 +95,10 @@ async fn send_loop(
         let (client, settings, metrics, stop) = (client.clone(), settings.clone(), metrics.clone(), stop.clone());
         tasks.spawn(async move {
             let outcome = tokio::select! {
-                _ = stop.cancelled() => "cancelled",
-                ok = deliver(&client, &settings, &a) => if ok { "sent" } else { "failed" },
+                _ = stop.cancelled() => PushOutcome::Cancelled,
+                ok = deliver(&client, &settings, &a) => if ok { PushOutcome::Sent } else { PushOutcome::Failed },
             };
-            if outcome == "failed" {
+            if outcome == PushOutcome::Failed {
                 tracing::warn!(session = %a.session_id, uuid = %a.uuid, "push announcement failed after retries");
             }
             metrics.push_outcome(outcome);

@@ -255,6 +255,14 @@ fn new_producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
         .map_err(|e| BusError::Unavailable(format!("kafka producer: {e}")))
 }
 
+/// Waits a second before a retry; `false` when the bridge is stopping instead.
+async fn retry_later(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+    }
+}
+
 struct Ingest {
     bus: Arc<KafkaBus>,
     router: Arc<Router>,
@@ -281,9 +289,8 @@ impl Ingest {
                 }
                 Err(e) => tracing::warn!(error = %e, topic, "directory catch-up failed; retrying"),
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if !retry_later(stop).await {
+                return;
             }
         }
     }
@@ -360,16 +367,20 @@ impl Ingest {
             }
             for m in &batch {
                 match m {
-                    Ok(m) => self.handle(m, stop).await,
+                    // Stopped before the record was taken: commit nothing, it comes again.
+                    Ok(m) => {
+                        if !self.handle(m, stop).await {
+                            return;
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
                 }
             }
             // Offsets only once every notification of the batch is durable.
             while let Err(e) = self.router.commit().await {
                 tracing::error!(error = %e, "cannot make notifications durable; offsets held");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if !retry_later(stop).await {
+                    return;
                 }
             }
             self.metrics.event_ingest_seconds.record(started.elapsed().as_secs_f64());
@@ -379,15 +390,16 @@ impl Ingest {
         }
     }
 
-    async fn handle(&self, m: &BorrowedMessage<'_>, stop: &CancellationToken) {
+    /// Takes one record (ingested, or skipped as unusable); `false` when the
+    /// bridge stopped before it could be taken.
+    async fn handle(&self, m: &BorrowedMessage<'_>, stop: &CancellationToken) -> bool {
         let decoded = loop {
             match self.bus.decode(m.payload().unwrap_or_default()).await {
                 Err(DecodeError::Retry(e)) => {
                     // The registry is away: the record is fine, wait for it.
                     tracing::warn!(error = %e, at = %at(m), "cannot decode yet; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    if !retry_later(stop).await {
+                        return false;
                     }
                 }
                 other => break other,
@@ -403,17 +415,17 @@ impl Ingest {
                 self.metrics.events_undecodable.increment(1);
                 tracing::warn!(at = %at(m), %reason, "skipping a record that cannot be used");
                 self.bus.dead_letter(m, &reason).await;
-                return;
+                return true;
             }
         };
         // A store failure must not skip the record: retry until it is taken.
         while let Err(e) = self.router.ingest(&ev).await {
             tracing::error!(error = %e, at = %at(m), "cannot ingest; retrying");
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if !retry_later(stop).await {
+                return false;
             }
         }
         self.metrics.events_accepted.increment(1);
+        true
     }
 }

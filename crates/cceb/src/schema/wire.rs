@@ -58,14 +58,17 @@ impl Wire {
         w
     }
 
-    pub fn encode(&self, record: &str, value: Avro) -> Result<Vec<u8>, WireError> {
+    /// The record's schema, its single-object header, and `value` as a binary datum.
+    fn datum(&self, record: &str, value: Avro) -> Result<(&[u8; HEADER_LEN], Vec<u8>), WireError> {
         let (schema, header) = self.records.get(record).ok_or_else(|| WireError::UnknownRecord(record.to_owned()))?;
         let datum = apache_avro::to_avro_datum(schema, value)
             .map_err(|e| WireError::Encode { record: record.to_owned(), reason: e.to_string() })?;
-        let mut out = Vec::with_capacity(HEADER_LEN + datum.len());
-        out.extend_from_slice(header);
-        out.extend_from_slice(&datum);
-        Ok(out)
+        Ok((header, datum))
+    }
+
+    pub fn encode(&self, record: &str, value: Avro) -> Result<Vec<u8>, WireError> {
+        let (header, datum) = self.datum(record, value)?;
+        Ok([&header[..], &datum].concat())
     }
 
     /// A record's own schema (to register it, or to resolve a writer's data to it).
@@ -75,14 +78,8 @@ impl Wire {
 
     /// `00`, the schema id, the binary datum.
     pub fn encode_confluent(&self, record: &str, id: u32, value: Avro) -> Result<Vec<u8>, WireError> {
-        let (schema, _) = self.records.get(record).ok_or_else(|| WireError::UnknownRecord(record.to_owned()))?;
-        let datum = apache_avro::to_avro_datum(schema, value)
-            .map_err(|e| WireError::Encode { record: record.to_owned(), reason: e.to_string() })?;
-        let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
-        out.push(0);
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(&datum);
-        Ok(out)
+        let (_, datum) = self.datum(record, value)?;
+        Ok([&[0][..], &id.to_be_bytes(), &datum].concat())
     }
 
     /// Decodes a Confluent datum written with `writer` (named `record`) into

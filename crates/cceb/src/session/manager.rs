@@ -123,7 +123,7 @@ impl Sessions {
         }
         let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
         if !(req.long_lived || req.session_key.is_some()) {
-            let session = Arc::new(Session::new(id, agent, self.settings.max_unacked, req.auto_accept));
+            let session = Arc::new(Session::new(id, agent, self.settings.max_unacked));
             let attachment = session.attach(req.auto_accept, None).ok_or_else(ended_at_once)?;
             self.add(session.clone());
             return Ok(Opened { session, attachment, key: None, resumed: false });
@@ -295,16 +295,16 @@ impl Sessions {
             Ok(false) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "auto-accept not claimed");
-                self.metrics.auto_accept("failed");
+                self.metrics.auto_accept(false);
                 return;
             }
         }
         let fields = Map::from_iter([("interactionId".to_owned(), Json::String(interaction.to_owned()))]);
         match self.publish_system(ACCEPT_RECORD, &who, fields).await {
-            Ok(()) => self.metrics.auto_accept("published"),
+            Ok(()) => self.metrics.auto_accept(true),
             Err(e) => {
                 tracing::warn!(error = %e, interaction, "auto-accept not published");
-                self.metrics.auto_accept("failed");
+                self.metrics.auto_accept(false);
                 // Give the claim back so a redelivered offer can try again.
                 let _ = self.store.auto_accept_release(&who, interaction).await;
             }

@@ -90,10 +90,10 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session that lives as long as its connection.
-    pub fn new(id: Arc<str>, agent: AgentId, max_unacked: usize, auto_accept: bool) -> Self {
+    /// A session that lives as long as its connection (`attach` sets what the client asked).
+    pub fn new(id: Arc<str>, agent: AgentId, max_unacked: usize) -> Self {
         // One over max_unacked: the connection is closed (4004) when it is reached.
-        Self::build(id, agent, None, Outbox::new(max_unacked + 1), max_unacked, auto_accept, None, None)
+        Self::build(id, agent, None, Outbox::new(max_unacked + 1), max_unacked, false, None, None)
     }
 
     /// A long-lived session; every change is written through `store`.

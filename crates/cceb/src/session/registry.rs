@@ -100,7 +100,7 @@ mod tests {
 
     fn session(t: &str, a: &str) -> Arc<Session> {
         let agent = AgentId { tenant_guid: t.into(), agent_guid: a.into(), ir_instance: "ir".into() };
-        Arc::new(Session::new(format!("{t}/{a}").into(), agent, 10, false))
+        Arc::new(Session::new(format!("{t}/{a}").into(), agent, 10))
     }
 
     #[test]
