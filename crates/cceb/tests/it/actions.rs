@@ -208,19 +208,6 @@ async fn actions_are_published_in_the_order_sent() {
 }
 
 #[tokio::test]
-async fn bus_outage_is_backend_unavailable_and_a_retry_publishes_once() {
-    let (b, mut c) = with_colleague().await;
-    b.set_bus(false).await;
-    c.send(json!({"type":"action","uuid":"r1","data":{"action":"AcceptInteractionEvent","action_details":{"interactionId":"i"}}})).await;
-    c.expect_error("r1", ErrorCode::BackendUnavailable).await;
-    assert!(b.published().await.is_empty());
-    b.set_bus(true).await;
-    c.expect_ack_of_action("r1", "AcceptInteractionEvent", json!({"interactionId":"i"})).await;
-    c.expect_ack_of_action("r1", "AcceptInteractionEvent", json!({"interactionId":"i"})).await;
-    assert_eq!(b.published().await.len(), 1);
-}
-
-#[tokio::test]
 async fn too_many_actions_are_rate_limited() {
     let b = TestBridge::with(|s| {
         s.action_burst = 3;
@@ -235,27 +222,6 @@ async fn too_many_actions_are_rate_limited() {
     c.expect_error("over", ErrorCode::RateLimited).await;
     assert_eq!(b.published().await.len(), 3);
     c.round_trip("still-open").await;
-}
-
-#[tokio::test]
-async fn published_actions_can_be_long_polled_from_an_offset() {
-    let b = TestBridge::start().await;
-    let (mut c, _) = b.agent("t", "a").await;
-    let poll = {
-        let http = b.http.clone();
-        let url = format!("http://{}/backend/v1/actions?after=0&wait_ms=5000", b.backend);
-        tokio::spawn(async move {
-            http.get(url).bearer_auth(ADMIN).send().await.expect("answers").json::<Value>().await.expect("json")
-        })
-    };
-    // Give the poll a moment to be waiting; correctness does not depend on it.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    c.expect_ack_of_action("lp", "ChangeAgentStateEvent", json!({"state":"Away"})).await;
-    let got = poll.await.expect("joined");
-    assert_eq!(got["records"][0]["record"], "ChangeAgentStateEvent");
-    assert_eq!(got["next"], 1);
-    let after = b.actions_after(1, 0).await;
-    assert_eq!(after, json!({"next": 1, "records": []}));
 }
 
 #[tokio::test]

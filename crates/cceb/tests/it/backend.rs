@@ -1,4 +1,6 @@
-//! Contract section 8: the backend port of the embedded bus.
+//! Contract section 8: the backend port of the embedded bus, its refusals,
+//! long-poll and outage switch. Kafka has none of these (its counterparts are
+//! in `kafka`), so `scripts/test` runs this module on the embedded bus only.
 
 use crate::support::*;
 use serde_json::{json, Value};
@@ -40,6 +42,9 @@ async fn invalid_events_get_400_with_the_reason() {
             json!({"record":"AgentInteractionListEvent","value":{"tenantGuid":"t","agentGuid":"a","interactions":[{"interactionId":"i","state":"s"}]}}),
             "interactions[0].channel",
         ),
+        // Valid Avro the mapping refuses: off-hook message ids are 250-255, phone validation states a closed set.
+        (json!({"record":"OffHookEvent","value":{"tenantGuid":"t","agentGuid":"a","messageId":249}}), "250"),
+        (json!({"record":"PhoneValidationEvent","value":{"tenantGuid":"t","agentGuid":"a","state":"lost"}}), "lost"),
     ];
     for (body, mention) in cases {
         let (status, reply) = b.post_events(body.clone()).await;
@@ -73,4 +78,39 @@ async fn a_batch_is_taken_in_order_or_not_at_all() {
     for s in ["one", "two", "three"] {
         assert_eq!(c.notification().await.3["state"], s);
     }
+}
+
+#[tokio::test]
+async fn bus_outage_is_backend_unavailable_and_a_retry_publishes_once() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    b.set_bus(false).await;
+    c.send(json!({"type":"action","uuid":"r1","data":{"action":"AcceptInteractionEvent","action_details":{"interactionId":"i"}}})).await;
+    c.expect_error("r1", cceb_protocol::ErrorCode::BackendUnavailable).await;
+    assert!(b.published().await.is_empty());
+    b.set_bus(true).await;
+    c.expect_ack_of_action("r1", "AcceptInteractionEvent", json!({"interactionId":"i"})).await;
+    c.expect_ack_of_action("r1", "AcceptInteractionEvent", json!({"interactionId":"i"})).await;
+    assert_eq!(b.published().await.len(), 1);
+}
+
+#[tokio::test]
+async fn published_actions_can_be_long_polled_from_an_offset() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    let poll = {
+        let http = b.http.clone();
+        let url = format!("http://{}/backend/v1/actions?after=0&wait_ms=5000", b.backend);
+        tokio::spawn(async move {
+            http.get(url).bearer_auth(ADMIN).send().await.expect("answers").json::<Value>().await.expect("json")
+        })
+    };
+    // Give the poll a moment to be waiting; correctness does not depend on it.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    c.expect_ack_of_action("lp", "ChangeAgentStateEvent", json!({"state":"Away"})).await;
+    let got = poll.await.expect("joined");
+    assert_eq!(got["records"][0]["record"], "ChangeAgentStateEvent");
+    assert_eq!(got["next"], 1);
+    let after = b.actions_after(1, 0).await;
+    assert_eq!(after, json!({"next": 1, "records": []}));
 }

@@ -71,6 +71,18 @@ impl KafkaBackend {
         }
     }
 
+    /// The same settings as `create` wrote, as the environment of a spawned `cceb serve`.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("CCEB_BUS", "kafka".into()),
+            ("CCEB_KAFKA_BROKERS", self.brokers.clone()),
+            ("CCEB_KAFKA_EVENT_TOPICS", format!("[{},{}]", self.events_topic, self.provisioning_topic)),
+            ("CCEB_KAFKA_PROVISIONING_TOPIC", self.provisioning_topic.clone()),
+            ("CCEB_KAFKA_ACTION_TOPIC", self.actions_topic.clone()),
+            ("CCEB_KAFKA_GROUP_ID", self.group.clone()),
+        ]
+    }
+
     /// Waits until the bridge answers `/readyz` with 200 (consumer group joined,
     /// directory caught up).
     pub async fn wait_ready(&self, addr: std::net::SocketAddr) {

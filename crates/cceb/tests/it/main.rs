@@ -6,6 +6,7 @@ mod support;
 mod actions;
 mod auth;
 mod backend;
+mod cli;
 mod kafka;
 mod kafka_backend;
 mod lifecycle;

@@ -236,10 +236,6 @@ async fn off_hook_platform_messages_map_to_states() {
         assert_eq!(data.get("media_resource_id").is_some(), state == "authenticated", "{data}");
         assert!(data.get("timeout").is_none());
     }
-    let (status, body) =
-        b.post_events(ev("OffHookEvent", json!({"tenantGuid":"t","agentGuid":"a","messageId":249}))).await;
-    assert_eq!(status, 400);
-    assert!(body["error"].as_str().unwrap_or("").contains("250"), "{body}");
 }
 
 #[tokio::test]
@@ -271,7 +267,4 @@ async fn phone_validation_carries_timeout_only_when_offering() {
         assert_eq!((ty, data["state"].as_str()), (N::PhoneValidation, Some(state)));
         assert_eq!(data.get("timeout").is_some(), state == "offering");
     }
-    let (status, _) =
-        b.post_events(ev("PhoneValidationEvent", json!({"tenantGuid":"t","agentGuid":"a","state":"lost"}))).await;
-    assert_eq!(status, 400);
 }

@@ -1,52 +1,101 @@
 //! Contract section 6, "survive a restart": the `cceb` binary stopped with
 //! SIGTERM or killed with SIGKILL, then started again on the same data
-//! directory. What was acknowledged to the backend (202) is never lost.
+//! directory. What was acknowledged to the backend (202 from the backend port,
+//! or committed from Kafka) is never lost. Runs on both buses.
 
+use crate::kafka_backend::{brokers, KafkaBackend};
 use crate::sessions::{long_lived, resume, states};
 use crate::support::*;
 use serde_json::{json, Value};
 
-fn serve(data: &std::path::Path) -> Server {
-    Server::spawn(cceb(data).args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET).env("CCEB_ADMIN_TOKEN", ADMIN))
+/// The backend side of spawned bridges sharing one data directory: their
+/// backend port, or their Kafka topics when the suite runs on Kafka.
+struct Backend {
+    kafka: Option<KafkaBackend>,
+    data: tempfile::TempDir,
+    /// Published actions before this offset belong to an earlier process.
+    mark: u64,
 }
 
-async fn post(server: &Server, record: &str, value: Value) {
-    let r = reqwest::Client::new()
-        .post(format!("http://{}/backend/v1/events", server.backend))
-        .bearer_auth(ADMIN)
-        .json(&json!({"record": record, "value": value}))
-        .send()
-        .await
-        .expect("backend port answers");
-    assert_eq!(r.status().as_u16(), 202);
-}
+impl Backend {
+    async fn new() -> Backend {
+        let kafka = match brokers() {
+            Some(b) => Some(KafkaBackend::create(&b, &mut test_settings()).await),
+            None => None,
+        };
+        Backend { kafka, data: tempfile::tempdir().expect("tempdir"), mark: 0 }
+    }
 
-async fn presence(server: &Server, state: &str) {
-    post(server, "AgentPresenceEvent", json!({"tenantGuid": "t", "agentGuid": "a", "state": state})).await;
-}
+    /// Starts `cceb serve` and waits until it is ready.
+    async fn serve(&mut self) -> Server {
+        let mut cmd = cceb(self.data.path());
+        cmd.args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET).env("CCEB_ADMIN_TOKEN", ADMIN);
+        for (k, v) in self.kafka.iter().flat_map(KafkaBackend::env) {
+            cmd.env(k, v);
+        }
+        if self.kafka.is_some() {
+            // A killed member holds its partitions until its session times out
+            // (librdkafka's default: 45 s); the restarted bridge waits that long.
+            cmd.env("CCEB_KAFKA_PROPERTIES", r#"{"session.timeout.ms"="6000","heartbeat.interval.ms"="1000"}"#);
+        }
+        let server = Server::spawn(&mut cmd);
+        match &self.kafka {
+            Some(k) => {
+                k.wait_ready(server.addr.parse().expect("an address")).await;
+                self.mark = k.actions_after(0, 0).await["next"].as_u64().unwrap_or(0);
+            }
+            // The backend port's log starts empty with every process.
+            None => self.mark = 0,
+        }
+        server
+    }
 
-async fn published(server: &Server, record: &str) -> Vec<Value> {
-    let page: Value = reqwest::Client::new()
-        .get(format!("http://{}/backend/v1/actions?after=0", server.backend))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("answers")
-        .json()
-        .await
-        .expect("json");
-    page["records"].as_array().cloned().unwrap_or_default().into_iter().filter(|r| r["record"] == record).collect()
+    /// An event the backend acknowledged: 202 from the port, or committed from Kafka.
+    async fn post(&self, server: &Server, record: &str, value: Value) {
+        if let Some(k) = &self.kafka {
+            return k.produce_event(&k.events_topic, record, value).await;
+        }
+        let r = reqwest::Client::new()
+            .post(format!("http://{}/backend/v1/events", server.backend))
+            .bearer_auth(ADMIN)
+            .json(&json!({"record": record, "value": value}))
+            .send()
+            .await
+            .expect("backend port answers");
+        assert_eq!(r.status().as_u16(), 202);
+    }
+
+    async fn presence(&self, server: &Server, state: &str) {
+        self.post(server, "AgentPresenceEvent", json!({"tenantGuid": "t", "agentGuid": "a", "state": state})).await;
+    }
+
+    /// Records of `record` the running process published.
+    async fn published(&self, server: &Server, record: &str) -> Vec<Value> {
+        let page: Value = match &self.kafka {
+            Some(k) => k.actions_after(self.mark, 0).await,
+            None => reqwest::Client::new()
+                .get(format!("http://{}/backend/v1/actions?after=0", server.backend))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .expect("answers")
+                .json()
+                .await
+                .expect("json"),
+        };
+        page["records"].as_array().cloned().unwrap_or_default().into_iter().filter(|r| r["record"] == record).collect()
+    }
 }
 
 #[tokio::test]
 async fn after_sigterm_every_session_resumes_and_every_unacked_notification_comes_again() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let server = serve(data.path());
+    let mut backend = Backend::new().await;
+    let server = backend.serve().await;
     let mut c = Client::connect(&server.ws_url()).await;
     let hello = long_lived(&mut c, "t", "a", json!({})).await;
     let key = hello.session_key.expect("key");
     for s in ["s1", "s2", "s3"] {
-        presence(&server, s).await;
+        backend.presence(&server, s).await;
     }
     let sent = states(&mut c, 3).await;
     c.ack(&sent[0].0).await;
@@ -55,7 +104,7 @@ async fn after_sigterm_every_session_resumes_and_every_unacked_notification_come
     assert_eq!(c.closed().await.0, Some(1012));
     assert_eq!(server.wait().await.code(), Some(0));
 
-    let server = serve(data.path());
+    let server = backend.serve().await;
     let (mut c, r) = resume(&server.ws_url(), "t", "a", &key).await;
     assert!(r.resumed);
     assert_eq!(r.session_id, hello.session_id);
@@ -63,34 +112,35 @@ async fn after_sigterm_every_session_resumes_and_every_unacked_notification_come
     for (uuid, _, _) in &sent[1..] {
         c.ack(uuid).await;
     }
-    presence(&server, "s4").await;
+    backend.presence(&server, "s4").await;
     assert_eq!(states(&mut c, 1).await[0].1, 4, "seq goes on after the restart");
-    assert!(published(&server, "AgentChatAvailabilityEvent").await.is_empty(), "no transition, no record");
+    assert!(c.round_trip("no-duplicate").await.is_empty(), "nothing consumed twice");
+    assert!(backend.published(&server, "AgentChatAvailabilityEvent").await.is_empty(), "no transition, no record");
 }
 
 #[tokio::test]
-async fn after_sigkill_everything_the_backend_port_accepted_is_delivered_once() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let server = serve(data.path());
+async fn after_sigkill_everything_the_backend_acknowledged_is_delivered_once() {
+    let mut backend = Backend::new().await;
+    let server = backend.serve().await;
     let mut c = Client::connect(&server.ws_url()).await;
     let hello = long_lived(&mut c, "t", "a", json!({"auto_accept": true})).await;
     let key = hello.session_key.expect("key");
-    assert_eq!(published(&server, "AgentChatAvailabilityEvent").await.len(), 1);
-    presence(&server, "s1").await;
+    assert_eq!(backend.published(&server, "AgentChatAvailabilityEvent").await.len(), 1);
+    backend.presence(&server, "s1").await;
     let first = states(&mut c, 1).await;
     drop(c);
     let offer = json!({"tenantGuid":"t","agentGuid":"a","interactionId":"i-1","state":"offered","channel":"CHAT"});
-    post(&server, "InteractionUpdateEvent", offer.clone()).await;
+    backend.post(&server, "InteractionUpdateEvent", offer.clone()).await;
     for s in ["s2", "s3"] {
-        presence(&server, s).await;
+        backend.presence(&server, s).await;
     }
-    assert_eq!(published(&server, "AcceptInteractionEvent").await.len(), 1);
+    assert_eq!(backend.published(&server, "AcceptInteractionEvent").await.len(), 1);
     server.signal("-KILL");
     server.wait().await;
 
-    let server = serve(data.path());
-    post(&server, "InteractionUpdateEvent", offer).await;
-    assert!(published(&server, "AcceptInteractionEvent").await.is_empty(), "auto-accept happened once");
+    let server = backend.serve().await;
+    backend.post(&server, "InteractionUpdateEvent", offer).await;
+    assert!(backend.published(&server, "AcceptInteractionEvent").await.is_empty(), "auto-accept happened once");
     let (mut c, r) = resume(&server.ws_url(), "t", "a", &key).await;
     assert!(r.resumed);
     let got = states(&mut c, 5).await;
@@ -98,5 +148,8 @@ async fn after_sigkill_everything_the_backend_port_accepted_is_delivered_once() 
     let order: Vec<(u64, &str)> = got.iter().map(|(_, seq, s)| (*seq, s.as_str())).collect();
     assert_eq!(order, [(1, "s1"), (2, "offered"), (3, "s2"), (4, "s3"), (5, "offered")]);
     assert!(c.round_trip("no-duplicate").await.is_empty());
-    assert!(published(&server, "AgentChatAvailabilityEvent").await.is_empty(), "still available: no new record");
+    assert!(
+        backend.published(&server, "AgentChatAvailabilityEvent").await.is_empty(),
+        "still available: no new record"
+    );
 }

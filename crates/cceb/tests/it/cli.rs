@@ -1,0 +1,83 @@
+//! The `cceb` binary: serve, signals, the token subcommand, settings (contract
+//! section 9). It runs the embedded default, so `scripts/test` runs this module
+//! on the embedded bus only (`restart` spawns it on Kafka too).
+
+use crate::support::*;
+
+fn sigterm(child: &Server) {
+    child.signal("-TERM");
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1012_and_exits_0() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let child = Server::spawn(cceb(data.path()).args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET));
+    let addr = &child.addr;
+    let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
+    c.hello(&token("t", "a")).await;
+    sigterm(&child);
+    assert_eq!(c.closed().await.0, Some(1012));
+    let status = child.wait().await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_without_a_key() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = cceb(data.path()).args(["serve"]).output().expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CCEB_JWT_HS256_SECRET"));
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_secret_an_admin_token_and_a_working_token() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let child = Server::spawn(cceb(data.path()).args(["serve", "--dev"]));
+    let (lines, addr) = (&child.lines, &child.addr);
+    let text = lines.concat();
+    assert!(text.contains("CCEB_JWT_HS256_SECRET=") && text.contains("CCEB_ADMIN_TOKEN="), "{text}");
+    let token = lines.iter().map(|l| l.trim()).find(|l| l.starts_with("ey")).expect("a token is printed").to_owned();
+    let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
+    let reply = c.hello(&token).await;
+    assert_eq!(reply.agent.agent_guid, "agent-1");
+    sigterm(&child);
+    child.wait().await;
+}
+
+#[tokio::test]
+async fn token_subcommand_mints_a_token_the_bridge_accepts() {
+    let b = TestBridge::start().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = cceb(data.path())
+        .args(["token", "--agent", "a-9", "--tenant", "t-9", "--ir", "ir-9", "--ttl", "10m"])
+        .env("CCEB_JWT_HS256_SECRET", SECRET)
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).expect("utf8");
+    let reply = b.connect().await.hello(token.trim()).await;
+    assert_eq!(
+        (reply.agent.tenant_guid.as_str(), reply.agent.agent_guid.as_str(), reply.agent.ir_instance.as_str()),
+        ("t-9", "a-9", "ir-9")
+    );
+}
+
+#[tokio::test]
+async fn settings_come_from_a_toml_file_and_the_environment_wins() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("cceb.toml");
+    std::fs::write(
+        &file,
+        format!("jwt_hs256_secret = \"{SECRET}\"\nnode_id = \"from-file\"\nhello_timeout_ms = 150\n"),
+    )
+    .expect("write");
+    let data = tempfile::tempdir().expect("tempdir");
+    let child = Server::spawn(cceb(data.path()).args(["serve", "--config"]).arg(&file).env("CCEB_NODE_ID", "from-env"));
+    let addr = &child.addr;
+    assert_eq!(discover(&addr, &token("t", "a")).await["node_id"], "from-env");
+    let mut c = Client::connect(&format!("ws://{addr}/ws/v1")).await;
+    assert_eq!(c.closed().await.0, Some(4003), "hello_timeout_ms from the file applies");
+    sigterm(&child);
+    child.wait().await;
+}
+
