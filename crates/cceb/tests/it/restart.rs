@@ -73,15 +73,7 @@ impl Backend {
     async fn published(&self, server: &Server, record: &str) -> Vec<Value> {
         let page: Value = match &self.kafka {
             Some(k) => k.actions_after(self.mark, 0).await,
-            None => reqwest::Client::new()
-                .get(format!("http://{}/backend/v1/actions?after=0", server.backend))
-                .bearer_auth(ADMIN)
-                .send()
-                .await
-                .expect("answers")
-                .json()
-                .await
-                .expect("json"),
+            None => backend_actions(&reqwest::Client::new(), &server.backend, 0, 0).await,
         };
         page["records"].as_array().cloned().unwrap_or_default().into_iter().filter(|r| r["record"] == record).collect()
     }

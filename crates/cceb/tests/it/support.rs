@@ -185,15 +185,7 @@ impl TestBridge {
         if let Some(k) = &self.kafka {
             return k.actions_after(after, wait_ms).await;
         }
-        self.http
-            .get(format!("http://{}/backend/v1/actions?after={after}&wait_ms={wait_ms}", self.backend))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .expect("backend port answers")
-            .json()
-            .await
-            .expect("json")
+        backend_actions(&self.http, &self.backend.to_string(), after, wait_ms).await
     }
 
     /// Actions published since this bridge (re)started.
@@ -456,4 +448,16 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
+}
+
+/// `GET /backend/v1/actions`: actions a bridge's backend port published after `after`.
+pub async fn backend_actions(http: &reqwest::Client, backend: &str, after: u64, wait_ms: u64) -> Value {
+    http.get(format!("http://{backend}/backend/v1/actions?after={after}&wait_ms={wait_ms}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("backend port answers")
+        .json()
+        .await
+        .expect("json")
 }
