@@ -6,7 +6,7 @@ use crate::auth::{KeyError, Verifier};
 use crate::bus::{Bus, BusError, EmbeddedBus, KafkaBus};
 use crate::config::{BusKind, Settings};
 use crate::metrics::Metrics;
-use crate::notify::Router;
+use crate::notify::{EventReader, Router};
 use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::schema::{SchemaError, SchemaSet};
 use crate::session::{Registry, SessionSettings, Sessions};
@@ -25,6 +25,8 @@ pub struct Shared {
     pub schemas: Arc<SchemaSet>,
     pub sessions: Arc<Sessions>,
     pub router: Arc<Router>,
+    /// Validates and plans backend records (the bus side's parser).
+    pub events: Arc<EventReader>,
     pub actions: Arc<Actions>,
     pub store: Arc<dyn Store>,
     pub bus: Arc<dyn Bus>,
@@ -133,9 +135,10 @@ impl Bridge {
             },
         ));
         let restored = sessions.restore().await?;
-        let router = Arc::new(Router::new(schemas.clone(), sessions.clone(), store.clone(), metrics.clone()));
+        let router = Arc::new(Router::new(sessions.clone(), store.clone(), metrics.clone()));
+        let events = Arc::new(EventReader::new(schemas.clone(), settings.max_notification_bytes));
         if let Some(k) = &kafka {
-            k.start(router.clone(), metrics.clone(), &tasks, shutdown.clone())?;
+            k.start(router.clone(), events.clone(), metrics.clone(), &tasks, shutdown.clone())?;
         }
         let actions = Arc::new(Actions::new(
             schemas.clone(),
@@ -159,6 +162,7 @@ impl Bridge {
             schemas,
             sessions,
             router,
+            events,
             actions,
             store,
             bus,

@@ -128,6 +128,8 @@ pub struct Settings {
     pub embedded_log_capacity: usize,
     /// Largest backend-port request body.
     pub backend_max_body_bytes: usize,
+    /// Largest serialised `data` of one notification; a larger event is refused.
+    pub max_notification_bytes: usize,
     /// How long a write to a client may block before the connection is dropped.
     pub write_timeout_ms: u64,
     /// How long shutdown waits for connections to close.
@@ -185,6 +187,7 @@ impl Default for Settings {
             source_name: "CCEB".into(),
             embedded_log_capacity: 100_000,
             backend_max_body_bytes: 16 * 1024 * 1024,
+            max_notification_bytes: 1024 * 1024,
             write_timeout_ms: 30_000,
             shutdown_grace_ms: 5_000,
             log_format: LogFormat::Text,
@@ -233,6 +236,7 @@ impl Settings {
             ("session_ttl_seconds", self.session_ttl_seconds),
             ("embedded_log_capacity", self.embedded_log_capacity as u64),
             ("write_timeout_ms", self.write_timeout_ms),
+            ("max_notification_bytes", self.max_notification_bytes as u64),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {

@@ -34,10 +34,22 @@ pub struct Planned {
 pub struct Event {
     pub record: String,
     pub value: Avro,
-    plan: Vec<Planned>,
+    /// The planned notifications, `data` serialised once.
+    out: Vec<Outgoing>,
     directory: Option<DirectoryChange>,
     /// The `state` that makes this event an offer to auto-accept.
     auto_accept: Option<String>,
+    /// Where the event came from (a Kafka record's position, a backend-port
+    /// `id`): its notifications' uuids derive from it, so a source delivered
+    /// again yields the same uuids.
+    source: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Outgoing {
+    to: Target,
+    ty: NotificationType,
+    data: Box<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +60,8 @@ pub enum EventError {
     Invalid(FieldError),
     #[error("{0}")]
     Unmappable(String),
+    #[error("a `{ty}` notification of {size} bytes exceeds the largest allowed, {limit} bytes (CCEB_MAX_NOTIFICATION_BYTES)")]
+    TooLarge { ty: NotificationType, size: usize, limit: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,61 +70,126 @@ pub enum NotifyError {
     Store(#[from] StoreError),
 }
 
-pub struct Router {
+/// Turns backend records into events: schema validation, mapping, size limit.
+/// Pure: no session or store, so parsers of outside input can be fuzzed with it.
+pub struct EventReader {
     schemas: Arc<SchemaSet>,
+    /// Largest serialised `data` of one notification.
+    max_bytes: usize,
+}
+
+impl EventReader {
+    pub fn new(schemas: Arc<SchemaSet>, max_bytes: usize) -> Self {
+        EventReader { schemas, max_bytes }
+    }
+
+    /// Validates an event given as plain JSON (the backend port).
+    pub fn from_json(
+        &self,
+        record: &str,
+        value: &Map<String, Json>,
+        source: Option<String>,
+    ) -> Result<Event, EventError> {
+        let (r, _) = self.schemas.event(record).ok_or_else(|| EventError::UnknownRecord(record.to_owned()))?;
+        let value = self.schemas.build(r, value).map_err(EventError::Invalid)?;
+        self.from_avro(record, value, source)
+    }
+
+    /// Plans an already-decoded event (a bus that carries Avro).
+    pub fn from_avro(&self, record: &str, value: Avro, source: Option<String>) -> Result<Event, EventError> {
+        let (_, mapping) = self.schemas.event(record).ok_or_else(|| EventError::UnknownRecord(record.to_owned()))?;
+        let mut out = Vec::new();
+        for p in plan(record, mapping, &value)? {
+            let data: Box<str> = p.data.to_string().into();
+            if data.len() > self.max_bytes {
+                return Err(EventError::TooLarge { ty: p.ty, size: data.len(), limit: self.max_bytes });
+            }
+            out.push(Outgoing { to: p.to, ty: p.ty, data });
+        }
+        Ok(Event {
+            record: record.to_owned(),
+            value,
+            out,
+            directory: mapping.directory,
+            auto_accept: mapping.auto_accept.clone(),
+            source,
+        })
+    }
+}
+
+/// The uuid of the `index`th notification of a source: the same source always
+/// gives the same uuid (contract section 5); without a source, a random one.
+pub fn notification_uuid(source: Option<&str>, index: usize) -> String {
+    let bytes: [u8; 16] = match source {
+        Some(source) => {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update((source.len() as u64).to_le_bytes());
+            h.update(source.as_bytes());
+            h.update((index as u64).to_le_bytes());
+            let d = h.finalize();
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&d[..16]);
+            return uuid::Builder::from_custom_bytes(b).into_uuid().to_string();
+        }
+        // The thread-local generator: `new_v4` asks the kernel each time.
+        None => rand::random(),
+    };
+    uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
+}
+
+pub struct Router {
     sessions: Arc<Sessions>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
 }
 
 impl Router {
-    pub fn new(schemas: Arc<SchemaSet>, sessions: Arc<Sessions>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Router { schemas, sessions, store, metrics }
+    pub fn new(sessions: Arc<Sessions>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+        Router { sessions, store, metrics }
     }
 
-    /// Validates an event given as plain JSON (the backend port).
-    pub fn event_from_json(&self, record: &str, value: &Map<String, Json>) -> Result<Event, EventError> {
-        let (r, _) = self.schemas.event(record).ok_or_else(|| EventError::UnknownRecord(record.to_owned()))?;
-        let value = self.schemas.build(r, value).map_err(EventError::Invalid)?;
-        self.event_from_avro(record, value)
-    }
-
-    /// Plans an already-decoded event (a bus that carries Avro).
-    pub fn event_from_avro(&self, record: &str, value: Avro) -> Result<Event, EventError> {
-        let (_, mapping) = self.schemas.event(record).ok_or_else(|| EventError::UnknownRecord(record.to_owned()))?;
-        let plan = plan(record, mapping, &value)?;
-        Ok(Event {
-            record: record.to_owned(),
-            value,
-            plan,
-            directory: mapping.directory,
-            auto_accept: mapping.auto_accept.clone(),
-        })
-    }
-
-    /// Applies the event to the directory, puts its notifications in the
+    /// Applies the events to the directory, puts their notifications in the
     /// outboxes of every addressed session and carries out auto-accept;
-    /// returns how many were queued. Durable only after [`Router::commit`].
-    pub async fn ingest(&self, event: &Event) -> Result<usize, NotifyError> {
-        let extra = match event.directory {
-            Some(change) => self.directory_change(change, &event.value).await?,
-            None => None,
-        };
-        let mut queued = 0;
-        for p in event.plan.iter().chain(extra.iter()) {
-            queued += self.send(&p.to, p.ty, &p.data);
+    /// returns how many were queued. Every step that can fail (the store)
+    /// runs for all events before any notification is queued, so a failure
+    /// leaves no event half-taken. Durable only after [`Router::commit`].
+    pub async fn ingest(&self, events: &[Event]) -> Result<usize, NotifyError> {
+        let mut extra = Vec::with_capacity(events.len());
+        for event in events {
+            extra.push(match event.directory {
+                Some(change) => self.directory_change(change, &event.value).await?,
+                None => None,
+            });
         }
-        if let Some(offered) = &event.auto_accept {
-            let v = &event.value;
-            if field_str(v, "state") == Some(offered.as_str()) {
-                if let (Some(t), Some(a), Some(i)) =
-                    (field_str(v, "tenantGuid"), field_str(v, "agentGuid"), field_str(v, "interactionId"))
-                {
-                    self.sessions.offered(t, a, i).await;
-                }
+        let mut queued = 0;
+        for (event, extra) in events.iter().zip(extra) {
+            let source = event.source.as_deref();
+            for (i, o) in event.out.iter().enumerate() {
+                queued += self.deliver(&o.to, o.ty, o.data.clone(), notification_uuid(source, i));
+            }
+            if let Some(p) = extra {
+                let uuid = notification_uuid(source, event.out.len());
+                queued += self.deliver(&p.to, p.ty, p.data.to_string().into(), uuid);
             }
         }
+        for event in events {
+            self.auto_accept(event).await;
+        }
         Ok(queued)
+    }
+
+    async fn auto_accept(&self, event: &Event) {
+        let Some(offered) = &event.auto_accept else { return };
+        let v = &event.value;
+        if field_str(v, "state") != Some(offered.as_str()) {
+            return;
+        }
+        if let (Some(t), Some(a), Some(i)) =
+            (field_str(v, "tenantGuid"), field_str(v, "agentGuid"), field_str(v, "interactionId"))
+        {
+            self.sessions.offered(t, a, i).await;
+        }
     }
 
     /// Returns once everything ingested so far is durable: only then may the
@@ -122,14 +201,14 @@ impl Router {
     /// Sends one notification the bridge makes itself (e.g. the synthesised
     /// off-hook offering); returns how many sessions got it.
     pub fn send(&self, to: &Target, ty: NotificationType, data: &Json) -> usize {
-        // A v4 uuid from the thread-local generator: `new_v4` asks the kernel each time.
-        let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string();
-        let n = Arc::new(Notification { ty, uuid, data: data.to_string().into() });
-        let deliver = |s: &Arc<crate::session::Session>| self.sessions.deliver_to(&n, s);
-        let registry = self.sessions.registry();
+        self.deliver(to, ty, data.to_string().into(), notification_uuid(None, 0))
+    }
+
+    fn deliver(&self, to: &Target, ty: NotificationType, data: Box<str>, uuid: String) -> usize {
+        let n = Arc::new(Notification { ty, uuid, data });
         let count = match to {
-            Target::Agent { tenant, agent } => registry.for_agent(tenant, agent, deliver),
-            Target::Tenant { tenant } => registry.for_tenant(tenant, deliver),
+            Target::Agent { tenant, agent } => self.sessions.deliver_to_agent(tenant, agent, &n),
+            Target::Tenant { tenant } => self.sessions.deliver_to_tenant(tenant, &n),
         };
         if count == 0 {
             self.metrics.undeliverable.increment(1);

@@ -6,7 +6,7 @@ use crate::schema::convert::{to_json, Keys};
 use async_trait::async_trait;
 use serde::Serialize;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -25,17 +25,30 @@ pub struct EmbeddedBus {
     /// Offset of the newest record; long-polls wait on it.
     last: watch::Sender<u64>,
     accepting: AtomicBool,
+    /// Milliseconds each publish waits before it is taken: a slow broker.
+    delay_ms: AtomicU64,
 }
 
 impl EmbeddedBus {
     pub fn new(capacity: usize) -> Self {
-        EmbeddedBus { log: Mutex::default(), capacity, last: watch::Sender::new(0), accepting: AtomicBool::new(true) }
+        EmbeddedBus {
+            log: Mutex::default(),
+            capacity,
+            last: watch::Sender::new(0),
+            accepting: AtomicBool::new(true),
+            delay_ms: AtomicU64::new(0),
+        }
     }
 
     /// The backend port's outage switch: while off, publishing fails as a
     /// broker outage would, so clients can exercise `backend_unavailable`.
     pub fn set_accepting(&self, on: bool) {
         self.accepting.store(on, Ordering::SeqCst);
+    }
+
+    /// The backend port's slow-broker switch: each publish waits this long.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn accepting(&self) -> bool {
@@ -60,6 +73,10 @@ impl Bus for EmbeddedBus {
     async fn publish(&self, record: OutRecord) -> Result<(), BusError> {
         if !self.accepting() {
             return Err(BusError::Unavailable("the embedded bus is switched off on the backend port".into()));
+        }
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         let value = to_json(&record.value, Keys::AsIs);
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);

@@ -11,7 +11,7 @@
 use super::registry::{RegistryError, SchemaRegistry};
 use super::{Bus, BusError, OutRecord};
 use crate::metrics::Metrics;
-use crate::notify::Router;
+use crate::notify::{EventReader, Router};
 use crate::schema::wire::confluent_frame;
 use crate::schema::SchemaSet;
 use apache_avro::types::Value as Avro;
@@ -116,6 +116,7 @@ impl KafkaBus {
     pub fn start(
         self: &Arc<Self>,
         router: Arc<Router>,
+        events: Arc<EventReader>,
         metrics: Arc<Metrics>,
         tasks: &TaskTracker,
         stop: CancellationToken,
@@ -130,7 +131,7 @@ impl KafkaBus {
             .map_err(|e| BusError::Unavailable(format!("kafka consumer: {e}")))?;
         let topics: Vec<&str> = self.settings.event_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|e| BusError::Unavailable(format!("kafka subscribe: {e}")))?;
-        let ingest = Ingest { bus: self.clone(), router, metrics };
+        let ingest = Ingest { bus: self.clone(), router, events, metrics };
         let (bus, stop2) = (self.clone(), stop.clone());
         tasks.spawn(health(bus, stop2));
         tasks.spawn(async move {
@@ -266,6 +267,7 @@ async fn retry_later(stop: &CancellationToken) -> bool {
 struct Ingest {
     bus: Arc<KafkaBus>,
     router: Arc<Router>,
+    events: Arc<EventReader>,
     metrics: Arc<Metrics>,
 }
 
@@ -341,7 +343,7 @@ impl Ingest {
                 Err(DecodeError::Retry(e)) => return Err(e),
                 Err(DecodeError::Skip(_)) => continue,
             };
-            if let Ok(ev) = self.router.event_from_avro(&record, value) {
+            if let Ok(ev) = self.events.from_avro(&record, value, None) {
                 self.router.apply_directory(&ev).await.map_err(|e| e.to_string())?;
                 n += 1;
             }
@@ -406,7 +408,10 @@ impl Ingest {
             }
         };
         let event = match decoded {
-            Ok((record, value)) => self.router.event_from_avro(&record, value).map_err(|e| e.to_string()),
+            // Its position names the record: read again after a crash, it makes the same uuids.
+            Ok((record, value)) => {
+                self.events.from_avro(&record, value, Some(format!("kafka:{}", at(m)))).map_err(|e| e.to_string())
+            }
             Err(DecodeError::Skip(e) | DecodeError::Retry(e)) => Err(e),
         };
         let ev = match event {
@@ -419,7 +424,7 @@ impl Ingest {
             }
         };
         // A store failure must not skip the record: retry until it is taken.
-        while let Err(e) = self.router.ingest(&ev).await {
+        while let Err(e) = self.router.ingest(std::slice::from_ref(&ev)).await {
             tracing::error!(error = %e, at = %at(m), "cannot ingest; retrying");
             if !retry_later(stop).await {
                 return false;

@@ -5,7 +5,7 @@ use super::bearer;
 use crate::app::Shared;
 use crate::auth::constant_time_eq;
 use crate::bus::EmbeddedBus;
-use crate::notify::Event;
+use crate::notify::{Event, EventError, EventReader};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::StatusCode;
@@ -55,10 +55,52 @@ async fn admin_only(State(b): State<Backend>, req: Request, next: Next) -> Respo
     }
 }
 
-#[derive(Deserialize)]
-struct EventIn {
-    record: String,
-    value: Value,
+/// One event of a `POST /backend/v1/events` body.
+#[derive(Debug, Deserialize)]
+pub struct EventIn {
+    /// The backend's id of the event: the same id yields the same notification uuids.
+    #[serde(default)]
+    pub id: Option<String>,
+    pub record: String,
+    pub value: Value,
+}
+
+/// A body the backend port refuses (400), with the item index for arrays.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("body is not JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("{at}expected {{\"record\", \"value\"}} (and an optional string \"id\"): {source}")]
+    Shape { at: String, source: serde_json::Error },
+    #[error("{at}`value` must be an object")]
+    NotObject { at: String },
+    #[error("{at}{record}: {source}")]
+    Event { at: String, record: String, source: EventError },
+}
+
+/// Parses and validates a whole body: one event object or an array of them.
+/// Pure, so that it can be fuzzed; nothing is ingested unless all of it is valid.
+pub fn parse_events(reader: &EventReader, body: &[u8]) -> Result<Vec<Event>, BodyError> {
+    let parsed: Value = serde_json::from_slice(body).map_err(BodyError::NotJson)?;
+    let (items, batch) = match parsed {
+        Value::Array(items) => (items, true),
+        other => (vec![other], false),
+    };
+    let mut events = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let at = if batch { format!("[{i}]: ") } else { String::new() };
+        let item: EventIn = match serde_json::from_value(item) {
+            Ok(e) => e,
+            Err(source) => return Err(BodyError::Shape { at, source }),
+        };
+        let Value::Object(value) = &item.value else { return Err(BodyError::NotObject { at }) };
+        let source = item.id.map(|id| format!("backend:{id}"));
+        match reader.from_json(&item.record, value, source) {
+            Ok(ev) => events.push(ev),
+            Err(source) => return Err(BodyError::Event { at, record: item.record, source }),
+        }
+    }
+    Ok(events)
 }
 
 /// Validates the whole body first, so a batch is taken entirely or not at all;
@@ -67,43 +109,17 @@ struct EventIn {
 async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
     let started = Instant::now();
     let metrics = &b.shared.metrics;
-    let parsed: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return reject(StatusCode::BAD_REQUEST, format!("body is not JSON: {e}")),
-    };
-    let (items, batch) = match parsed {
-        Value::Array(items) => (items, true),
-        other => (vec![other], false),
-    };
-    let mut events: Vec<Event> = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        let at = if batch { format!("[{i}]: ") } else { String::new() };
-        let item: EventIn = match serde_json::from_value(item) {
-            Ok(e) => e,
-            Err(e) => {
-                metrics.events_rejected.increment(1);
-                return reject(StatusCode::BAD_REQUEST, format!("{at}expected {{\"record\", \"value\"}}: {e}"));
-            }
-        };
-        let Value::Object(value) = &item.value else {
+    let events = match parse_events(&b.shared.events, &body) {
+        Ok(events) => events,
+        Err(e) => {
             metrics.events_rejected.increment(1);
-            return reject(StatusCode::BAD_REQUEST, format!("{at}`value` must be an object"));
-        };
-        match b.shared.router.event_from_json(&item.record, value) {
-            Ok(ev) => events.push(ev),
-            Err(e) => {
-                metrics.events_rejected.increment(1);
-                return reject(StatusCode::BAD_REQUEST, format!("{at}{}: {e}", item.record));
-            }
+            return reject(StatusCode::BAD_REQUEST, e.to_string());
         }
-    }
-    let mut notifications = 0;
-    for ev in &events {
-        match b.shared.router.ingest(ev).await {
-            Ok(n) => notifications += n,
-            Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        }
-    }
+    };
+    let notifications = match b.shared.router.ingest(&events).await {
+        Ok(n) => n,
+        Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
     if let Err(e) = b.shared.router.commit().await {
         return reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
@@ -135,11 +151,15 @@ async fn get_actions(State(b): State<Backend>, Query(q): Query<ActionsQuery>) ->
 #[derive(Deserialize)]
 struct BusSwitch {
     accepting: bool,
+    /// Each publish waits this long first (a slow broker).
+    #[serde(default)]
+    delay_ms: u64,
 }
 
-/// Simulates a bus outage for the clients' benefit: while off, actions get
-/// `backend_unavailable`.
+/// Simulates a bus outage (or a slow broker) for the clients' benefit: while
+/// off, actions get `backend_unavailable`.
 async fn put_bus(State(b): State<Backend>, Json(s): Json<BusSwitch>) -> Response {
     b.bus.set_accepting(s.accepting);
-    Json(json!({"accepting": s.accepting})).into_response()
+    b.bus.set_delay(Duration::from_millis(s.delay_ms.min(MAX_WAIT.as_millis() as u64)));
+    Json(json!({"accepting": s.accepting, "delay_ms": s.delay_ms})).into_response()
 }

@@ -18,6 +18,9 @@ use std::sync::Arc;
 /// tungstenite's 128 KiB default would dominate the memory of idle sessions.
 const WS_READ_BUFFER: usize = 4 * 1024;
 const WS_WRITE_BUFFER: usize = 8 * 1024;
+/// What a notification frame adds to its `data`: the envelope (type, uuid,
+/// seq) and the WebSocket header, with room to spare.
+const FRAME_ENVELOPE: usize = 1024;
 
 pub fn public(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -34,10 +37,13 @@ async fn upgrade(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Res
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     let max = shared.settings.max_frame_bytes;
+    // The largest notification frame must always fit behind what the buffer
+    // may already hold, or it could never be written and would block its session.
+    let max_write = shared.settings.max_notification_bytes + WS_WRITE_BUFFER + FRAME_ENVELOPE;
     let tasks = shared.tasks.clone();
     ws.read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
-        .max_write_buffer_size(4 * 1024 * 1024)
+        .max_write_buffer_size(max_write)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| tasks.track_future(crate::conn::run(socket, shared)))

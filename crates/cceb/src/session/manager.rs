@@ -78,10 +78,6 @@ impl Sessions {
         Sessions { registry, store, bus, schemas, push, metrics, settings, availability: tokio::sync::Mutex::default() }
     }
 
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Brings back the long-lived sessions of the store, expires those whose
     /// TTL passed while the bridge was down, and publishes any availability
     /// change not yet published. Returns how many sessions came back.
@@ -230,9 +226,29 @@ impl Sessions {
         }
     }
 
+    /// Puts a notification in the outbox of every session of one agent;
+    /// returns how many.
+    pub fn deliver_to_agent(&self, tenant: &str, agent: &str, n: &Arc<Notification>) -> usize {
+        self.deliver_all(&self.registry.of_agent(tenant, agent), n)
+    }
+
+    /// Puts a notification in the outbox of every session of one tenant.
+    pub fn deliver_to_tenant(&self, tenant: &str, n: &Arc<Notification>) -> usize {
+        self.deliver_all(&self.registry.of_tenant(tenant), n)
+    }
+
+    /// Delivers outside the registry's lock: a tenant-wide fan-out must not
+    /// hold up hellos and disconnects.
+    fn deliver_all(&self, sessions: &[Arc<Session>], n: &Arc<Notification>) -> usize {
+        for s in sessions {
+            self.deliver_to(n, s);
+        }
+        sessions.len()
+    }
+
     /// Puts a notification in one session's outbox; a disconnected
     /// long-lived session with a push token gets it announced.
-    pub fn deliver_to(&self, n: &Arc<Notification>, s: &Arc<Session>) {
+    fn deliver_to(&self, n: &Arc<Notification>, s: &Arc<Session>) {
         let d = s.deliver(n);
         if d.dropped {
             self.metrics.mailbox_dropped.increment(1);
@@ -283,13 +299,9 @@ impl Sessions {
     /// behalf once, if a valid session of the agent asked for auto-accept.
     pub async fn offered(&self, tenant: &str, agent: &str, interaction: &str) {
         let now = now_ms();
-        let mut who = None;
-        self.registry.for_agent(tenant, agent, |s| {
-            if who.is_none() && s.auto_accept() && s.valid_at(now, self.settings.ttl) {
-                who = Some(s.agent.clone());
-            }
-        });
-        let Some(who) = who else { return };
+        let sessions = self.registry.of_agent(tenant, agent);
+        let asked = sessions.iter().find(|s| s.auto_accept() && s.valid_at(now, self.settings.ttl));
+        let Some(who) = asked.map(|s| s.agent.clone()) else { return };
         match self.store.auto_accept_claim(&who, interaction, self.settings.ttl).await {
             Ok(true) => {}
             Ok(false) => return,

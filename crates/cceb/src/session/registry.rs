@@ -62,26 +62,16 @@ impl Registry {
         self.long_lived.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
     }
 
-    /// Calls `f` for every session of one agent; returns how many.
-    pub fn for_agent(&self, tenant: &str, agent: &str, mut f: impl FnMut(&Arc<Session>)) -> usize {
+    /// The sessions of one agent, taken under the lock and used outside it.
+    pub fn of_agent(&self, tenant: &str, agent: &str) -> Vec<Arc<Session>> {
         let t = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
-        let list = t.get(tenant).and_then(|a| a.get(agent));
-        list.map_or(0, |l| {
-            l.iter().for_each(&mut f);
-            l.len()
-        })
+        t.get(tenant).and_then(|a| a.get(agent)).cloned().unwrap_or_default()
     }
 
-    /// Calls `f` for every session of one tenant; returns how many.
-    pub fn for_tenant(&self, tenant: &str, mut f: impl FnMut(&Arc<Session>)) -> usize {
+    /// The sessions of one tenant, taken under the lock and used outside it.
+    pub fn of_tenant(&self, tenant: &str) -> Vec<Arc<Session>> {
         let t = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
-        let Some(agents) = t.get(tenant) else { return 0 };
-        let mut n = 0;
-        for s in agents.values().flatten() {
-            f(s);
-            n += 1;
-        }
-        n
+        t.get(tenant).map(|agents| agents.values().flatten().cloned().collect()).unwrap_or_default()
     }
 
     pub fn len(&self) -> usize {
@@ -111,14 +101,13 @@ mod tests {
         for s in [&a, &b, &c, &a2] {
             r.add(s.clone());
         }
-        assert_eq!(r.for_agent("t1", "a", |_| {}), 2);
-        assert_eq!(r.for_tenant("t1", |_| {}), 3);
-        let mut ids = Vec::new();
-        r.for_tenant("t2", |s| ids.push(s.id.to_string()));
+        assert_eq!(r.of_agent("t1", "a").len(), 2);
+        assert_eq!(r.of_tenant("t1").len(), 3);
+        let ids: Vec<String> = r.of_tenant("t2").iter().map(|s| s.id.to_string()).collect();
         assert_eq!(ids, ["t2/a"]);
         assert!(r.remove(&a));
         assert!(!r.remove(&a));
         assert_eq!(r.len(), 3);
-        assert_eq!(r.for_agent("t1", "a", |_| {}), 1);
+        assert_eq!(r.of_agent("t1", "a").len(), 1);
     }
 }

@@ -114,3 +114,47 @@ async fn published_actions_can_be_long_polled_from_an_offset() {
     let after = b.actions_after(1, 0).await;
     assert_eq!(after, json!({"next": 1, "records": []}));
 }
+
+#[tokio::test]
+async fn a_notification_over_the_size_limit_is_refused_naming_the_limit_and_the_largest_allowed_is_delivered() {
+    let limit = 5 * 1024 * 1024;
+    let b = TestBridge::with(|s| s.max_notification_bytes = limit).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    // `data` is {"agent_guid":"a","state":"…","tenant_guid":"t"}: 47 bytes besides the state.
+    let state = |len: usize| "x".repeat(len);
+    let event = |len: usize| json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state": state(len)}});
+    let (status, reply) = b.post_events(event(limit - 47 + 1)).await;
+    assert_eq!(status, 400);
+    let reason = reply["error"].as_str().unwrap_or_default();
+    assert!(reason.contains(&limit.to_string()) && reason.contains("CCEB_MAX_NOTIFICATION_BYTES"), "{reason}");
+    // Larger than the 4 MiB write buffer the bridge used to have: it must not block the session.
+    b.event("AgentPresenceEvent", event(limit - 47)["value"].clone()).await;
+    b.event("AgentPresenceEvent", json!({"tenantGuid":"t","agentGuid":"a","state":"after"})).await;
+    let (_, big, _, data) = c.notification().await;
+    assert_eq!(data["state"].as_str().map(str::len), Some(limit - 47));
+    c.ack(&big).await;
+    let (_, _, seq, data) = c.notification().await;
+    assert_eq!((seq, data["state"].as_str()), (2, Some("after")));
+}
+
+#[tokio::test]
+async fn an_event_id_yields_the_same_notification_uuid_every_time_and_no_id_a_fresh_one() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    let list =
+        json!({"tenantGuid":"t","agentGuid":"a","interactions":[{"interactionId":"i1","state":"s","channel":"c"}]});
+    let with_id = json!({"id": "evt-1", "record": "AgentInteractionListEvent", "value": list});
+    let mut uuids = Vec::new();
+    for body in [with_id.clone(), with_id, json!({"record": "AgentInteractionListEvent", "value": list})] {
+        let (status, reply) = b.post_events(body).await;
+        assert_eq!(status, 202, "{reply}");
+        let (_, list_uuid, _, _) = c.notification().await;
+        let (_, item_uuid, _, _) = c.notification().await;
+        assert_ne!(list_uuid, item_uuid, "each notification of one event has its own uuid");
+        uuids.push((list_uuid, item_uuid));
+    }
+    assert_eq!(uuids[0], uuids[1], "the same event id gives the same uuids");
+    assert_ne!(uuids[0].0, uuids[2].0);
+    let (status, _) = b.post_events(json!({"id": 7, "record": "AgentPresenceEvent", "value": {}})).await;
+    assert_eq!(status, 400, "an id is a string");
+}

@@ -80,4 +80,3 @@ async fn settings_come_from_a_toml_file_and_the_environment_wins() {
     sigterm(&child);
     child.wait().await;
 }
-

@@ -214,7 +214,11 @@ async fn a_broker_outage_is_backend_unavailable_and_everything_resumes_when_it_r
     // The same uuid is published now (it was not remembered while refused).
     c.expect_ack_of_action("during", "ChangeAgentStateEvent", json!({"state": "Busy"})).await;
     let states: Vec<_> = b.published().await.iter().map(|r| r["value"]["state"].clone()).collect();
-    assert_eq!(states, [json!("Away"), json!("Busy")], "the refused action is published once, after the broker returned");
+    assert_eq!(
+        states,
+        [json!("Away"), json!("Busy")],
+        "the refused action is published once, after the broker returned"
+    );
     presence(&b, "after-outage").await;
     let (_, _, _, data) = c.notification().await;
     assert_eq!(data["state"], "after-outage", "consumption resumed by itself");
