@@ -109,6 +109,10 @@ pub fn parse_events(reader: &EventReader, body: &[u8]) -> Result<Vec<Event>, Bod
 async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
     let started = Instant::now();
     let metrics = &b.shared.metrics;
+    // Earlier writes are not durable yet: take nothing more until they are.
+    if !b.shared.store.ready() {
+        return reject(StatusCode::SERVICE_UNAVAILABLE, "the store cannot write; retry later");
+    }
     let events = match parse_events(&b.shared.events, &body) {
         Ok(events) => events,
         Err(e) => {

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 const SCHEMA_VERSION: i64 = 1;
@@ -124,8 +125,10 @@ impl Journal {
     pub fn open(dir: &Path, now_ms: u64) -> Result<(Journal, Loaded), OpenError> {
         let err =
             |source: Box<dyn std::error::Error + Send + Sync>| OpenError { dir: dir.display().to_string(), source };
-        std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
-        let mut conn = Connection::open(dir.join("cceb.sqlite3")).map_err(|e| err(e.into()))?;
+        let file = private_files(dir).map_err(|e| err(e.into()))?;
+        let mut conn = Connection::open(file).map_err(|e| err(e.into()))?;
+        // A commit that waits this long for a lock fails, and is retried by the writer.
+        conn.busy_timeout(Duration::from_secs(1)).map_err(|e| err(e.into()))?;
         prepare(&conn).map_err(|e| err(e.into()))?;
         let loaded = load(&mut conn, now_ms).map_err(|e| err(e.into()))?;
         let inner = Arc::new(Inner { queue: Mutex::default(), ready: Condvar::new(), healthy: AtomicBool::new(true) });
@@ -181,6 +184,24 @@ impl Drop for Journal {
     }
 }
 
+/// The data directory (0700) and the database file (0600): they hold
+/// notification payloads and push tokens. SQLite gives its `-wal` and `-shm`
+/// files the database file's mode.
+fn private_files(dir: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    let file = dir.join("cceb.sqlite3");
+    std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&file)?;
+    for name in ["cceb.sqlite3", "cceb.sqlite3-wal", "cceb.sqlite3-shm"] {
+        match std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(file)
+}
+
 fn prepare(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: a commit is on disk before the barrier answers (power loss included).
@@ -196,38 +217,56 @@ fn prepare(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// How long the writer waits before trying a failed commit again.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
 fn write_loop(mut conn: Connection, inner: &Inner) {
+    // Writes whose commit failed, oldest first: they are tried again, ahead of
+    // anything newer, until they commit. Until then every barrier fails, so no
+    // source is told its events are durable while earlier writes are not.
+    let mut unwritten: Vec<Op> = Vec::new();
     loop {
-        let batch = {
+        let (batch, closing) = {
             let mut q = inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
             while q.ops.is_empty() && !q.closed {
-                q = inner.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
+                if unwritten.is_empty() {
+                    q = inner.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
+                } else {
+                    q = inner.ready.wait_timeout(q, RETRY_AFTER).unwrap_or_else(PoisonError::into_inner).0;
+                    break;
+                }
             }
-            if q.ops.is_empty() {
+            if q.ops.is_empty() && q.closed && unwritten.is_empty() {
                 return;
             }
-            std::mem::take(&mut q.ops)
+            (std::mem::take(&mut q.ops), q.closed)
         };
         let mut barriers = Vec::new();
-        let mut writes = Vec::with_capacity(batch.len());
         for op in batch {
             match op {
                 Op::Barrier(tx) => barriers.push(tx),
-                op => writes.push(op),
+                op => unwritten.push(op),
             }
         }
-        let result = if writes.is_empty() { Ok(()) } else { apply(&mut conn, writes).map_err(|e| e.to_string()) };
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "store write failed");
+        let result = if unwritten.is_empty() { Ok(()) } else { apply(&mut conn, &unwritten).map_err(|e| e.to_string()) };
+        match &result {
+            Ok(()) => unwritten.clear(),
+            Err(e) => tracing::error!(error = %e, waiting = unwritten.len(), "store write failed; retrying"),
         }
         inner.healthy.store(result.is_ok(), Ordering::Relaxed);
         for b in barriers {
             let _ = b.send(result.clone());
         }
+        if closing && inner.queue.lock().unwrap_or_else(PoisonError::into_inner).ops.is_empty() {
+            if !unwritten.is_empty() {
+                tracing::error!(lost = unwritten.len(), "store closed with writes that could not be committed");
+            }
+            return;
+        }
     }
 }
 
-fn apply(conn: &mut Connection, ops: Vec<Op>) -> rusqlite::Result<()> {
+fn apply(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     // Seq numbers must keep growing across restarts even once a mailbox is empty.
     let mut next_seq: HashMap<Arc<str>, u64> = HashMap::new();
@@ -261,7 +300,7 @@ fn apply(conn: &mut Connection, ops: Vec<Op>) -> rusqlite::Result<()> {
                     "INSERT OR REPLACE INTO mailbox(session, seq, uuid, type, data) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![&*session, seq, n.uuid, n.ty.as_str(), &*n.data])?;
-                let e = next_seq.entry(session).or_default();
+                let e = next_seq.entry(session.clone()).or_default();
                 *e = (*e).max(seq + 1);
             }
             Op::MailboxRemove { session, seq } => {
@@ -420,4 +459,52 @@ fn load(conn: &mut Connection, now_ms: u64) -> rusqlite::Result<Loaded> {
 
 fn agent(tenant: String, agent: String, ir: String) -> AgentId {
     AgentId { tenant_guid: tenant.into(), agent_guid: agent.into(), ir_instance: ir.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777).unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn the_data_directory_and_its_files_are_private() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("data");
+        let (journal, _) = Journal::open(&dir, 0).expect("open");
+        journal.push(Op::DedupPut { key: 1, expires_ms: u64::MAX >> 1 });
+        journal.sync().await.expect("commit");
+        assert_eq!(mode(&dir), 0o700);
+        for name in ["cceb.sqlite3", "cceb.sqlite3-wal", "cceb.sqlite3-shm"] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        drop(journal);
+        // A directory an operator made too open is closed up at start.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(dir.join("cceb.sqlite3"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let _ = Journal::open(&dir, 0).expect("reopen");
+        assert_eq!((mode(&dir), mode(&dir.join("cceb.sqlite3"))), (0o700, 0o600));
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_retried_and_no_later_sync_succeeds_before_it() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = Journal::open(tmp.path(), 0).expect("open");
+        // Another connection holding the write lock makes our commits fail.
+        let blocker = Connection::open(tmp.path().join("cceb.sqlite3")).expect("open");
+        blocker.execute_batch("BEGIN IMMEDIATE").expect("lock");
+        journal.push(Op::DedupPut { key: 7, expires_ms: u64::MAX >> 1 });
+        assert!(journal.sync().await.is_err());
+        assert!(!journal.healthy());
+        // Nothing new was written, yet the earlier write is not durable: still an error.
+        assert!(journal.sync().await.is_err(), "a later sync must not report success");
+        blocker.execute_batch("ROLLBACK").expect("unlock");
+        journal.sync().await.expect("the same write commits once the lock is gone");
+        assert!(journal.healthy());
+        let n: i64 = blocker.query_row("SELECT count(*) FROM dedup", [], |r| r.get(0)).expect("count");
+        assert_eq!(n, 1);
+    }
 }

@@ -7,6 +7,7 @@ mod actions;
 mod auth;
 mod backend;
 mod cli;
+mod durability;
 mod kafka;
 mod kafka_backend;
 mod lifecycle;

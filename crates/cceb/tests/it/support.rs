@@ -131,6 +131,11 @@ impl TestBridge {
         format!("ws://{}/ws/v1", self.addr)
     }
 
+    /// The embedded store's data directory.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.settings.data_dir
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
