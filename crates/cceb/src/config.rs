@@ -242,6 +242,12 @@ impl Settings {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
         }
+        if self.mailbox_capacity < self.max_unacked {
+            return Err(ConfigError::Invalid(format!(
+                "mailbox_capacity ({}) must be at least max_unacked ({}): a long-lived connection's window must fit in its mailbox",
+                self.mailbox_capacity, self.max_unacked
+            )));
+        }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
                 return Err(ConfigError::Invalid(format!("public_url `{url}` must start with ws:// or wss://")));
@@ -319,6 +325,13 @@ mod tests {
             assert_eq!(s.session_ttl_seconds, 259_200);
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_mailbox_smaller_than_the_window_is_refused() {
+        let s = Settings { mailbox_capacity: 10, max_unacked: 11, ..Settings::default() };
+        assert!(s.validate().is_err_and(|e| e.to_string().contains("mailbox_capacity")));
+        assert!(Settings { mailbox_capacity: 11, max_unacked: 11, ..Settings::default() }.validate().is_ok());
     }
 
     #[test]

@@ -208,9 +208,12 @@ impl Conn {
                     if session.overflowed() {
                         return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
                     }
-                    let next = session
-                        .take_due(attachment.generation, Instant::now().into_std(), ack_timeout, &mut due)
-                        .map(Instant::from_std);
+                    let Ok(next) =
+                        session.take_due(attachment.generation, Instant::now().into_std(), ack_timeout, &mut due)
+                    else {
+                        return Some(Close(close::TOO_MANY_UNACKED, "no ack while the window was full"));
+                    };
+                    let next = next.map(Instant::from_std);
                     if let Some(at) = next.filter(|&at| redeliver_at != Some(at)) {
                         redeliver.as_mut().reset(at);
                     }

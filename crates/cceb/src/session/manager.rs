@@ -89,10 +89,13 @@ impl Sessions {
             let mut record = s.record;
             // A bridge stopped by SIGKILL never recorded the disconnect: count the TTL from now.
             record.disconnected_at_ms.get_or_insert(now);
-            let outbox = Outbox::restore(self.settings.mailbox_capacity, s.next_seq, s.mailbox);
+            let (capacity, window) = (self.settings.mailbox_capacity, self.settings.max_unacked);
+            let outbox = Outbox::restore(capacity, window, s.next_seq, s.mailbox);
             let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
+            session.reserve_seqs();
             self.add(session);
         }
+        self.store.sync().await?;
         let mut av = self.availability.lock().await;
         av.published = self.store.availability_published().await?.into_iter().collect();
         av.pending = av.published.clone();
@@ -134,9 +137,10 @@ impl Sessions {
             dropped: 0,
             disconnected_at_ms: None,
         };
-        let outbox = Outbox::new(self.settings.mailbox_capacity);
+        let outbox = Outbox::new(self.settings.mailbox_capacity, self.settings.max_unacked);
         let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
         let attachment = session.attach(req.auto_accept, req.push_token).ok_or_else(ended_at_once)?;
+        session.reserve_seqs();
         // The key must survive a crash before the client is given it.
         self.store.sync().await?;
         self.add(session.clone());

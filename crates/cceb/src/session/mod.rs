@@ -12,13 +12,13 @@ mod registry;
 
 pub use key::SessionKey;
 pub use manager::{OpenRequest, Opened, SessionSettings, Sessions};
-pub use outbox::{Due, Notification, Outbox, Pushed};
+pub use outbox::{Due, Notification, Outbox, Pushed, Stalled};
 pub use rate::TokenBucket;
 pub use registry::Registry;
 
 use crate::store::{now_ms, SessionRecord, Store};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,10 @@ pub struct AgentId {
     pub agent_guid: Arc<str>,
     pub ir_instance: Arc<str>,
 }
+
+/// Seqs a long-lived session reserves durably at a time; the next block is
+/// asked for when half of this one is used, so sending rarely waits for it.
+const SEQ_BLOCK: u64 = 1024;
 
 /// What makes a session long-lived: its key and the store it writes through.
 struct LongLived {
@@ -56,6 +60,8 @@ struct State {
     disconnected_at_ms: Option<u64>,
     /// Ended (`end_session`, expiry): never attached or written again.
     ended: bool,
+    /// Highest seq (exclusive) asked to be durably reserved (long-lived).
+    seq_reserved: u64,
 }
 
 /// A connection's hold on a session.
@@ -93,11 +99,14 @@ impl Session {
     /// A session that lives as long as its connection (`attach` sets what the client asked).
     pub fn new(id: Arc<str>, agent: AgentId, max_unacked: usize) -> Self {
         // One over max_unacked: the connection is closed (4004) when it is reached.
-        Self::build(id, agent, None, Outbox::new(max_unacked + 1), max_unacked, false, None, None)
+        let outbox = Outbox::new(max_unacked + 1, max_unacked + 1);
+        Self::build(id, agent, None, outbox, max_unacked, false, None, None)
     }
 
-    /// A long-lived session; every change is written through `store`.
-    pub fn long_lived(record: &SessionRecord, outbox: Outbox, max_unacked: usize, store: Arc<dyn Store>) -> Self {
+    /// A long-lived session; every change is written through `store`. Its
+    /// outbox sends only seqs durably reserved: call [`Session::reserve_seqs`].
+    pub fn long_lived(record: &SessionRecord, mut outbox: Outbox, max_unacked: usize, store: Arc<dyn Store>) -> Self {
+        outbox.send_below(outbox.next_seq());
         let ll = LongLived { key_hash: record.key_hash, store };
         let mut s = Self::build(
             record.id.clone(),
@@ -109,8 +118,38 @@ impl Session {
             record.push_token.clone(),
             record.disconnected_at_ms,
         );
-        s.state.get_mut().unwrap_or_else(PoisonError::into_inner).dropped = record.dropped;
+        let st = s.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        st.dropped = record.dropped;
+        st.seq_reserved = st.outbox.next_seq();
         s
+    }
+
+    /// Reserves the next block of seqs in the store; they become sendable once
+    /// the reservation is durable, so a seq is never used twice, even across a
+    /// crash (gaps are allowed). Long-lived sessions only.
+    pub fn reserve_seqs(self: &Arc<Self>) {
+        let mut st = self.state();
+        self.reserve_ahead(&mut st, true);
+    }
+
+    fn reserve_ahead(self: &Arc<Self>, st: &mut State, now: bool) {
+        let Some(ll) = &self.long_lived else { return };
+        let next = st.outbox.next_seq();
+        if st.ended || !(now || next + SEQ_BLOCK / 2 >= st.seq_reserved) {
+            return;
+        }
+        let upto = st.seq_reserved.max(next) + SEQ_BLOCK;
+        st.seq_reserved = upto;
+        let me = Arc::downgrade(self);
+        ll.store.seq_reserve(&self.id, upto, Box::new(move || Self::reserved(&me, upto)));
+    }
+
+    /// The store made the reservation up to `upto` durable.
+    fn reserved(me: &Weak<Session>, upto: u64) {
+        if let Some(s) = me.upgrade() {
+            s.state().outbox.send_below(upto);
+            s.wake.notify_one();
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -137,6 +176,7 @@ impl Session {
                 generation: 0,
                 disconnected_at_ms,
                 ended: false,
+                seq_reserved: 0,
             }),
             wake: Notify::new(),
             overflowed: AtomicBool::new(false),
@@ -268,7 +308,7 @@ impl Session {
 
     /// Queues a notification (written through for a long-lived session) and
     /// wakes the connection.
-    pub fn deliver(&self, n: &Arc<Notification>) -> Delivered {
+    pub fn deliver(self: &Arc<Self>, n: &Arc<Notification>) -> Delivered {
         let mut st = self.state();
         let pushed = st.outbox.push(n.clone());
         let mut out = Delivered { dropped: pushed.dropped.is_some(), announce_to: None };
@@ -283,8 +323,10 @@ impl Session {
             if st.attached.is_none() {
                 out.announce_to = st.push_token.clone();
             }
-        }
-        if st.attached.is_some() && st.outbox.len() > self.max_unacked {
+            self.reserve_ahead(&mut st, false);
+        } else if st.attached.is_some() && st.outbox.len() > self.max_unacked {
+            // Short-lived: the queue past max_unacked closes the connection
+            // (4004); a long-lived one keeps it in its mailbox (flow control).
             self.overflowed.store(true, Ordering::Release);
         }
         drop(st);
@@ -300,26 +342,33 @@ impl Session {
         if let Some(ll) = self.long_lived.as_ref().filter(|_| !st.ended) {
             ll.store.mailbox_remove(&self.id, seq);
         }
+        // The window has room again for what waits behind it.
+        let wake = st.outbox.waiting();
+        drop(st);
+        if wake {
+            self.wake.notify_one();
+        }
         Some(waited)
     }
 
     /// What the connection of `generation` should write now; nothing when it
-    /// is no longer the attached one.
+    /// is no longer the attached one. [`Stalled`]: close it with 4004.
     pub fn take_due(
         &self,
         generation: u64,
         now: Instant,
         ack_timeout: Duration,
         out: &mut Vec<Due>,
-    ) -> Option<Instant> {
+    ) -> Result<Option<Instant>, Stalled> {
         let mut st = self.state();
         if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
-            return None;
+            return Ok(None);
         }
         st.outbox.take_due(now, ack_timeout, out)
     }
 
-    /// Whether the client let more than `max_unacked` pile up (close 4004).
+    /// Whether the client of a short-lived session let more than
+    /// `max_unacked` pile up (close 4004).
     pub fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Acquire)
     }

@@ -1,6 +1,6 @@
 //! One session's outstanding notifications: sequence numbers, what is unsent,
-//! what waits for an ack, and when it is due again (contract section 5).
-//! Pure logic: time comes in as an argument.
+//! what waits for an ack, when it is due again, and how many may be in flight
+//! (contract section 5). Pure logic: time comes in as an argument.
 
 use cceb_protocol::NotificationType;
 use std::collections::VecDeque;
@@ -42,6 +42,10 @@ pub struct Pushed {
     pub dropped: Option<u64>,
 }
 
+/// The connection's window was full and no ack came for `ack_timeout` (close 4004).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stalled;
+
 #[derive(Debug)]
 pub struct Outbox {
     next_seq: u64,
@@ -49,31 +53,59 @@ pub struct Outbox {
     entries: VecDeque<Entry>,
     cursor: usize,
     capacity: usize,
+    /// Most entries in flight (sent, unacked) on one connection.
+    window: usize,
+    /// Entries with this seq or higher wait: their seq is not yet durably
+    /// reserved, and a crash could hand it to another notification.
+    sendable_below: u64,
+    /// Since when the window has been full with no ack.
+    full_since: Option<Instant>,
 }
 
 impl Outbox {
-    /// An outbox that keeps at most `capacity` entries, dropping the oldest.
-    pub fn new(capacity: usize) -> Self {
-        Outbox { next_seq: 1, entries: VecDeque::new(), cursor: 0, capacity }
+    /// An outbox that keeps at most `capacity` entries, dropping the oldest,
+    /// and has at most `window` of them in flight.
+    pub fn new(capacity: usize, window: usize) -> Self {
+        Outbox {
+            next_seq: 1,
+            entries: VecDeque::new(),
+            cursor: 0,
+            capacity,
+            window,
+            sendable_below: u64::MAX,
+            full_since: None,
+        }
     }
 
     /// An outbox read back from the store: entries in seq order, none sent
-    /// to a connection yet.
+    /// to a connection yet; `next_seq` is the durable high-water mark.
     pub fn restore(
         capacity: usize,
+        window: usize,
         next_seq: u64,
         entries: impl IntoIterator<Item = (u64, Arc<Notification>)>,
     ) -> Self {
         let entries: VecDeque<Entry> =
             entries.into_iter().map(|(seq, n)| Entry { seq, n, sent_at: None, first_sent: None }).collect();
         let next_seq = entries.back().map_or(next_seq, |e| next_seq.max(e.seq + 1));
-        Outbox { next_seq, entries, cursor: 0, capacity }
+        Outbox { next_seq, entries, cursor: 0, capacity, window, sendable_below: u64::MAX, full_since: None }
+    }
+
+    /// Seq the next notification gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Only entries below `seq` may be sent (their seqs are durably reserved).
+    pub fn send_below(&mut self, seq: u64) {
+        self.sendable_below = seq;
     }
 
     /// A new connection takes over: everything still unacked is due again,
     /// in seq order, with its seq.
     pub fn rewind(&mut self) {
         self.cursor = 0;
+        self.full_since = None;
         for e in &mut self.entries {
             e.sent_at = None;
         }
@@ -85,6 +117,11 @@ impl Outbox {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Whether entries wait behind the window.
+    pub fn waiting(&self) -> bool {
+        self.entries.len() > self.cursor
     }
 
     pub fn push(&mut self, n: Arc<Notification>) -> Pushed {
@@ -107,6 +144,8 @@ impl Outbox {
         let e = self.entries.remove(i)?;
         if i < self.cursor {
             self.cursor -= 1;
+            // A slot of the window is free again: the stall clock restarts when it fills.
+            self.full_since = None;
         }
         Some((e.seq, e.first_sent.map_or(Duration::ZERO, |t| now.saturating_duration_since(t))))
     }
@@ -117,32 +156,49 @@ impl Outbox {
     }
 
     /// Everything to write now: sent entries whose ack is overdue (again, same
-    /// uuid and seq), then the unsent ones, in seq order within each group.
-    /// Returns when the next one falls due.
-    pub fn take_due(&mut self, now: Instant, ack_timeout: Duration, out: &mut Vec<Due>) -> Option<Instant> {
+    /// uuid and seq), then unsent ones while the window has room, in seq order
+    /// within each group. Returns when to look again, or [`Stalled`] when the
+    /// window has been full for `ack_timeout` without an ack.
+    pub fn take_due(
+        &mut self,
+        now: Instant,
+        ack_timeout: Duration,
+        out: &mut Vec<Due>,
+    ) -> Result<Option<Instant>, Stalled> {
         let mut next: Option<Instant> = None;
+        let mut soonest = |at: Instant| next = Some(next.map_or(at, |n: Instant| n.min(at)));
         for e in self.entries.iter_mut().take(self.cursor) {
             let sent = e.sent_at.unwrap_or(now);
             if sent + ack_timeout <= now {
                 e.sent_at = Some(now);
                 out.push(Due { seq: e.seq, n: e.n.clone(), redelivery: true });
             }
-            let due = e.sent_at.unwrap_or(now) + ack_timeout;
-            next = Some(next.map_or(due, |n| n.min(due)));
+            soonest(e.sent_at.unwrap_or(now) + ack_timeout);
         }
-        let unsent = self.entries.len() - self.cursor;
-        for e in self.entries.iter_mut().skip(self.cursor) {
+        let room = self.window.saturating_sub(self.cursor);
+        let mut sent = 0;
+        for e in self.entries.iter_mut().skip(self.cursor).take(room) {
+            if e.seq >= self.sendable_below {
+                break;
+            }
             e.sent_at = Some(now);
             let redelivery = e.first_sent.is_some();
             e.first_sent.get_or_insert(now);
             out.push(Due { seq: e.seq, n: e.n.clone(), redelivery });
+            sent += 1;
         }
-        if unsent > 0 {
-            self.cursor = self.entries.len();
-            let due = now + ack_timeout;
-            next = Some(next.map_or(due, |n| n.min(due)));
+        if sent > 0 {
+            self.cursor += sent;
+            soonest(now + ack_timeout);
         }
-        next
+        if self.cursor >= self.window {
+            let since = *self.full_since.get_or_insert(now);
+            if since + ack_timeout <= now {
+                return Err(Stalled);
+            }
+            soonest(since + ack_timeout);
+        }
+        Ok(next)
     }
 }
 
@@ -162,20 +218,20 @@ mod tests {
     fn sends_once_then_redelivers_with_the_same_seq_until_acked() {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(10);
-        let mut o = Outbox::new(10);
+        let mut o = Outbox::new(10, 10);
         o.push(n("a"));
         o.push(n("b"));
         let mut out = Vec::new();
-        assert_eq!(o.take_due(t0, timeout, &mut out), Some(t0 + timeout));
+        assert_eq!(o.take_due(t0, timeout, &mut out), Ok(Some(t0 + timeout)));
         assert_eq!(seqs(&out), [(1, false), (2, false)]);
         out.clear();
-        assert_eq!(o.take_due(t0 + Duration::from_secs(1), timeout, &mut out), Some(t0 + timeout));
+        assert_eq!(o.take_due(t0 + Duration::from_secs(1), timeout, &mut out), Ok(Some(t0 + timeout)));
         assert!(out.is_empty());
         assert_eq!(o.ack("a", t0 + Duration::from_secs(2)), Some((1, Duration::from_secs(2))));
         assert_eq!(o.ack("a", t0), None, "second ack is ignored");
         o.push(n("c"));
         let t1 = t0 + timeout;
-        o.take_due(t1, timeout, &mut out);
+        o.take_due(t1, timeout, &mut out).expect("not stalled");
         assert_eq!(seqs(&out), [(2, true), (3, false)]);
         assert_eq!(o.len(), 2);
     }
@@ -183,44 +239,104 @@ mod tests {
     #[test]
     fn past_capacity_the_oldest_is_dropped() {
         let t0 = Instant::now();
-        let mut o = Outbox::new(2);
+        let mut o = Outbox::new(2, 2);
         assert_eq!(o.push(n("a")), Pushed { seq: 1, dropped: None });
-        o.take_due(t0, Duration::from_secs(1), &mut Vec::new());
+        o.take_due(t0, Duration::from_secs(1), &mut Vec::new()).expect("not stalled");
         assert_eq!(o.push(n("b")), Pushed { seq: 2, dropped: None });
         assert_eq!(o.push(n("c")), Pushed { seq: 3, dropped: Some(1) });
         let mut out = Vec::new();
-        o.take_due(t0, Duration::from_secs(1), &mut out);
+        o.take_due(t0, Duration::from_secs(1), &mut out).expect("not stalled");
         assert_eq!(seqs(&out), [(2, false), (3, false)]);
     }
 
     #[test]
     fn rewind_replays_everything_unacked_in_order_with_its_seq() {
         let t0 = Instant::now();
-        let mut o = Outbox::restore(10, 5, [(3, n("x")), (4, n("y"))]);
+        let mut o = Outbox::restore(10, 10, 5, [(3, n("x")), (4, n("y"))]);
         assert_eq!(o.push(n("z")).seq, 5, "seq continues after what was read back");
         let mut out = Vec::new();
-        o.take_due(t0, Duration::from_secs(10), &mut out);
+        o.take_due(t0, Duration::from_secs(10), &mut out).expect("not stalled");
         assert_eq!(seqs(&out), [(3, false), (4, false), (5, false)]);
         o.ack("y", t0);
         o.push(n("w"));
         o.rewind();
         out.clear();
-        o.take_due(t0, Duration::from_secs(10), &mut out);
+        o.take_due(t0, Duration::from_secs(10), &mut out).expect("not stalled");
         assert_eq!(seqs(&out), [(3, true), (5, true), (6, false)]);
     }
 
     #[test]
     fn ack_of_a_middle_entry_keeps_the_cursor_right() {
         let t0 = Instant::now();
-        let mut o = Outbox::new(10);
+        let mut o = Outbox::new(10, 10);
         let mut out = Vec::new();
         o.push(n("a"));
         o.push(n("b"));
-        o.take_due(t0, Duration::from_secs(1), &mut out);
+        o.take_due(t0, Duration::from_secs(1), &mut out).expect("not stalled");
         o.ack("a", t0);
         o.push(n("c"));
         out.clear();
-        o.take_due(t0, Duration::from_secs(1), &mut out);
+        o.take_due(t0, Duration::from_secs(1), &mut out).expect("not stalled");
         assert_eq!(seqs(&out), [(3, false)]);
+    }
+
+    #[test]
+    fn a_backlog_larger_than_the_window_goes_out_window_by_window_as_acks_free_it() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut o = Outbox::restore(100, 3, 1, (1..=7).map(|i| (i, n(&format!("n{i}")))));
+        let mut out = Vec::new();
+        o.take_due(t0, timeout, &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(1, false), (2, false), (3, false)], "at most the window in flight");
+        out.clear();
+        o.take_due(t0, timeout, &mut out).expect("not stalled");
+        assert!(out.is_empty(), "nothing more until an ack");
+        o.ack("n1", t0);
+        o.ack("n2", t0);
+        o.take_due(t0, timeout, &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(4, false), (5, false)]);
+    }
+
+    #[test]
+    fn a_full_window_without_an_ack_for_the_ack_timeout_stalls_and_an_ack_restarts_the_clock() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut o = Outbox::new(100, 2);
+        for i in 1..=4 {
+            o.push(n(&format!("n{i}")));
+        }
+        let mut out = Vec::new();
+        assert_eq!(o.take_due(t0, timeout, &mut out), Ok(Some(at(10))), "look again when the stall would be due");
+        assert_eq!(o.take_due(at(9), timeout, &mut out), Ok(Some(at(10))));
+        o.ack("n1", at(9));
+        out.clear();
+        o.take_due(at(9), timeout, &mut out).expect("an ack arrived");
+        assert_eq!(seqs(&out), [(3, false)]);
+        // n2 is redelivered at 10 s, and the window (n2, n3) is full again since 9 s.
+        assert_eq!(o.take_due(at(18), timeout, &mut out), Ok(Some(at(19))));
+        assert_eq!(o.take_due(at(19), timeout, &mut out), Err(Stalled));
+        assert_eq!(o.len(), 3, "a stall loses nothing: the mailbox keeps its entries");
+        o.rewind();
+        out.clear();
+        assert!(o.take_due(at(30), timeout, &mut out).is_ok(), "a new connection starts with an empty window");
+        assert_eq!(seqs(&out), [(2, true), (3, true)]);
+    }
+
+    #[test]
+    fn entries_whose_seq_is_not_yet_reserved_wait() {
+        let t0 = Instant::now();
+        let mut o = Outbox::new(10, 10);
+        o.send_below(3);
+        for i in 1..=4 {
+            o.push(n(&format!("n{i}")));
+        }
+        let mut out = Vec::new();
+        o.take_due(t0, Duration::from_secs(10), &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(1, false), (2, false)]);
+        o.send_below(10);
+        out.clear();
+        o.take_due(t0, Duration::from_secs(10), &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(3, false), (4, false)]);
     }
 }

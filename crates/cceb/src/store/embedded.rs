@@ -1,7 +1,7 @@
 //! The embedded store: reads from memory, writes through the SQLite journal
 //! under `CCEB_DATA_DIR`, everything read back at start-up.
 
-use super::journal::{Journal, Op, OpenError};
+use super::journal::{AfterCommit, Journal, Op, OpenError};
 use super::memory::{agent_key, lock, Memory};
 use super::{now_ms, AgentEntry, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession};
 use crate::session::{AgentId, Notification};
@@ -103,6 +103,11 @@ impl Store for EmbeddedStore {
 
     fn mailbox_remove(&self, session: &Arc<str>, seq: u64) {
         self.journal.push(Op::MailboxRemove { session: session.clone(), seq });
+    }
+
+    fn seq_reserve(&self, session: &Arc<str>, upto: u64, durable: Box<dyn FnOnce() + Send>) {
+        self.journal.push(Op::SeqReserve { session: session.clone(), upto });
+        self.journal.push(Op::AfterCommit(AfterCommit(durable)));
     }
 
     async fn sync(&self) -> Result<(), StoreError> {

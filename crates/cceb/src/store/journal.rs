@@ -81,7 +81,23 @@ pub enum Op {
         now_ms: u64,
         dedup_keep: usize,
     },
+    /// Raises the session's `next_seq` to at least `upto`.
+    SeqReserve {
+        session: Arc<str>,
+        upto: u64,
+    },
     Barrier(oneshot::Sender<Result<(), String>>),
+    /// Called once every op before it is committed.
+    AfterCommit(AfterCommit),
+}
+
+/// A callback for [`Op::AfterCommit`].
+pub struct AfterCommit(pub Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for AfterCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AfterCommit")
+    }
 }
 
 #[derive(Default)]
@@ -225,6 +241,7 @@ fn write_loop(mut conn: Connection, inner: &Inner) {
     // anything newer, until they commit. Until then every barrier fails, so no
     // source is told its events are durable while earlier writes are not.
     let mut unwritten: Vec<Op> = Vec::new();
+    let mut after_commit: Vec<AfterCommit> = Vec::new();
     loop {
         let (batch, closing) = {
             let mut q = inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -245,12 +262,17 @@ fn write_loop(mut conn: Connection, inner: &Inner) {
         for op in batch {
             match op {
                 Op::Barrier(tx) => barriers.push(tx),
+                Op::AfterCommit(f) => after_commit.push(f),
                 op => unwritten.push(op),
             }
         }
-        let result = if unwritten.is_empty() { Ok(()) } else { apply(&mut conn, &unwritten).map_err(|e| e.to_string()) };
+        let result =
+            if unwritten.is_empty() { Ok(()) } else { apply(&mut conn, &unwritten).map_err(|e| e.to_string()) };
         match &result {
-            Ok(()) => unwritten.clear(),
+            Ok(()) => {
+                unwritten.clear();
+                after_commit.drain(..).for_each(|f| (f.0)());
+            }
             Err(e) => tracing::error!(error = %e, waiting = unwritten.len(), "store write failed; retrying"),
         }
         inner.healthy.store(result.is_ok(), Ordering::Relaxed);
@@ -356,7 +378,11 @@ fn apply(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
                 .execute([dedup_keep])?;
                 tx.prepare_cached("DELETE FROM auto_accepted WHERE expires <= ?1")?.execute([now_ms])?;
             }
-            Op::Barrier(_) => {}
+            Op::SeqReserve { session, upto } => {
+                let e = next_seq.entry(session.clone()).or_default();
+                *e = (*e).max(*upto);
+            }
+            Op::Barrier(_) | Op::AfterCommit(_) => {}
         }
     }
     for (session, seq) in next_seq {

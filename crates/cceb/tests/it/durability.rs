@@ -50,11 +50,15 @@ async fn a_failed_commit_acknowledges_nothing_until_its_writes_are_durable() {
     let mut c = b.connect().await;
     long_lived(&mut c, "t", "a", json!({})).await;
     let lock = WriteLock::take(&b);
-    let (status, _) = b.post_events(json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state":"s1"}})).await;
+    let (status, _) = b
+        .post_events(json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state":"s1"}}))
+        .await;
     assert_eq!(status, 503, "the mailbox row could not be committed");
     assert_eq!(readyz(&b).await, 503);
     // An event that writes nothing at all is still not acknowledged while earlier writes wait.
-    let (status, _) = b.post_events(json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"nobody","state":"x"}})).await;
+    let (status, _) = b
+        .post_events(json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"nobody","state":"x"}}))
+        .await;
     assert_eq!(status, 503);
     let live = states(&mut c, 1).await;
     drop(lock);

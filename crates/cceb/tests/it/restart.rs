@@ -105,7 +105,7 @@ async fn after_sigterm_every_session_resumes_and_every_unacked_notification_come
         c.ack(uuid).await;
     }
     backend.presence(&server, "s4").await;
-    assert_eq!(states(&mut c, 1).await[0].1, 4, "seq goes on after the restart");
+    assert!(states(&mut c, 1).await[0].1 > sent[2].1, "seq goes on increasing after the restart (gaps allowed)");
     assert!(c.round_trip("no-duplicate").await.is_empty(), "nothing consumed twice");
     assert!(backend.published(&server, "AgentChatAvailabilityEvent").await.is_empty(), "no transition, no record");
 }
@@ -138,10 +138,48 @@ async fn after_sigkill_everything_the_backend_acknowledged_is_delivered_once() {
     let got = states(&mut c, 5).await;
     assert_eq!(got[0], first[0], "the unacked one keeps its uuid and seq");
     let order: Vec<(u64, &str)> = got.iter().map(|(_, seq, s)| (*seq, s.as_str())).collect();
-    assert_eq!(order, [(1, "s1"), (2, "offered"), (3, "s2"), (4, "s3"), (5, "offered")]);
+    assert_eq!(order[..4], [(1, "s1"), (2, "offered"), (3, "s2"), (4, "s3")]);
+    assert_eq!(order[4].1, "offered");
+    assert!(order[4].0 > 4, "a seq is never used twice, even after a crash (gaps allowed)");
     assert!(c.round_trip("no-duplicate").await.is_empty());
     assert!(
         backend.published(&server, "AgentChatAvailabilityEvent").await.is_empty(),
         "still available: no new record"
     );
+}
+
+#[tokio::test]
+async fn a_seq_sent_before_a_crash_is_never_given_to_another_notification() {
+    let mut backend = Backend::new().await;
+    if backend.kafka.is_some() {
+        eprintln!("skipped on Kafka: the not-yet-durable notification is made through the backend port");
+        return;
+    }
+    let server = backend.serve().await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
+    // The disk stops taking writes: the notification reaches the connected
+    // client (seq N) but is not durable, and the backend gets 503.
+    let lock = rusqlite::Connection::open(backend.data.path().join("cceb.sqlite3")).expect("open");
+    lock.execute_batch("BEGIN IMMEDIATE").expect("write lock");
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/backend/v1/events", server.backend))
+        .bearer_auth(ADMIN)
+        .json(&json!({"record": "AgentPresenceEvent", "value": {"tenantGuid": "t", "agentGuid": "a", "state": "lost"}}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(r.status().as_u16(), 503);
+    let seen = states(&mut c, 1).await;
+    server.signal("-KILL");
+    server.wait().await;
+    drop(lock);
+
+    let server = backend.serve().await;
+    let (mut c, r) = resume(&server.ws_url(), "t", "a", &key).await;
+    assert!(r.resumed);
+    backend.presence(&server, "next").await;
+    let after = states(&mut c, 1).await;
+    assert_eq!(after[0].2, "next");
+    assert!(after[0].1 > seen[0].1, "seq {} was already used by another notification before the crash", seen[0].1);
 }

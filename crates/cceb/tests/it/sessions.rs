@@ -159,18 +159,54 @@ async fn the_mailbox_keeps_the_newest_and_counts_what_it_dropped() {
 }
 
 #[tokio::test]
-async fn a_connected_long_lived_session_past_max_unacked_is_closed_with_4004_and_keeps_its_mailbox() {
-    let b = TestBridge::with(|s| s.max_unacked = 2).await;
+async fn a_long_lived_connection_has_at_most_max_unacked_in_flight_and_4004_only_after_a_full_window_waits_ack_timeout()
+{
+    let b = TestBridge::with(|s| {
+        s.max_unacked = 2;
+        s.ack_timeout_ms = 300;
+    })
+    .await;
     let mut c = b.connect().await;
     let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
     for n in 1..=3 {
         presence(&b, "t", "a", &format!("s{n}")).await;
     }
-    assert_eq!(c.closed().await.0, Some(4004));
+    let window = states(&mut c, 2).await;
+    assert_eq!((window[0].2.as_str(), window[1].2.as_str()), ("s1", "s2"));
+    c.ack(&window[0].0).await;
+    let next = states(&mut c, 1).await;
+    assert_eq!(next[0].2, "s3", "an ack frees the window for the one waiting");
+    // No more acks: the window (s2, s3) stays full for ack_timeout.
+    let (code, _redelivered) = c.closed().await;
+    assert_eq!(code, Some(4004));
     let (mut c, r) = resume(&b.ws_url(), "t", "a", &key).await;
     assert!(r.resumed);
-    let got: Vec<String> = states(&mut c, 3).await.into_iter().map(|(_, _, s)| s).collect();
-    assert_eq!(got, ["s1", "s2", "s3"]);
+    let got: Vec<String> = states(&mut c, 2).await.into_iter().map(|(_, _, s)| s).collect();
+    assert_eq!(got, ["s2", "s3"], "the mailbox keeps what it holds");
+}
+
+#[tokio::test]
+async fn a_resume_with_a_backlog_larger_than_the_window_is_replayed_window_by_window_without_4004() {
+    let b = TestBridge::with(|s| s.max_unacked = 3).await;
+    let mut c = b.connect().await;
+    let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
+    drop(c);
+    for n in 1..=10 {
+        presence(&b, "t", "a", &format!("s{n}")).await;
+    }
+    let (mut c, r) = resume(&b.ws_url(), "t", "a", &key).await;
+    assert_eq!(r.dropped, Some(0));
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        let window = states(&mut c, 3.min(10 - got.len())).await;
+        assert!(c.round_trip(&format!("w{}", got.len())).await.is_empty(), "never more than the window in flight");
+        for (uuid, _, state) in window {
+            c.ack(&uuid).await;
+            got.push(state);
+        }
+    }
+    let want: Vec<String> = (1..=10).map(|n| format!("s{n}")).collect();
+    assert_eq!(got, want);
 }
 
 #[tokio::test]
