@@ -1,30 +1,14 @@
-//! Prometheus metrics. The recorder is process-wide (the `metrics` facade);
-//! hot-path counters are resolved once into handles.
+//! Prometheus metrics. Each bridge has its own recorder, so two bridges in one
+//! process (the tests) never count into each other's series; hot-path
+//! counters are resolved once into handles.
 
 use cceb_protocol::{ErrorCode, NotificationType};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
-use std::sync::OnceLock;
-
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-
-/// Installs the recorder on first use; later bridges in the same process share it.
-pub fn handle() -> &'static PrometheusHandle {
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(LATENCY_BUCKETS)
-            .expect("the bucket list is not empty")
-            .build_recorder();
-        let handle = recorder.handle();
-        // Fails only if another recorder is installed; then ours simply renders nothing.
-        let _ = metrics::set_global_recorder(recorder);
-        handle
-    })
-}
 
 /// How an action ended, for `cceb_actions_total{record,outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +56,8 @@ const PUSH_OUTCOMES: [&str; 4] = ["sent", "failed", "dropped", "cancelled"];
 const UNKNOWN_RECORD: &str = "unknown";
 
 pub struct Metrics {
+    /// Renders this bridge's series for `/metrics`.
+    handle: PrometheusHandle,
     pub connections: Gauge,
     pub sessions: Gauge,
     sent: Vec<Counter>,
@@ -100,7 +86,15 @@ pub struct Metrics {
 impl Metrics {
     /// `action_records`: the records clients may send; any other name counts as `unknown`.
     pub fn new<'a>(action_records: impl IntoIterator<Item = &'a str>) -> Self {
-        handle();
+        // Only an empty bucket list is refused, and ours is a constant.
+        let builder =
+            PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS).unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || Self::register(handle, action_records))
+    }
+
+    fn register<'a>(handle: PrometheusHandle, action_records: impl IntoIterator<Item = &'a str>) -> Self {
         let per_outcome = |record: &str| {
             (0..ActionOutcome::COUNT)
                 .map(|i| counter!("cceb_actions_total", "record" => record.to_owned(), "outcome" => ActionOutcome::label(i)))
@@ -109,6 +103,7 @@ impl Metrics {
         let actions =
             action_records.into_iter().chain([UNKNOWN_RECORD]).map(|r| (r.to_owned(), per_outcome(r))).collect();
         Metrics {
+            handle,
             connections: gauge!("cceb_connections"),
             sessions: gauge!("cceb_sessions"),
             sent: NotificationType::ALL
@@ -161,7 +156,7 @@ impl Metrics {
         self.auto_accept[usize::from(published)].increment(1);
     }
 
-    pub fn render() -> String {
-        handle().render()
+    pub fn render(&self) -> String {
+        self.handle.render()
     }
 }

@@ -4,7 +4,6 @@
 pub mod backend;
 
 use crate::app::Shared;
-use crate::metrics::Metrics;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -74,6 +73,6 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     (status, Json(json!({"bus": bus, "store": store}))).into_response()
 }
 
-async fn metrics() -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], Metrics::render()).into_response()
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render()).into_response()
 }

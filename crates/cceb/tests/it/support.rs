@@ -131,6 +131,13 @@ impl TestBridge {
         format!("ws://{}/ws/v1", self.addr)
     }
 
+    /// The value of one series of this bridge's `/metrics` (each bridge has
+    /// its own recorder); 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self.http.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
+        metric_value(&text, series)
+    }
+
     /// The embedded store's data directory.
     pub fn data_dir(&self) -> &std::path::Path {
         &self.settings.data_dir
@@ -465,4 +472,13 @@ pub async fn backend_actions(http: &reqwest::Client, backend: &str, after: u64, 
         .json()
         .await
         .expect("json")
+}
+
+/// The value of `series` (name with its labels, as rendered) in a Prometheus text page; 0 when absent.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.strip_prefix(series).is_some_and(|rest| rest.starts_with(' ')))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

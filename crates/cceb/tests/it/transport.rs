@@ -138,30 +138,23 @@ async fn health_readiness_and_metrics() {
     c.ack(&uuid).await;
     c.round_trip("acked").await;
     let text = get("/metrics").await.expect("answers").text().await.expect("text");
-    // Series are registered at start-up (at 0), so what this connection did is checked by value.
-    // The recorder is process-wide: other tests may have added to the same series, hence `>=`.
-    let value = |series: &str| -> f64 {
-        let line = text
-            .lines()
-            .find(|l| l.strip_prefix(series).is_some_and(|rest| rest.starts_with(' ')))
-            .unwrap_or_else(|| panic!("no {series} in:\n{text}"));
-        line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
-    };
-    for series in [
-        "cceb_connections",
-        "cceb_sessions",
-        "cceb_errors_total{code=\"invalid_json\"}",
-        "cceb_errors_total{code=\"unknown_action\"}",
-        "cceb_notifications_sent_total{type=\"presence\"}",
-        "cceb_notifications_acked_total",
-        "cceb_actions_total{record=\"ChangeAgentStateEvent\",outcome=\"published\"}",
-        "cceb_actions_total{record=\"unknown\",outcome=\"unknown_action\"}",
-        "cceb_events_total{outcome=\"accepted\"}",
-        "cceb_notification_ack_seconds_count",
-        "cceb_action_seconds_count",
-        "cceb_event_ingest_seconds_count",
+    // Series are registered at start-up (at 0), and every bridge has its own
+    // recorder: each value is exactly what this test did.
+    for (series, want) in [
+        ("cceb_connections", 1.0),
+        ("cceb_sessions", 1.0),
+        ("cceb_errors_total{code=\"invalid_json\"}", 1.0),
+        ("cceb_errors_total{code=\"unknown_action\"}", 1.0),
+        ("cceb_notifications_sent_total{type=\"presence\"}", 1.0),
+        ("cceb_notifications_acked_total", 1.0),
+        ("cceb_actions_total{record=\"ChangeAgentStateEvent\",outcome=\"published\"}", 1.0),
+        ("cceb_actions_total{record=\"unknown\",outcome=\"unknown_action\"}", 1.0),
+        ("cceb_events_total{outcome=\"accepted\"}", 1.0),
+        ("cceb_notification_ack_seconds_count", 1.0),
+        ("cceb_action_seconds_count", 2.0),
+        ("cceb_event_ingest_seconds_count", 1.0),
     ] {
-        assert!(value(series) >= 1.0, "{series} did not count what this test did");
+        assert_eq!(metric_value(&text, series), want, "{series} counts exactly what this test did");
     }
     assert!(text.contains("cceb_notifications_redelivered_total"));
     assert!(!text.contains("MadeUpEvent"), "client-chosen names never become labels");
