@@ -20,3 +20,5 @@ pub const HELLO_TIMEOUT: u16 = 4003;
 pub const TOO_MANY_UNACKED: u16 = 4004;
 /// The session was taken over by another connection.
 pub const TAKEN_OVER: u16 = 4005;
+/// The agent already has `CCEB_MAX_SESSIONS_PER_AGENT` sessions, all connected.
+pub const TOO_MANY_SESSIONS: u16 = 4006;

@@ -16,10 +16,11 @@ pub enum ErrorCode {
     UnknownAgent,
     BackendUnavailable,
     RateLimited,
+    TooManySessions,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidMessage,
         ErrorCode::UnknownType,
@@ -31,6 +32,7 @@ impl ErrorCode {
         ErrorCode::UnknownAgent,
         ErrorCode::BackendUnavailable,
         ErrorCode::RateLimited,
+        ErrorCode::TooManySessions,
     ];
 
     /// Dense index (position in [`ErrorCode::ALL`]), for per-code metric handles.
@@ -51,6 +53,7 @@ impl ErrorCode {
             ErrorCode::UnknownAgent => "unknown_agent",
             ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManySessions => "too_many_sessions",
         }
     }
 }

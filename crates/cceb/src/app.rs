@@ -131,6 +131,7 @@ impl Bridge {
                 ttl: settings.session_ttl(),
                 max_unacked: settings.max_unacked,
                 mailbox_capacity: settings.mailbox_capacity,
+                max_sessions_per_agent: settings.max_sessions_per_agent,
                 source: settings.source_name.clone(),
             },
         ));

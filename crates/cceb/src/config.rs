@@ -103,6 +103,9 @@ pub struct Settings {
     pub max_unacked: usize,
     /// Most notifications one long-lived session keeps; past it the oldest is dropped.
     pub mailbox_capacity: usize,
+    /// Most sessions of one agent; past it the least recently connected
+    /// disconnected one is ended, or the `hello` refused.
+    pub max_sessions_per_agent: usize,
     /// How often expired sessions are looked for.
     pub sweep_interval_ms: u64,
     /// Where push announcements are POSTed; no announcements when unset.
@@ -174,6 +177,7 @@ impl Default for Settings {
             max_frame_bytes: 64 * 1024,
             max_unacked: 1000,
             mailbox_capacity: 1000,
+            max_sessions_per_agent: 16,
             sweep_interval_ms: 1000,
             push_webhook_url: None,
             push_webhook_token: None,
@@ -232,6 +236,7 @@ impl Settings {
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_unacked", self.max_unacked as u64),
             ("mailbox_capacity", self.mailbox_capacity as u64),
+            ("max_sessions_per_agent", self.max_sessions_per_agent as u64),
             ("sweep_interval_ms", self.sweep_interval_ms),
             ("session_ttl_seconds", self.session_ttl_seconds),
             ("embedded_log_capacity", self.embedded_log_capacity as u64),

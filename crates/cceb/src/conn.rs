@@ -5,7 +5,7 @@
 use crate::actions::{ActionError, Done};
 use crate::app::Shared;
 use crate::auth::Identity;
-use crate::session::{AgentId, Attachment, Due, OpenRequest, Session, TokenBucket};
+use crate::session::{AgentId, Attachment, Due, OpenError, OpenRequest, Session, TokenBucket};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
 use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};
@@ -138,6 +138,10 @@ impl Conn {
             };
             let opened = match self.shared.sessions.open(agent, request).await {
                 Ok(o) => o,
+                Err(e @ OpenError::TooManySessions(_)) => {
+                    self.send_error(&uuid, ErrorCode::TooManySessions, &e.to_string(), None).await;
+                    return Err(Close(close::TOO_MANY_SESSIONS, "too many sessions"));
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot open a session");
                     return Err(Close(close::SERVICE_RESTART, "sessions are unavailable, reconnect"));

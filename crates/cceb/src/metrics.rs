@@ -72,6 +72,8 @@ pub struct Metrics {
     pub event_ingest_seconds: Histogram,
     pub sessions_resumed: Counter,
     pub sessions_expired: Counter,
+    /// Ended to make room under `max_sessions_per_agent`.
+    pub sessions_evicted: Counter,
     pub mailbox_dropped: Counter,
     pub availability_published: Counter,
     errors: Vec<Counter>,
@@ -121,6 +123,7 @@ impl Metrics {
             event_ingest_seconds: histogram!("cceb_event_ingest_seconds"),
             sessions_resumed: counter!("cceb_sessions_resumed_total"),
             sessions_expired: counter!("cceb_sessions_expired_total"),
+            sessions_evicted: counter!("cceb_sessions_evicted_total"),
             mailbox_dropped: counter!("cceb_mailbox_dropped_total"),
             availability_published: counter!("cceb_chat_availability_published_total"),
             errors: ErrorCode::ALL.iter().map(|c| counter!("cceb_errors_total", "code" => c.as_str())).collect(),

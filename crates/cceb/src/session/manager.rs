@@ -3,7 +3,7 @@
 //! after a restart. Also what follows from the set of valid sessions: chat
 //! availability records and auto-accept.
 
-use super::{AgentId, Attachment, Notification, Outbox, Registry, Session, SessionKey};
+use super::{AgentId, Attachment, Full, Notification, Outbox, Registry, Session, SessionKey};
 use crate::bus::{Bus, BusError, OutRecord};
 use crate::metrics::Metrics;
 use crate::push::{Announcement, Push};
@@ -11,7 +11,7 @@ use crate::schema::SchemaSet;
 use crate::store::{now_ms, SessionRecord, Store, StoreError};
 use serde_json::{Map, Value as Json};
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 /// The record the bridge publishes when an agent's chat availability changes.
@@ -24,6 +24,8 @@ pub struct SessionSettings {
     pub ttl: Duration,
     pub max_unacked: usize,
     pub mailbox_capacity: usize,
+    /// Most sessions of one agent (at least 1).
+    pub max_sessions_per_agent: usize,
     /// `source` of the records the bridge publishes itself.
     pub source: String,
 }
@@ -53,8 +55,9 @@ pub struct Sessions {
     push: Arc<dyn Push>,
     metrics: Arc<Metrics>,
     settings: SessionSettings,
-    /// Serialises availability decisions so one transition publishes one record.
-    availability: tokio::sync::Mutex<Availability>,
+    /// Availability decisions, serialised per agent so one transition
+    /// publishes one record; never held across a bus call.
+    availability: Mutex<Availability>,
 }
 
 #[derive(Default)]
@@ -63,6 +66,29 @@ struct Availability {
     published: HashSet<AgentId>,
     /// Agents whose record could not be published yet; the sweep retries.
     pending: HashSet<AgentId>,
+    /// Agents whose decision is being made now (by one caller).
+    running: HashSet<AgentId>,
+    /// Agents whose count changed while their decision was running: it runs again.
+    dirty: HashSet<AgentId>,
+}
+
+/// The claim on one agent's availability decision; released however the
+/// caller ends, so a cancelled caller cannot leave the agent claimed.
+struct Deciding<'a> {
+    availability: &'a Mutex<Availability>,
+    agent: &'a AgentId,
+}
+
+impl Drop for Deciding<'_> {
+    fn drop(&mut self) {
+        let mut av = lock(self.availability);
+        av.running.remove(self.agent);
+        av.dirty.remove(self.agent);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Sessions {
@@ -75,7 +101,7 @@ impl Sessions {
         metrics: Arc<Metrics>,
         settings: SessionSettings,
     ) -> Self {
-        Sessions { registry, store, bus, schemas, push, metrics, settings, availability: tokio::sync::Mutex::default() }
+        Sessions { registry, store, bus, schemas, push, metrics, settings, availability: Mutex::default() }
     }
 
     /// Brings back the long-lived sessions of the store, expires those whose
@@ -96,11 +122,13 @@ impl Sessions {
             self.add(session);
         }
         self.store.sync().await?;
-        let mut av = self.availability.lock().await;
-        av.published = self.store.availability_published().await?.into_iter().collect();
-        av.pending = av.published.clone();
-        av.pending.extend(self.registry.all_long_lived().iter().map(|s| s.agent.clone()));
-        drop(av);
+        let published = self.store.availability_published().await?;
+        {
+            let mut av = lock(&self.availability);
+            av.published = published.into_iter().collect();
+            av.pending = av.published.clone();
+            av.pending.extend(self.registry.all_long_lived().iter().map(|s| s.agent.clone()));
+        }
         self.sweep().await;
         Ok(count)
     }
@@ -108,7 +136,7 @@ impl Sessions {
     /// Opens the session a `hello` asks for: resumes it when the key is valid
     /// for this agent, else creates a new one (long-lived when asked, or when
     /// a key was given).
-    pub async fn open(&self, agent: AgentId, req: OpenRequest) -> Result<Opened, StoreError> {
+    pub async fn open(&self, agent: AgentId, req: OpenRequest) -> Result<Opened, OpenError> {
         if let Some(text) = &req.session_key {
             let found = self.find(&agent, text);
             // None: it ended between the lookup and now; a new session follows.
@@ -123,8 +151,8 @@ impl Sessions {
         let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
         if !(req.long_lived || req.session_key.is_some()) {
             let session = Arc::new(Session::new(id, agent, self.settings.max_unacked));
-            let attachment = session.attach(req.auto_accept, None).ok_or_else(ended_at_once)?;
             self.add(session.clone());
+            let attachment = session.attach(req.auto_accept, None).ok_or_else(ended_at_once)?;
             return Ok(Opened { session, attachment, key: None, resumed: false });
         }
         let (text, key) = SessionKey::generate(&id);
@@ -139,13 +167,35 @@ impl Sessions {
         };
         let outbox = Outbox::new(self.settings.mailbox_capacity, self.settings.max_unacked);
         let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
+        let delta = self.admit(&session)?;
         let attachment = session.attach(req.auto_accept, req.push_token).ok_or_else(ended_at_once)?;
         session.reserve_seqs();
         // The key must survive a crash before the client is given it.
-        self.store.sync().await?;
-        self.add(session.clone());
-        self.availability_changed(&session.agent, 1).await;
+        if let Err(e) = self.store.sync().await {
+            session.end(None);
+            self.remove(&session);
+            self.store.session_delete(&session.id);
+            self.availability_changed(&session.agent, delta - 1).await;
+            return Err(e.into());
+        }
+        self.availability_changed(&session.agent, delta).await;
         Ok(Opened { session, attachment, key: Some(text), resumed: false })
+    }
+
+    /// Registers a new long-lived session within its agent's cap, ending the
+    /// least recently connected disconnected one to make room (as
+    /// `end_session` would; its deletion is made durable by the caller's
+    /// sync); returns the change to the agent's count of long-lived sessions.
+    fn admit(&self, session: &Arc<Session>) -> Result<i64, OpenError> {
+        let cap = self.settings.max_sessions_per_agent;
+        let evicted = self.registry.add_capped(session.clone(), cap).map_err(|Full| OpenError::TooManySessions(cap))?;
+        self.metrics.sessions.increment(1.0);
+        let Some(old) = evicted else { return Ok(1) };
+        tracing::debug!(session = %old.id, agent = %old.agent.agent_guid, "session ended to make room");
+        self.metrics.sessions.decrement(1.0);
+        self.metrics.sessions_evicted.increment(1);
+        self.store.session_delete(&old.id);
+        Ok(0)
     }
 
     /// The valid long-lived session `text` names, if it belongs to `agent`.
@@ -224,7 +274,7 @@ impl Sessions {
         if let Err(e) = self.store.expire().await {
             tracing::warn!(error = %e, "store expiry failed");
         }
-        let pending: Vec<AgentId> = self.availability.lock().await.pending.drain().collect();
+        let pending: Vec<AgentId> = lock(&self.availability).pending.drain().collect();
         for agent in pending {
             self.availability_changed(&agent, 0).await;
         }
@@ -264,18 +314,43 @@ impl Sessions {
 
     /// Publishes the agent's chat availability if the count of its valid
     /// long-lived sessions (after `delta`) disagrees with the last published.
+    /// One decision per agent at a time: a caller that finds one running
+    /// leaves it to run again and returns at once.
     async fn availability_changed(&self, agent: &AgentId, delta: i64) {
-        let mut av = self.availability.lock().await;
-        let count = match self.store.availability_count(agent, delta).await {
+        if delta != 0 {
+            if let Err(e) = self.store.availability_count(agent, delta).await {
+                tracing::warn!(error = %e, "cannot count sessions for chat availability");
+                lock(&self.availability).pending.insert(agent.clone());
+                return;
+            }
+        }
+        {
+            let mut av = lock(&self.availability);
+            if !av.running.insert(agent.clone()) {
+                av.dirty.insert(agent.clone());
+                return;
+            }
+        }
+        let _claim = Deciding { availability: &self.availability, agent };
+        loop {
+            self.decide_availability(agent).await;
+            if !lock(&self.availability).dirty.remove(agent) {
+                return;
+            }
+        }
+    }
+
+    async fn decide_availability(&self, agent: &AgentId) {
+        let count = match self.store.availability_count(agent, 0).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot count sessions for chat availability");
-                av.pending.insert(agent.clone());
+                lock(&self.availability).pending.insert(agent.clone());
                 return;
             }
         };
         let want = count > 0;
-        if av.published.contains(agent) == want {
+        if lock(&self.availability).published.contains(agent) == want {
             return;
         }
         let fields = Map::from_iter([("available".to_owned(), Json::Bool(want))]);
@@ -283,6 +358,7 @@ impl Sessions {
             Ok(()) => self.store.set_availability_published(agent, want).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         };
+        let mut av = lock(&self.availability);
         match published {
             Ok(()) => {
                 self.metrics.availability_published.increment(1);
@@ -354,6 +430,15 @@ impl Sessions {
 /// client is told to reconnect rather than the bridge panicking.
 fn ended_at_once() -> StoreError {
     StoreError::Unavailable("the new session ended before it was attached".into())
+}
+
+/// Why a `hello` got no session.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the agent already has {0} sessions, all connected")]
+    TooManySessions(usize),
 }
 
 #[derive(Debug, thiserror::Error)]

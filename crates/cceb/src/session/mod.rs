@@ -11,10 +11,10 @@ mod rate;
 mod registry;
 
 pub use key::SessionKey;
-pub use manager::{OpenRequest, Opened, SessionSettings, Sessions};
+pub use manager::{OpenError, OpenRequest, Opened, SessionSettings, Sessions};
 pub use outbox::{Due, Notification, Outbox, Pushed, Stalled};
 pub use rate::TokenBucket;
-pub use registry::Registry;
+pub use registry::{Full, Registry};
 
 use crate::store::{now_ms, SessionRecord, Store};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -222,6 +222,24 @@ impl Session {
     pub fn end(&self, unless_valid_at: Option<(u64, Duration)>) -> bool {
         let mut st = self.state();
         if st.ended || unless_valid_at.is_some_and(|(now, ttl)| Self::valid(&st, now, ttl)) {
+            return false;
+        }
+        st.ended = true;
+        true
+    }
+
+    /// When the last connection left a long-lived session that no connection
+    /// holds now; `None` for any other session.
+    pub fn disconnected_at(&self) -> Option<u64> {
+        let st = self.state();
+        let idle = self.long_lived.is_some() && !st.ended && st.attached.is_none();
+        idle.then(|| st.disconnected_at_ms.unwrap_or(0))
+    }
+
+    /// Ends a long-lived session that no connection holds; returns whether it did.
+    pub fn end_if_detached(&self) -> bool {
+        let mut st = self.state();
+        if self.long_lived.is_none() || st.ended || st.attached.is_some() {
             return false;
         }
         st.ended = true;

@@ -7,6 +7,10 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 type Agents = HashMap<Arc<str>, Vec<Arc<Session>>>;
 
+/// The agent has as many sessions as allowed, all of them connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
+
 #[derive(Debug, Default)]
 pub struct Registry {
     tenants: RwLock<HashMap<Arc<str>, Agents>>,
@@ -23,6 +27,41 @@ impl Registry {
         let agents = t.entry(s.agent.tenant_guid.clone()).or_default();
         agents.entry(s.agent.agent_guid.clone()).or_default().push(s);
         self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds a long-lived session unless its agent already has `cap` of them:
+    /// then the agent's least recently connected disconnected one is ended and
+    /// taken out to make room (returned), or, when all are connected, nothing
+    /// changes and `Err(Full)`. Decided under the lock, so racing hellos
+    /// cannot exceed the cap (at least 1, as the settings require).
+    pub fn add_capped(&self, s: Arc<Session>, cap: usize) -> Result<Option<Arc<Session>>, Full> {
+        let mut t = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        let list = t.entry(s.agent.tenant_guid.clone()).or_default().entry(s.agent.agent_guid.clone()).or_default();
+        let mut evicted = None;
+        if list.iter().filter(|x| x.is_long_lived()).count() >= cap {
+            let mut idle: Vec<(u64, usize)> =
+                list.iter().enumerate().filter_map(|(i, x)| x.disconnected_at().map(|at| (at, i))).collect();
+            idle.sort_unstable();
+            // Ended under its own lock: a resume racing this either attached
+            // first (then it is skipped) or finds it ended.
+            let Some(&(_, i)) = idle.iter().find(|&&(_, i)| list[i].end_if_detached()) else {
+                return Err(Full);
+            };
+            let old = list.swap_remove(i);
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            evicted = Some(old);
+        }
+        list.push(s.clone());
+        self.count.fetch_add(1, Ordering::Relaxed);
+        drop(t);
+        let mut ll = self.long_lived.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = &evicted {
+            if ll.get(&old.id).is_some_and(|x| Arc::ptr_eq(x, old)) {
+                ll.remove(&old.id);
+            }
+        }
+        ll.insert(s.id.clone(), s);
+        Ok(evicted)
     }
 
     /// Removes the session; returns whether it was registered.

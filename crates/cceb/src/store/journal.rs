@@ -321,13 +321,13 @@ fn apply(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO mailbox(session, seq, uuid, type, data) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
-                .execute(params![&*session, seq, n.uuid, n.ty.as_str(), &*n.data])?;
+                .execute(params![session.as_ref(), seq, n.uuid, n.ty.as_str(), &*n.data])?;
                 let e = next_seq.entry(session.clone()).or_default();
                 *e = (*e).max(seq + 1);
             }
             Op::MailboxRemove { session, seq } => {
                 tx.prepare_cached("DELETE FROM mailbox WHERE session = ?1 AND seq = ?2")?
-                    .execute(params![&*session, seq])?;
+                    .execute(params![session.as_ref(), seq])?;
             }
             Op::DedupPut { key, expires_ms } => {
                 tx.prepare_cached("INSERT OR REPLACE INTO dedup(key, expires) VALUES (?1, ?2)")?

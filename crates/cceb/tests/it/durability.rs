@@ -9,13 +9,15 @@ use serde_json::json;
 
 /// Holds SQLite's write lock on the bridge's database, as a stuck disk or a
 /// stray process would: every commit of the bridge fails until it is dropped.
-struct WriteLock(rusqlite::Connection);
+struct WriteLock {
+    _held: rusqlite::Connection,
+}
 
 impl WriteLock {
     fn take(b: &TestBridge) -> WriteLock {
         let c = rusqlite::Connection::open(b.data_dir().join("cceb.sqlite3")).expect("open the database");
         c.execute_batch("BEGIN IMMEDIATE").expect("take the write lock");
-        WriteLock(c)
+        WriteLock { _held: c }
     }
 }
 

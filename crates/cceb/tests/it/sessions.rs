@@ -4,7 +4,7 @@
 
 use crate::support::*;
 use cceb_protocol::outgoing::HelloReply;
-use cceb_protocol::NotificationType as N;
+use cceb_protocol::{ErrorCode, NotificationType as N};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -450,4 +450,75 @@ async fn a_webhook_that_never_answers_does_not_hold_up_delivery() {
     })
     .await
     .expect("the bridge tried to announce");
+}
+
+#[tokio::test]
+async fn past_the_cap_the_least_recently_connected_idle_session_is_ended_and_then_hello_is_refused_with_4006() {
+    let b = TestBridge::with(|s| s.max_sessions_per_agent = 2).await;
+    let mut first = b.connect().await;
+    let key1 = long_lived(&mut first, "t", "a", json!({})).await.session_key.expect("key");
+    drop(first);
+    let mut second = b.connect().await;
+    let key2 = long_lived(&mut second, "t", "a", json!({})).await.session_key.expect("key");
+    second.round_trip("hello-done").await;
+    drop(second);
+    // Short-lived sessions, another agent and another tenant do not count.
+    let _short = b.agent("t", "a").await;
+    let mut other = b.connect().await;
+    long_lived(&mut other, "t", "b", json!({})).await;
+    let mut elsewhere = b.connect().await;
+    long_lived(&mut elsewhere, "t2", "a", json!({})).await;
+    let mut third = b.connect().await;
+    long_lived(&mut third, "t", "a", json!({})).await;
+    assert_eq!(b.metric("cceb_sessions_evicted_total").await, 1.0);
+    let (_two, r) = resume(&b.ws_url(), "t", "a", &key2).await;
+    assert!(r.resumed, "the more recently connected one stays");
+    // Both of the agent's sessions are connected now: no room.
+    let mut fourth = b.connect().await;
+    fourth.send(json!({"type":"hello","uuid":"h4","data":{"token": token("t", "a"), "session_key": key1}})).await;
+    fourth.expect_error("h4", ErrorCode::TooManySessions).await;
+    assert_eq!(fourth.closed().await.0, Some(4006));
+    let records = published_values(&b, "AgentChatAvailabilityEvent").await;
+    let of_a: Vec<&Value> = records.iter().filter(|r| r["tenantGuid"] == "t" && r["agentGuid"] == "a").collect();
+    assert_eq!(of_a.len(), 1, "still available throughout: {records:?}");
+}
+
+#[tokio::test]
+async fn a_slow_availability_publish_holds_up_no_other_hello() {
+    let b = TestBridge::start().await;
+    if b.kafka.is_some() {
+        eprintln!("skipped on Kafka: the slow broker is the embedded bus's delay switch");
+        return;
+    }
+    let r = b
+        .http
+        .put(format!("http://{}/backend/v1/bus", b.backend))
+        .bearer_auth(ADMIN)
+        .json(&json!({"accepting": true, "delay_ms": 3000}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(r.status().as_u16(), 200);
+    // The first long-lived hello publishes `available: true`, which takes 3 s.
+    let url = b.ws_url();
+    let first = tokio::spawn(async move {
+        let mut c = Client::connect(&url).await;
+        long_lived(&mut c, "t", "a", json!({})).await;
+        c
+    });
+    // Wait until that publish is under way: the count is taken before it starts.
+    tokio::time::timeout(PATIENCE, async {
+        while b.metric("cceb_sessions").await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the first hello is in");
+    // Its session is made; its key commit and the claim of the decision take a few ms more.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut second = b.connect().await;
+    long_lived(&mut second, "t", "a", json!({})).await;
+    assert!(!first.is_finished(), "the second hello was answered while the first one's publish was still under way");
+    first.await.expect("first hello");
+    assert_eq!(published_values(&b, "AgentChatAvailabilityEvent").await.len(), 1, "one transition, one record");
 }
