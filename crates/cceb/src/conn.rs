@@ -5,7 +5,7 @@
 use crate::actions::{ActionError, Done};
 use crate::app::Shared;
 use crate::auth::Identity;
-use crate::session::{AgentId, Attachment, Due, OpenError, OpenRequest, Session, TokenBucket};
+use crate::session::{AgentId, Attachment, Due, Held, OpenError, OpenRequest, Session, TokenBucket};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
 use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};
@@ -20,6 +20,11 @@ use tokio::time::{sleep_until, Instant};
 /// Longest wait for the client's answer to our close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
+/// A deadline no connection reaches (about 30 years ahead).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(30 * 365 * 86_400)
+}
+
 /// Why the connection ends, and how it is told to the client.
 struct Close(u16, &'static str);
 
@@ -31,13 +36,29 @@ struct PendingAction {
     details: Map<String, Json>,
 }
 
+/// Counts a connection in the gauge for as long as its task lives, however it ends.
+struct Counted(Arc<Shared>);
+
+impl Counted {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared.metrics.connections.increment(1.0);
+        Counted(shared)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.metrics.connections.decrement(1.0);
+    }
+}
+
 pub async fn run(ws: WebSocket, shared: Arc<Shared>) {
-    shared.metrics.connections.increment(1.0);
-    let mut conn = Conn { ws, shared: shared.clone(), last_seen: Instant::now() };
+    let _counted = Counted::new(shared.clone());
+    let mut conn = Conn { ws, shared, last_seen: Instant::now() };
     let end = match conn.hello().await {
-        Ok(Some((session, attachment, identity))) => {
-            let end = conn.serve(&session, &attachment, &identity).await;
-            shared.sessions.disconnected(&session, &attachment);
+        Ok(Some((held, identity))) => {
+            let end = conn.serve(&held.session, &held.attachment, &identity).await;
+            drop(held);
             end
         }
         Ok(None) => None,
@@ -50,7 +71,6 @@ pub async fn run(ws: WebSocket, shared: Arc<Shared>) {
             let _ = tokio::time::timeout(CLOSE_LINGER, conn.ws.flush()).await;
         }
     }
-    shared.metrics.connections.decrement(1.0);
 }
 
 struct Conn {
@@ -80,7 +100,7 @@ enum Step {
 impl Conn {
     /// Waits for `hello`, authenticates it and opens (or resumes) the
     /// session. `Ok(None)`: the client left.
-    async fn hello(&mut self) -> Result<Option<(Arc<Session>, Attachment, Identity)>, Close> {
+    async fn hello(&mut self) -> Result<Option<(Held, Identity)>, Close> {
         let deadline = Instant::now() + self.shared.settings.hello_timeout();
         loop {
             let frame = tokio::select! {
@@ -147,7 +167,7 @@ impl Conn {
                     return Err(Close(close::SERVICE_RESTART, "sessions are unavailable, reconnect"));
                 }
             };
-            let (session, attachment) = (opened.session, opened.attachment);
+            let (session, attachment) = (&opened.held.session, &opened.held.attachment);
             let s = &self.shared.settings;
             let reply = HelloReply {
                 session_id: session.id.to_string(),
@@ -164,12 +184,9 @@ impl Conn {
                 },
                 dropped: opened.resumed.then_some(attachment.dropped),
             };
-            if let Err(c) = self.send(outgoing::hello_reply(&uuid, &reply)).await {
-                self.shared.sessions.disconnected(&session, &attachment);
-                return Err(c);
-            }
+            self.send(outgoing::hello_reply(&uuid, &reply)).await?;
             tracing::debug!(session = %session.id, resumed = opened.resumed, tenant = %identity.tenant_guid, agent = %identity.agent_guid, "hello");
-            return Ok(Some((session, attachment, identity)));
+            return Ok(Some((opened.held, identity)));
         }
     }
 
@@ -177,7 +194,8 @@ impl Conn {
         let settings = &self.shared.settings;
         let (ack_timeout, hb, max_pending) =
             (settings.ack_timeout(), settings.heartbeat_interval(), settings.max_pending_actions);
-        let token_expiry = Instant::now() + identity.remaining();
+        // A validly signed `exp` may lie centuries ahead: past what an Instant can hold, no expiry timer fires.
+        let token_expiry = Instant::now().checked_add(identity.remaining()).unwrap_or_else(far_future);
         let mut heartbeat = tokio::time::interval_at(Instant::now() + hb, hb);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut redeliver_at: Option<Instant> = None;

@@ -40,8 +40,7 @@ pub struct OpenRequest {
 }
 
 pub struct Opened {
-    pub session: Arc<Session>,
-    pub attachment: Attachment,
+    pub held: Held,
     /// The key to give the client (long-lived sessions).
     pub key: Option<String>,
     pub resumed: bool,
@@ -136,16 +135,17 @@ impl Sessions {
     /// Opens the session a `hello` asks for: resumes it when the key is valid
     /// for this agent, else creates a new one (long-lived when asked, or when
     /// a key was given).
-    pub async fn open(&self, agent: AgentId, req: OpenRequest) -> Result<Opened, OpenError> {
+    pub async fn open(self: &Arc<Self>, agent: AgentId, req: OpenRequest) -> Result<Opened, OpenError> {
         if let Some(text) = &req.session_key {
             let found = self.find(&agent, text);
             // None: it ended between the lookup and now; a new session follows.
             if let Some((session, attachment)) =
                 found.and_then(|s| s.attach(req.auto_accept, req.push_token.clone()).map(|a| (s, a)))
             {
+                let held = self.hold(session, attachment);
                 // No sync: after a crash the session counts as disconnected anyway.
                 self.metrics.sessions_resumed.increment(1);
-                return Ok(Opened { session, attachment, key: Some(text.clone()), resumed: true });
+                return Ok(Opened { held, key: Some(text.clone()), resumed: true });
             }
         }
         let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
@@ -153,7 +153,7 @@ impl Sessions {
             let session = Arc::new(Session::new(id, agent, self.settings.max_unacked));
             self.add(session.clone());
             let attachment = session.attach(req.auto_accept, None).ok_or_else(ended_at_once)?;
-            return Ok(Opened { session, attachment, key: None, resumed: false });
+            return Ok(Opened { held: self.hold(session, attachment), key: None, resumed: false });
         }
         let (text, key) = SessionKey::generate(&id);
         let record = SessionRecord {
@@ -169,6 +169,7 @@ impl Sessions {
         let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
         let delta = self.admit(&session)?;
         let attachment = session.attach(req.auto_accept, req.push_token).ok_or_else(ended_at_once)?;
+        let held = self.hold(session.clone(), attachment);
         session.reserve_seqs();
         // The key must survive a crash before the client is given it.
         if let Err(e) = self.store.sync().await {
@@ -179,7 +180,7 @@ impl Sessions {
             return Err(e.into());
         }
         self.availability_changed(&session.agent, delta).await;
-        Ok(Opened { session, attachment, key: Some(text), resumed: false })
+        Ok(Opened { held, key: Some(text), resumed: false })
     }
 
     /// Registers a new long-lived session within its agent's cap, ending the
@@ -224,9 +225,15 @@ impl Sessions {
         removed
     }
 
+    /// A connection's hold on a session, released however the connection's
+    /// task ends (closed, failed, cancelled or panicked).
+    fn hold(self: &Arc<Self>, session: Arc<Session>, attachment: Attachment) -> Held {
+        Held { sessions: self.clone(), session, attachment }
+    }
+
     /// The connection of `attachment` is gone: a short-lived session ends, a
     /// long-lived one keeps its mailbox and starts counting its TTL.
-    pub fn disconnected(&self, session: &Arc<Session>, attachment: &Attachment) {
+    fn disconnected(&self, session: &Arc<Session>, attachment: &Attachment) {
         if session.is_long_lived() {
             session.detach(attachment.generation);
         } else {
@@ -432,6 +439,20 @@ fn ended_at_once() -> StoreError {
     StoreError::Unavailable("the new session ended before it was attached".into())
 }
 
+/// A connection's hold on its session: dropping it detaches the connection
+/// (a short-lived session ends, a long-lived one starts its TTL).
+pub struct Held {
+    sessions: Arc<Sessions>,
+    pub session: Arc<Session>,
+    pub attachment: Attachment,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.sessions.disconnected(&self.session, &self.attachment);
+    }
+}
+
 /// Why a `hello` got no session.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -454,5 +475,66 @@ enum PublishError {
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sessions").field("sessions", &self.registry.len()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::EmbeddedBus;
+    use crate::push::NoPush;
+    use crate::store::EmbeddedStore;
+
+    fn sessions(dir: &std::path::Path) -> Arc<Sessions> {
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir, 100).expect("store"));
+        let schemas = Arc::new(SchemaSet::load(None).expect("schemas"));
+        Arc::new(Sessions::new(
+            Arc::new(Registry::default()),
+            store,
+            Arc::new(EmbeddedBus::new(100)),
+            schemas.clone(),
+            Arc::new(NoPush),
+            Arc::new(Metrics::new(schemas.action_names())),
+            SessionSettings {
+                ttl: Duration::from_millis(1),
+                max_unacked: 10,
+                mailbox_capacity: 10,
+                max_sessions_per_agent: 4,
+                source: "test".into(),
+            },
+        ))
+    }
+
+    fn agent() -> AgentId {
+        AgentId { tenant_guid: "t".into(), agent_guid: "a".into(), ir_instance: "ir".into() }
+    }
+
+    #[tokio::test]
+    async fn a_connection_task_killed_or_panicking_mid_flight_still_detaches_and_the_session_expires() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sessions = sessions(dir.path());
+        for kill in ["abort", "panic"] {
+            let req = OpenRequest { long_lived: true, ..OpenRequest::default() };
+            let opened = sessions.open(agent(), req).await.expect("open");
+            let session = opened.held.session.clone();
+            assert!(session.disconnected_at().is_none(), "attached");
+            let task = tokio::spawn(async move {
+                let _held = opened.held;
+                if kill == "panic" {
+                    panic!("a connection task panics mid-flight");
+                }
+                std::future::pending::<()>().await;
+            });
+            if kill == "abort" {
+                tokio::task::yield_now().await;
+                task.abort();
+            }
+            assert!(task.await.is_err(), "{kill}: the task did not end normally");
+            assert!(session.disconnected_at().is_some(), "{kill}: detached");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            sessions.sweep().await;
+            assert!(sessions.registry.long_lived(&session.id).is_none(), "{kill}: expired after its TTL");
+        }
+        assert!(sessions.registry.is_empty());
     }
 }

@@ -11,7 +11,7 @@ mod rate;
 mod registry;
 
 pub use key::SessionKey;
-pub use manager::{OpenError, OpenRequest, Opened, SessionSettings, Sessions};
+pub use manager::{Held, OpenError, OpenRequest, Opened, SessionSettings, Sessions};
 pub use outbox::{Due, Notification, Outbox, Pushed, Stalled};
 pub use rate::TokenBucket;
 pub use registry::{Full, Registry};

@@ -24,3 +24,18 @@ async fn end_session_is_acknowledged_then_closed_with_1000() {
     assert!(matches!(before.as_slice(), [ServerMessage::Ack { uuid }] if uuid == "bye"), "{before:?}");
     assert_eq!(code, Some(1000));
 }
+
+#[tokio::test]
+async fn a_token_valid_for_centuries_is_served_and_its_session_is_released_on_close() {
+    let b = TestBridge::start().await;
+    // exp = about 10^19 seconds from the epoch: validly signed, far past what a timer can hold.
+    let forever = token_ttl("t", "a", std::time::Duration::from_secs(10_000_000_000_000_000_000));
+    let mut c = b.connect().await;
+    let hello = c.hello_with(serde_json::json!({"token": forever, "long_lived": true})).await;
+    assert!(c.round_trip("alive").await.is_empty(), "the connection is served");
+    assert_eq!(b.metric("cceb_connections").await, 1.0);
+    drop(c);
+    let (mut again, r) = crate::sessions::resume(&b.ws_url(), "t", "a", &hello.session_key.expect("key")).await;
+    assert!(r.resumed, "the closed connection released its session");
+    assert!(again.round_trip("resumed").await.is_empty());
+}
