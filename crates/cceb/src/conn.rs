@@ -225,7 +225,12 @@ impl Conn {
                 f = self.ws.recv() => Step::Frame(f),
             };
             match step {
-                Step::Stop(c) => return Some(c),
+                Step::Stop(c) => {
+                    if c.0 == close::SERVICE_RESTART {
+                        self.finish_actions(in_flight.take(), &mut pending).await;
+                    }
+                    return Some(c);
+                }
                 Step::Wake => {
                     if session.overflowed() {
                         return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
@@ -253,14 +258,7 @@ impl Conn {
                     }
                 }
                 Step::ActionDone(uuid, result) => {
-                    let sent = match result {
-                        Ok(_) => self.send(outgoing::ack(&uuid)).await,
-                        Err(e) => {
-                            self.send_error(&uuid, e.code(), &e.to_string(), e.field()).await;
-                            Ok(())
-                        }
-                    };
-                    if let Err(c) = sent {
+                    if let Err(c) = self.answer_action(&uuid, result).await {
                         return Some(c);
                     }
                     in_flight = pending.pop_front().map(|p| self.start_action(session, p));
@@ -323,6 +321,32 @@ impl Conn {
                         return Some(c);
                     }
                 }
+            }
+        }
+    }
+
+    /// On shutdown: the action in flight finishes (within the grace period),
+    /// so one published is also remembered and acknowledged, and a retry
+    /// after the restart does not publish it twice; those still waiting are
+    /// refused, to be retried with the same uuid.
+    async fn finish_actions(&mut self, in_flight: Option<ActionFuture>, pending: &mut VecDeque<PendingAction>) {
+        if let Some(action) = in_flight {
+            let (uuid, result) = action.await;
+            // A client that cannot be written to is closed next anyway.
+            let _ = self.answer_action(&uuid, result).await;
+        }
+        for p in pending.drain(..) {
+            let msg = "the bridge is restarting; retry with the same uuid";
+            self.send_error(&p.uuid, ErrorCode::BackendUnavailable, msg, None).await;
+        }
+    }
+
+    async fn answer_action(&mut self, uuid: &str, result: Result<Done, ActionError>) -> Result<(), Close> {
+        match result {
+            Ok(_) => self.send(outgoing::ack(uuid)).await,
+            Err(e) => {
+                self.send_error(uuid, e.code(), &e.to_string(), e.field()).await;
+                Ok(())
             }
         }
     }

@@ -39,3 +39,36 @@ async fn a_token_valid_for_centuries_is_served_and_its_session_is_released_on_cl
     assert!(r.resumed, "the closed connection released its session");
     assert!(again.round_trip("resumed").await.is_empty());
 }
+
+#[tokio::test]
+async fn shutdown_lets_the_action_in_flight_finish_so_its_retry_after_the_restart_is_not_published_twice() {
+    let mut b = TestBridge::start().await;
+    if b.kafka.is_some() {
+        eprintln!("skipped on Kafka: the slow broker is the embedded bus's delay switch");
+        return;
+    }
+    let (mut c, _) = b.agent("t", "a").await;
+    let r = b
+        .http
+        .put(format!("http://{}/backend/v1/bus", b.backend))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"accepting": true, "delay_ms": 500}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(r.status().as_u16(), 200);
+    c.send(serde_json::json!({"type":"action","uuid":"A1","data":{"action":"ChangeAgentStateEvent","action_details":{"state":"Away"}}}))
+        .await;
+    // The action was read, and is publishing, before the ping is answered.
+    assert!(c.round_trip("publishing").await.is_empty());
+    let bridge = b.bridge.take().expect("running");
+    let stopping = tokio::spawn(bridge.shutdown());
+    let (code, before) = c.closed().await;
+    assert!(matches!(before.as_slice(), [ServerMessage::Ack { uuid }] if uuid == "A1"), "{before:?}");
+    assert_eq!(code, Some(1012));
+    stopping.await.expect("stopped");
+    b.restart().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.expect_ack_of_action("A1", "ChangeAgentStateEvent", serde_json::json!({"state":"Away"})).await;
+    assert!(b.published().await.is_empty(), "the retry is a duplicate: acknowledged, not published again");
+}
