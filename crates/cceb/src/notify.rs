@@ -13,7 +13,8 @@ use crate::store::{AgentEntry, AgentPatch, DirectoryOp, Store, StoreError};
 use apache_avro::types::Value as Avro;
 use cceb_protocol::NotificationType;
 use serde_json::{json, Map, Value as Json};
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Who receives a notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,15 +139,56 @@ pub fn notification_uuid(source: Option<&str>, index: usize) -> String {
     uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
 }
 
+/// Sources whose notifications are in the outboxes already: a source sent
+/// again (a backend retrying after a 503 whose writes the store later made
+/// durable, a Kafka record read again after a rebalance) is not queued twice.
+/// Bounded, oldest forgotten first; gone with the process, as are outboxes
+/// that were not durable.
+struct Recent {
+    seen: HashSet<u128>,
+    order: VecDeque<u128>,
+    capacity: usize,
+}
+
+impl Recent {
+    fn key(source: &str) -> u128 {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::digest(source.as_bytes());
+        let mut b = [0u8; 16];
+        b.copy_from_slice(&d[..16]);
+        u128::from_le_bytes(b)
+    }
+
+    fn insert(&mut self, key: u128) {
+        if self.seen.insert(key) {
+            self.order.push_back(key);
+            if self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.seen.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+/// How many sources [`Recent`] remembers.
+const RECENT_SOURCES: usize = 100_000;
+
 pub struct Router {
     sessions: Arc<Sessions>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    recent: Mutex<Recent>,
 }
 
 impl Router {
     pub fn new(sessions: Arc<Sessions>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
-        Router { sessions, store, metrics }
+        let recent = Recent { seen: HashSet::new(), order: VecDeque::new(), capacity: RECENT_SOURCES };
+        Router { sessions, store, metrics, recent: Mutex::new(recent) }
+    }
+
+    fn recent(&self) -> MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Applies the events to the directory, puts their notifications in the
@@ -155,14 +197,28 @@ impl Router {
     /// runs for all events before any notification is queued, so a failure
     /// leaves no event half-taken. Durable only after [`Router::commit`].
     pub async fn ingest(&self, events: &[Event]) -> Result<usize, NotifyError> {
+        let keys: Vec<Option<u128>> = events.iter().map(|e| e.source.as_deref().map(Recent::key)).collect();
+        let events: Vec<&Event> = {
+            let recent = self.recent();
+            events
+                .iter()
+                .zip(&keys)
+                .filter(|(_, k)| k.is_none_or(|k| !recent.seen.contains(&k)))
+                .map(|(e, _)| e)
+                .collect()
+        };
         let mut extra = Vec::with_capacity(events.len());
-        for event in events {
+        for event in &events {
             extra.push(match event.directory {
                 Some(change) => self.directory_change(change, &event.value).await?,
                 None => None,
             });
         }
         let mut queued = 0;
+        {
+            let mut recent = self.recent();
+            keys.iter().flatten().for_each(|&k| recent.insert(k));
+        }
         for (event, extra) in events.iter().zip(extra) {
             let source = event.source.as_deref();
             for (i, o) in event.out.iter().enumerate() {

@@ -68,3 +68,29 @@ async fn a_failed_commit_acknowledges_nothing_until_its_writes_are_durable() {
     assert_eq!(mailbox_uuids(&b), [live[0].0.clone()], "the failed write was retried, not dropped");
     presence(&b, "t", "a", "s2").await;
 }
+
+#[tokio::test]
+async fn an_array_retried_after_a_failed_commit_is_taken_once() {
+    let b = TestBridge::start().await;
+    if b.kafka.is_some() {
+        eprintln!("skipped on Kafka: the fault is injected through the backend port");
+        return;
+    }
+    let mut c = b.connect().await;
+    long_lived(&mut c, "t", "a", json!({})).await;
+    let batch = json!([
+        {"id": "e1", "record": "AgentPresenceEvent", "value": {"tenantGuid":"t","agentGuid":"a","state":"s1"}},
+        {"id": "e2", "record": "AgentPresenceEvent", "value": {"tenantGuid":"t","agentGuid":"a","state":"s2"}},
+    ]);
+    let lock = WriteLock::take(&b);
+    assert_eq!(b.post_events(batch.clone()).await.0, 503);
+    let first = states(&mut c, 2).await;
+    drop(lock);
+    until_ready(&b).await;
+    // The backend retries what it was refused.
+    let (status, reply) = b.post_events(batch).await;
+    assert_eq!(status, 202, "{reply}");
+    assert!(c.round_trip("no-duplicates").await.is_empty(), "the retry queued nothing twice");
+    let queued: Vec<String> = first.into_iter().map(|(uuid, _, _)| uuid).collect();
+    assert_eq!(mailbox_uuids(&b), queued, "each event is in the mailbox once, durably");
+}
