@@ -35,6 +35,9 @@ const TEXT_SETTINGS: [&str; 21] = [
     "log",
 ];
 
+/// Shortest HS256 secret accepted: 256 bits, the size of the HMAC-SHA-256 output.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BusKind {
@@ -216,7 +219,11 @@ impl Settings {
                 fig = fig.merge(Serialized::default(key, v));
             }
         }
-        let settings: Settings = fig.extract().map_err(Box::new)?;
+        let mut settings: Settings = fig.extract().map_err(Box::new)?;
+        // An empty admin token would be a token anyone can guess: it means "no token".
+        if settings.admin_token.as_deref() == Some("") {
+            settings.admin_token = None;
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -237,6 +244,12 @@ impl Settings {
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
+        }
+        if self.jwt_hs256_secret.as_ref().is_some_and(|k| k.len() < MIN_HS256_SECRET_BYTES) {
+            // RFC 7518 3.2: an HS256 key must be at least as long as the hash output.
+            return Err(ConfigError::Invalid(format!(
+                "jwt_hs256_secret (CCEB_JWT_HS256_SECRET) must be at least {MIN_HS256_SECRET_BYTES} bytes"
+            )));
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
@@ -305,14 +318,41 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "ack_timeout_ms = 5\nhello_timeout_ms = 7\nlisten = \"127.0.0.1:9\"")?;
             jail.set_env("CCEB_HELLO_TIMEOUT_MS", "11");
-            jail.set_env("CCEB_JWT_HS256_SECRET", "007");
+            jail.set_env("CCEB_JWT_HS256_SECRET", "00700000000000000000000000000000");
             jail.set_env("CCEB_ADMIN_TOKEN", "true");
             let s = Settings::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
             assert_eq!((s.ack_timeout_ms, s.hello_timeout_ms), (5, 11));
             assert_eq!(s.listen.port(), 9);
-            assert_eq!(s.jwt_hs256_secret.as_deref(), Some("007"), "text settings are taken verbatim");
+            assert_eq!(
+                s.jwt_hs256_secret.as_deref(),
+                Some("00700000000000000000000000000000"),
+                "text settings are taken verbatim"
+            );
             assert_eq!(s.admin_token.as_deref(), Some("true"));
             assert_eq!(s.session_ttl_seconds, 259_200);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn short_hs256_secret_is_refused_naming_the_setting() {
+        let with = |secret: &str| Settings { jwt_hs256_secret: Some(secret.into()), ..Settings::default() };
+        let e = with(&"k".repeat(31)).validate().expect_err("31 bytes is too short").to_string();
+        assert!(e.contains("jwt_hs256_secret") && e.contains("CCEB_JWT_HS256_SECRET"), "{e}");
+        assert!(with("").validate().is_err());
+        with(&"k".repeat(32)).validate().expect("32 bytes is enough");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn empty_admin_token_is_unset() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "admin_token = \"\"")?;
+            let s = Settings::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.admin_token, None, "from the file");
+            jail.set_env("CCEB_ADMIN_TOKEN", "");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.admin_token, None, "from the environment");
             Ok(())
         });
     }
