@@ -130,8 +130,8 @@ impl Verifier {
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Refused(format!("malformed token: {e}")))?;
         let candidates: Vec<&DecodingKey> = match header.alg {
             Algorithm::HS256 => self.hs256.iter().collect(),
-            Algorithm::RS256 => select(&self.rs256, header.kid.as_deref()),
-            Algorithm::ES256 => select(&self.es256, header.kid.as_deref()),
+            Algorithm::RS256 => select(&self.rs256, header.kid.as_deref())?,
+            Algorithm::ES256 => select(&self.es256, header.kid.as_deref())?,
             _ => Vec::new(),
         };
         if candidates.is_empty() {
@@ -163,8 +163,25 @@ impl Verifier {
     }
 }
 
-fn select<'k>(keys: &'k [Key], kid: Option<&str>) -> Vec<&'k DecodingKey> {
-    keys.iter().filter(|k| kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid).map(|k| &k.key).collect()
+/// The keys of one algorithm a token may be checked against. With several,
+/// the token must name one by `kid`: trying each in turn would let any key of
+/// the set vouch for a token meant for another. A lone key needs no `kid`; a
+/// key without one (a PEM file) cannot be named, so it serves only as the lone
+/// key of its algorithm, and then whatever `kid` the token carries.
+fn select<'k>(keys: &'k [Key], kid: Option<&str>) -> Result<Vec<&'k DecodingKey>, AuthError> {
+    match (keys, kid) {
+        ([], _) => Ok(Vec::new()),
+        ([only], None) => Ok(vec![&only.key]),
+        ([only], Some(_)) if only.kid.is_none() => Ok(vec![&only.key]),
+        (_, None) => Err(AuthError::Refused("the token has no `kid`, and several keys could verify it".into())),
+        (keys, Some(kid)) => {
+            let named: Vec<_> = keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).map(|k| &k.key).collect();
+            if named.is_empty() {
+                return Err(AuthError::Refused(format!("no key has kid `{kid}`")));
+            }
+            Ok(named)
+        }
+    }
 }
 
 fn identity(c: Claims) -> Result<Identity, AuthError> {
@@ -259,6 +276,24 @@ mod tests {
     #[test]
     fn no_key_is_a_start_up_error() {
         assert!(matches!(Verifier::from_settings(&Settings::default()), Err(KeyError::NoKey)));
+    }
+
+    #[test]
+    fn kid_must_name_one_of_several_keys() {
+        let key = |kid: Option<&str>| Key { kid: kid.map(str::to_owned), key: DecodingKey::from_secret(b"k") };
+        let picked = |keys: &[Key], kid| select(keys, kid).map(|v| v.len()).map_err(|e| e.to_string());
+        let several = [key(Some("a")), key(Some("b"))];
+        assert!(picked(&several, None).is_err(), "no kid among several keys");
+        assert_eq!(picked(&several, Some("b")), Ok(1));
+        assert!(picked(&several, Some("c")).is_err(), "unknown kid");
+        let one = [key(Some("a"))];
+        assert_eq!(picked(&one, None), Ok(1), "a lone key needs no kid");
+        assert!(picked(&one, Some("b")).is_err(), "a wrong kid is refused");
+        let pem = [key(None)];
+        assert_eq!(picked(&pem, Some("any")), Ok(1), "a key without kid cannot be named");
+        let mixed = [key(None), key(Some("a"))];
+        assert!(picked(&mixed, None).is_err());
+        assert_eq!(picked(&[], Some("a")), Ok(0), "no key of the algorithm: not accepted");
     }
 
     #[test]
