@@ -89,6 +89,8 @@ pub struct Settings {
     pub jwt_es256_public_key_file: Option<PathBuf>,
     /// JWKS file with RS256 and/or ES256 public keys.
     pub jwt_jwks_file: Option<PathBuf>,
+    /// How often the JWKS file is checked for changes (also checked for a token naming an unknown `kid`).
+    pub jwt_jwks_file_poll_ms: u64,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub admin_token: Option<String>,
@@ -162,6 +164,7 @@ impl Default for Settings {
             jwt_rs256_public_key_file: None,
             jwt_es256_public_key_file: None,
             jwt_jwks_file: None,
+            jwt_jwks_file_poll_ms: 5000,
             jwt_issuer: None,
             jwt_audience: None,
             admin_token: None,
@@ -241,6 +244,7 @@ impl Settings {
             ("embedded_log_capacity", self.embedded_log_capacity as u64),
             ("write_timeout_ms", self.write_timeout_ms),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
+            ("jwt_jwks_file_poll_ms", self.jwt_jwks_file_poll_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));

@@ -1,5 +1,7 @@
 //! Contract section 3: hello, tokens, and the close codes around them.
 
+mod jwks;
+
 use crate::support::*;
 use cceb_protocol::outgoing::ServerMessage;
 use cceb_protocol::ErrorCode;
@@ -64,6 +66,17 @@ async fn refused(b: &TestBridge, token: &str) {
         "{msgs:?}"
     );
     assert_eq!(code, Some(4001));
+}
+
+/// Whether the bridge takes `token` in `hello`.
+async fn accepted(b: &TestBridge, token: &str) -> bool {
+    let mut c = b.connect().await;
+    c.send(json!({"type":"hello","uuid":"h","data":{"token": token}})).await;
+    match c.next().await {
+        ServerMessage::HelloReply { .. } => true,
+        ServerMessage::Error { error, .. } if error.code == ErrorCode::Unauthorized => false,
+        other => panic!("expected hello_reply or unauthorized, got {other:?}"),
+    }
 }
 
 #[tokio::test]
