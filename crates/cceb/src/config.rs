@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Settings whose environment value is taken verbatim, never parsed.
-const TEXT_SETTINGS: [&str; 21] = [
+const TEXT_SETTINGS: [&str; 22] = [
     "public_url",
     "node_id",
     "jwt_hs256_secret",
     "jwt_rs256_public_key_file",
     "jwt_es256_public_key_file",
     "jwt_jwks_file",
+    "jwt_jwks_url",
     "jwt_issuer",
     "jwt_audience",
     "admin_token",
@@ -91,6 +92,10 @@ pub struct Settings {
     pub jwt_jwks_file: Option<PathBuf>,
     /// How often the JWKS file is checked for changes (also checked for a token naming an unknown `kid`).
     pub jwt_jwks_file_poll_ms: u64,
+    /// An identity provider's JWKS (http:// or https://), fetched at start and refreshed.
+    pub jwt_jwks_url: Option<String>,
+    /// Fewest seconds between two fetches of the JWKS URL, for unknown `kid`s or on the cache lifetime.
+    pub jwt_jwks_min_refresh_seconds: u64,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub admin_token: Option<String>,
@@ -165,6 +170,8 @@ impl Default for Settings {
             jwt_es256_public_key_file: None,
             jwt_jwks_file: None,
             jwt_jwks_file_poll_ms: 5000,
+            jwt_jwks_url: None,
+            jwt_jwks_min_refresh_seconds: 30,
             jwt_issuer: None,
             jwt_audience: None,
             admin_token: None,
@@ -260,6 +267,11 @@ impl Settings {
                 return Err(ConfigError::Invalid(format!("public_url `{url}` must start with ws:// or wss://")));
             }
         }
+        if let Some(url) = &self.jwt_jwks_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!("jwt_jwks_url `{url}` must start with http:// or https://")));
+            }
+        }
         if let Some(url) = &self.push_webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::Invalid(format!(
@@ -275,6 +287,7 @@ impl Settings {
             || self.jwt_rs256_public_key_file.is_some()
             || self.jwt_es256_public_key_file.is_some()
             || self.jwt_jwks_file.is_some()
+            || self.jwt_jwks_url.is_some()
     }
 
     pub fn hello_timeout(&self) -> Duration {
@@ -359,6 +372,14 @@ mod tests {
             assert_eq!(s.admin_token, None, "from the environment");
             Ok(())
         });
+    }
+
+    #[test]
+    fn jwks_url_must_be_http() {
+        let with = |url: &str| Settings { jwt_jwks_url: Some(url.into()), ..Settings::default() };
+        assert!(with("ftp://idp.test/jwks").validate().is_err());
+        with("https://idp.test/.well-known/jwks.json").validate().expect("https");
+        with("http://127.0.0.1:9/jwks").validate().expect("http");
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub enum AuthError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("no client token key configured: set CCEB_JWT_HS256_SECRET, a public key file, or a JWKS file")]
+    #[error("no client token key configured: set CCEB_JWT_HS256_SECRET, a public key file, a JWKS file or a JWKS URL")]
     NoKey,
     #[error("{file}: {problem}")]
     File { file: String, problem: String },
@@ -118,8 +118,8 @@ enum Miss {
 }
 
 impl Verifier {
-    /// Reads the configured keys, and starts re-reading the JWKS file on
-    /// `tasks` until `stop`.
+    /// Reads the configured keys (fetching the JWKS URL), and starts their
+    /// refreshes on `tasks` until `stop`.
     pub async fn start(
         s: &Settings,
         metrics: &Metrics,
@@ -152,7 +152,11 @@ impl Verifier {
             jwks::Counters { ok: metrics.jwks_refreshed.clone(), failed: metrics.jwks_refresh_failed.clone() };
         if let Some(path) = &s.jwt_jwks_file {
             let every = Duration::from_millis(s.jwt_jwks_file_poll_ms);
-            v.sources.push(jwks::FileSource::start(path, every, counters, tasks, stop)?);
+            v.sources.push(jwks::FileSource::start(path, every, counters.clone(), tasks, stop)?);
+        }
+        if let Some(url) = &s.jwt_jwks_url {
+            let min_refresh = Duration::from_secs(s.jwt_jwks_min_refresh_seconds);
+            v.sources.push(jwks::UrlSource::start(url, min_refresh, counters, tasks, stop).await?);
         }
         if v.hs256.is_none() && v.pem.is_empty() && v.sources.is_empty() {
             return Err(KeyError::NoKey);

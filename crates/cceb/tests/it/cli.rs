@@ -56,6 +56,23 @@ async fn a_short_hs256_secret_exits_78_naming_the_setting() {
 }
 
 #[tokio::test]
+async fn a_jwks_url_that_cannot_be_fetched_stops_the_start() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = exited(cceb(data.path()).args(["serve"]).env("CCEB_JWT_JWKS_URL", "ftp://idp.test/jwks")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "not http: a settings error; {stderr}");
+    assert!(stderr.contains("jwt_jwks_url"), "{stderr}");
+    // Nothing listens there any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let url = format!("http://{closed}/jwks");
+    let out = exited(cceb(data.path()).args(["serve"]).env("CCEB_JWT_JWKS_URL", &url)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Not 78: the settings may be right and the provider back in a moment.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&url), "{stderr}");
+}
+
+#[tokio::test]
 async fn an_empty_admin_token_is_no_token() {
     let data = tempfile::tempdir().expect("tempdir");
     let http = reqwest::Client::new();
