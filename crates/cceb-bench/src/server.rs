@@ -8,7 +8,8 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-const SECRET: &str = "bench-secret";
+/// At least 32 bytes: shorter HS256 secrets are refused at start.
+const SECRET: &str = "cceb-bench-secret-0123456789abcdef";
 const ADMIN: &str = "bench-admin";
 
 pub struct Server {

@@ -74,7 +74,11 @@ pub struct Bridge {
 impl Bridge {
     pub async fn start(settings: Settings) -> Result<Bridge, StartError> {
         let schemas = Arc::new(SchemaSet::load(settings.schema_dir.as_deref())?);
-        let verifier = Verifier::from_settings(&settings)?;
+        let metrics = Arc::new(Metrics::new(schemas.action_names()));
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+        // Tasks spawned before a later step fails must not outlive the failed start.
+        let stop_on_error = shutdown.clone().drop_guard();
+        let verifier = Verifier::start(&settings, &metrics, &tasks, &shutdown).await?;
         let listen = |addr: SocketAddr| async move { bind(addr).map_err(|source| StartError::Listen { addr, source }) };
         let public = listen(settings.listen).await?;
         let addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
@@ -90,7 +94,6 @@ impl Bridge {
             None => None,
         };
 
-        let metrics = Arc::new(Metrics::new(schemas.action_names()));
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&settings.data_dir, settings.dedup_capacity)?);
         let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
             BusKind::Embedded => {
@@ -102,7 +105,6 @@ impl Bridge {
                 (k.clone(), None, Some(k))
             }
         };
-        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
         let push: Arc<dyn Push> = match &settings.push_webhook_url {
             Some(url) => Arc::new(Webhook::start(
                 WebhookSettings {
@@ -193,6 +195,7 @@ impl Bridge {
             %addr, ?backend_addr, bus = ?shared.settings.bus, schemas = %shared.schemas.origin, node = %shared.settings.node_id,
             data_dir = %shared.settings.data_dir.display(), restored, "cceb listening"
         );
+        stop_on_error.disarm();
         Ok(Bridge { addr, backend_addr, shared })
     }
 

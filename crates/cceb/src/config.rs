@@ -11,13 +11,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Settings whose environment value is taken verbatim, never parsed.
-const TEXT_SETTINGS: [&str; 21] = [
+const TEXT_SETTINGS: [&str; 22] = [
     "public_url",
     "node_id",
     "jwt_hs256_secret",
     "jwt_rs256_public_key_file",
     "jwt_es256_public_key_file",
     "jwt_jwks_file",
+    "jwt_jwks_url",
     "jwt_issuer",
     "jwt_audience",
     "admin_token",
@@ -34,6 +35,9 @@ const TEXT_SETTINGS: [&str; 21] = [
     "schema_registry_url",
     "log",
 ];
+
+/// Shortest HS256 secret accepted: 256 bits, the size of the HMAC-SHA-256 output.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +90,12 @@ pub struct Settings {
     pub jwt_es256_public_key_file: Option<PathBuf>,
     /// JWKS file with RS256 and/or ES256 public keys.
     pub jwt_jwks_file: Option<PathBuf>,
+    /// How often the JWKS file is checked for changes (also checked for a token naming an unknown `kid`).
+    pub jwt_jwks_file_poll_ms: u64,
+    /// An identity provider's JWKS (http:// or https://), fetched at start and refreshed.
+    pub jwt_jwks_url: Option<String>,
+    /// Fewest seconds between two fetches of the JWKS URL, for unknown `kid`s or on the cache lifetime.
+    pub jwt_jwks_min_refresh_seconds: u64,
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub admin_token: Option<String>,
@@ -164,6 +174,9 @@ impl Default for Settings {
             jwt_rs256_public_key_file: None,
             jwt_es256_public_key_file: None,
             jwt_jwks_file: None,
+            jwt_jwks_file_poll_ms: 5000,
+            jwt_jwks_url: None,
+            jwt_jwks_min_refresh_seconds: 30,
             jwt_issuer: None,
             jwt_audience: None,
             admin_token: None,
@@ -223,7 +236,11 @@ impl Settings {
                 fig = fig.merge(Serialized::default(key, v));
             }
         }
-        let settings: Settings = fig.extract().map_err(Box::new)?;
+        let mut settings: Settings = fig.extract().map_err(Box::new)?;
+        // An empty admin token would be a token anyone can guess: it means "no token".
+        if settings.admin_token.as_deref() == Some("") {
+            settings.admin_token = None;
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -243,6 +260,7 @@ impl Settings {
             ("write_timeout_ms", self.write_timeout_ms),
             ("max_notification_bytes", self.max_notification_bytes as u64),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
+            ("jwt_jwks_file_poll_ms", self.jwt_jwks_file_poll_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
@@ -253,9 +271,20 @@ impl Settings {
                 self.mailbox_capacity, self.max_unacked
             )));
         }
+        if self.jwt_hs256_secret.as_ref().is_some_and(|k| k.len() < MIN_HS256_SECRET_BYTES) {
+            // RFC 7518 3.2: an HS256 key must be at least as long as the hash output.
+            return Err(ConfigError::Invalid(format!(
+                "jwt_hs256_secret (CCEB_JWT_HS256_SECRET) must be at least {MIN_HS256_SECRET_BYTES} bytes"
+            )));
+        }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
                 return Err(ConfigError::Invalid(format!("public_url `{url}` must start with ws:// or wss://")));
+            }
+        }
+        if let Some(url) = &self.jwt_jwks_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!("jwt_jwks_url `{url}` must start with http:// or https://")));
             }
         }
         if let Some(url) = &self.push_webhook_url {
@@ -273,6 +302,7 @@ impl Settings {
             || self.jwt_rs256_public_key_file.is_some()
             || self.jwt_es256_public_key_file.is_some()
             || self.jwt_jwks_file.is_some()
+            || self.jwt_jwks_url.is_some()
     }
 
     pub fn hello_timeout(&self) -> Duration {
@@ -320,12 +350,16 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.toml", "ack_timeout_ms = 5\nhello_timeout_ms = 7\nlisten = \"127.0.0.1:9\"")?;
             jail.set_env("CCEB_HELLO_TIMEOUT_MS", "11");
-            jail.set_env("CCEB_JWT_HS256_SECRET", "007");
+            jail.set_env("CCEB_JWT_HS256_SECRET", "00700000000000000000000000000000");
             jail.set_env("CCEB_ADMIN_TOKEN", "true");
             let s = Settings::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
             assert_eq!((s.ack_timeout_ms, s.hello_timeout_ms), (5, 11));
             assert_eq!(s.listen.port(), 9);
-            assert_eq!(s.jwt_hs256_secret.as_deref(), Some("007"), "text settings are taken verbatim");
+            assert_eq!(
+                s.jwt_hs256_secret.as_deref(),
+                Some("00700000000000000000000000000000"),
+                "text settings are taken verbatim"
+            );
             assert_eq!(s.admin_token.as_deref(), Some("true"));
             assert_eq!(s.session_ttl_seconds, 259_200);
             Ok(())
@@ -337,6 +371,37 @@ mod tests {
         let s = Settings { mailbox_capacity: 10, max_unacked: 11, ..Settings::default() };
         assert!(s.validate().is_err_and(|e| e.to_string().contains("mailbox_capacity")));
         assert!(Settings { mailbox_capacity: 11, max_unacked: 11, ..Settings::default() }.validate().is_ok());
+    }
+
+    #[test]
+    fn short_hs256_secret_is_refused_naming_the_setting() {
+        let with = |secret: &str| Settings { jwt_hs256_secret: Some(secret.into()), ..Settings::default() };
+        let e = with(&"k".repeat(31)).validate().expect_err("31 bytes is too short").to_string();
+        assert!(e.contains("jwt_hs256_secret") && e.contains("CCEB_JWT_HS256_SECRET"), "{e}");
+        assert!(with("").validate().is_err());
+        with(&"k".repeat(32)).validate().expect("32 bytes is enough");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn empty_admin_token_is_unset() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "admin_token = \"\"")?;
+            let s = Settings::load(Some(Path::new("c.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.admin_token, None, "from the file");
+            jail.set_env("CCEB_ADMIN_TOKEN", "");
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.admin_token, None, "from the environment");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn jwks_url_must_be_http() {
+        let with = |url: &str| Settings { jwt_jwks_url: Some(url.into()), ..Settings::default() };
+        assert!(with("ftp://idp.test/jwks").validate().is_err());
+        with("https://idp.test/.well-known/jwks.json").validate().expect("https");
+        with("http://127.0.0.1:9/jwks").validate().expect("http");
     }
 
     #[test]

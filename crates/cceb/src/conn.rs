@@ -126,7 +126,7 @@ impl Conn {
                     return Err(Close(close::UNAUTHORIZED, "not authenticated"));
                 }
             };
-            let identity = match self.shared.verifier.verify(&hello.token) {
+            let identity = match self.shared.verifier.verify(&hello.token).await {
                 Ok(id) => id,
                 Err(e) => {
                     tracing::debug!(error = %e, "hello refused");

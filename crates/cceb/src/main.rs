@@ -105,7 +105,7 @@ fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
     }
     if !settings.has_jwt_key() {
         anyhow::bail!(
-            "no client token key: set CCEB_JWT_HS256_SECRET (or a public key / JWKS file), or run with --dev"
+            "no client token key: set CCEB_JWT_HS256_SECRET (or a public key file, a JWKS file or URL), or run with --dev"
         );
     }
     let runtime = tokio::runtime::Runtime::new()?;

@@ -76,6 +76,10 @@ pub struct Metrics {
     pub sessions_evicted: Counter,
     pub mailbox_dropped: Counter,
     pub availability_published: Counter,
+    /// Client-token key sets (JWKS) installed while running.
+    pub jwks_refreshed: Counter,
+    /// JWKS refreshes that failed (the keys held stay in use).
+    pub jwks_refresh_failed: Counter,
     errors: Vec<Counter>,
     /// By `PushOutcome`.
     push: Vec<Counter>,
@@ -126,6 +130,8 @@ impl Metrics {
             sessions_evicted: counter!("cceb_sessions_evicted_total"),
             mailbox_dropped: counter!("cceb_mailbox_dropped_total"),
             availability_published: counter!("cceb_chat_availability_published_total"),
+            jwks_refreshed: counter!("cceb_jwks_refreshes_total", "outcome" => "ok"),
+            jwks_refresh_failed: counter!("cceb_jwks_refreshes_total", "outcome" => "failed"),
             errors: ErrorCode::ALL.iter().map(|c| counter!("cceb_errors_total", "code" => c.as_str())).collect(),
             push: PUSH_OUTCOMES.iter().map(|&o| counter!("cceb_push_announcements_total", "outcome" => o)).collect(),
             auto_accept: [

@@ -60,7 +60,7 @@ async fn discovery(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Res
     let Some(token) = bearer(&headers) else {
         return refused("an Authorization: Bearer <token> header is required".into());
     };
-    match shared.verifier.verify(token) {
+    match shared.verifier.verify(token).await {
         Ok(_) => Json(json!({"endpoint": shared.ws_endpoint(), "node_id": shared.settings.node_id})).into_response(),
         Err(e) => refused(e.to_string()),
     }

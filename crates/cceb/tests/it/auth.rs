@@ -1,8 +1,11 @@
 //! Contract section 3: hello, tokens, and the close codes around them.
 
+mod jwks;
+
 use crate::support::*;
 use cceb_protocol::outgoing::ServerMessage;
 use cceb_protocol::ErrorCode;
+use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,7 +33,27 @@ fn rsa_key() -> EncodingKey {
 }
 
 fn ec_key() -> EncodingKey {
-    EncodingKey::from_ec_pem(&std::fs::read(fixture("ec-private.pem")).expect("fixture")).expect("ec key")
+    ec_key_from("ec-private.pem")
+}
+
+/// A second P-256 key, for key sets of several keys and rotation.
+fn ec2_key() -> EncodingKey {
+    ec_key_from("ec-2-private.pem")
+}
+
+fn ec_key_from(fixture_name: &str) -> EncodingKey {
+    EncodingKey::from_ec_pem(&std::fs::read(fixture(fixture_name)).expect("fixture")).expect("ec key")
+}
+
+/// The public JWK of `key` (a P-256 key) with `kid`, as an identity provider publishes it.
+fn ec_jwk(key: &EncodingKey, kid: &str) -> Value {
+    let mut jwk = Jwk::from_encoding_key(key, Algorithm::ES256).expect("jwk");
+    jwk.common.key_id = Some(kid.to_owned());
+    serde_json::to_value(jwk).expect("json")
+}
+
+fn jwks(keys: &[Value]) -> String {
+    json!({ "keys": keys }).to_string()
 }
 
 /// Sends hello with `token` and expects `unauthorized` then close 4001.
@@ -43,6 +66,17 @@ async fn refused(b: &TestBridge, token: &str) {
         "{msgs:?}"
     );
     assert_eq!(code, Some(4001));
+}
+
+/// Whether the bridge takes `token` in `hello`.
+async fn accepted(b: &TestBridge, token: &str) -> bool {
+    let mut c = b.connect().await;
+    c.send(json!({"type":"hello","uuid":"h","data":{"token": token}})).await;
+    match c.next().await {
+        ServerMessage::HelloReply { .. } => true,
+        ServerMessage::Error { error, .. } if error.code == ErrorCode::Unauthorized => false,
+        other => panic!("expected hello_reply or unauthorized, got {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -151,6 +185,23 @@ async fn rs256_and_es256_from_a_jwks_file() {
     b.connect().await.hello(&sign(Algorithm::ES256, &ec_key(), &claims(), Some("ec-1"))).await;
     refused(&b, &sign(Algorithm::RS256, &rsa_key(), &claims(), Some("unknown-kid"))).await;
     refused(&b, &hs(&claims())).await;
+}
+
+#[tokio::test]
+async fn kid_must_name_one_of_several_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (two, one) = (dir.path().join("two.json"), dir.path().join("one.json"));
+    std::fs::write(&two, jwks(&[ec_jwk(&ec_key(), "ec-1"), ec_jwk(&ec2_key(), "ec-2")])).expect("write");
+    std::fs::write(&one, jwks(&[ec_jwk(&ec_key(), "ec-1")])).expect("write");
+    let b = TestBridge::with(|s| s.jwt_jwks_file = Some(two)).await;
+    refused(&b, &sign(Algorithm::ES256, &ec_key(), &claims(), None)).await;
+    b.connect().await.hello(&sign(Algorithm::ES256, &ec_key(), &claims(), Some("ec-1"))).await;
+    b.connect().await.hello(&sign(Algorithm::ES256, &ec2_key(), &claims(), Some("ec-2"))).await;
+    refused(&b, &sign(Algorithm::ES256, &ec2_key(), &claims(), Some("ec-1"))).await;
+    // A lone key of the algorithm: no kid is fine, a wrong one is not.
+    let b = TestBridge::with(|s| s.jwt_jwks_file = Some(one)).await;
+    b.connect().await.hello(&sign(Algorithm::ES256, &ec_key(), &claims(), None)).await;
+    refused(&b, &sign(Algorithm::ES256, &ec_key(), &claims(), Some("ec-2"))).await;
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 //! on the embedded bus only (`restart` spawns it on Kafka too).
 
 use crate::support::*;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn sigterm(child: &Server) {
     child.signal("-TERM");
@@ -27,6 +29,74 @@ async fn serve_refuses_to_start_without_a_key() {
     let out = cceb(data.path()).args(["serve"]).output().expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CCEB_JWT_HS256_SECRET"));
+}
+
+/// Runs `cmd` to its end; fails if it is still running after `PATIENCE` (a
+/// bridge that starts when it should not would never exit).
+async fn exited(cmd: &mut Command) -> Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn cceb");
+    let deadline = Instant::now() + PATIENCE;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cceb is still running");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.wait_with_output().expect("output")
+}
+
+#[tokio::test]
+async fn a_short_hs256_secret_exits_78_naming_the_setting() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = exited(cceb(data.path()).args(["serve"]).env("CCEB_JWT_HS256_SECRET", "k".repeat(31))).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("CCEB_JWT_HS256_SECRET") && stderr.contains("jwt_hs256_secret"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_jwks_url_that_cannot_be_fetched_stops_the_start() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let out = exited(cceb(data.path()).args(["serve"]).env("CCEB_JWT_JWKS_URL", "ftp://idp.test/jwks")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "not http: a settings error; {stderr}");
+    assert!(stderr.contains("jwt_jwks_url"), "{stderr}");
+    // Nothing listens there any more.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let url = format!("http://{closed}/jwks");
+    let out = exited(cceb(data.path()).args(["serve"]).env("CCEB_JWT_JWKS_URL", &url)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Not 78: the settings may be right and the provider back in a moment.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&url), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_empty_admin_token_is_no_token() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    let actions = |backend: &str| format!("http://{backend}/backend/v1/actions?after=0&wait_ms=0");
+    let child = Server::spawn(
+        cceb(data.path()).args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET).env("CCEB_ADMIN_TOKEN", ""),
+    );
+    for auth in [None, Some("Bearer "), Some("Bearer")] {
+        let mut req = http.get(actions(&child.backend));
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        assert_eq!(req.send().await.expect("answers").status().as_u16(), 401, "{auth:?}");
+    }
+    sigterm(&child);
+    child.wait().await;
+    // `--dev` generates an admin token when none is set: an empty one is none.
+    let child = Server::spawn(cceb(data.path()).args(["serve", "--dev"]).env("CCEB_ADMIN_TOKEN", ""));
+    let admin = child.lines.iter().find_map(|l| l.trim().strip_prefix("CCEB_ADMIN_TOKEN=")).expect("printed");
+    assert!(!admin.is_empty(), "{:?}", child.lines);
+    let r = http.get(actions(&child.backend)).bearer_auth(admin).send().await.expect("answers");
+    assert_eq!(r.status().as_u16(), 200);
+    sigterm(&child);
+    child.wait().await;
 }
 
 #[tokio::test]

@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const SECRET: &str = "test-secret";
+/// At least 32 bytes: shorter HS256 secrets are refused at start.
+pub const SECRET: &str = "cceb-test-secret-0123456789abcdef";
 pub const ADMIN: &str = "test-admin";
 /// Generous bound for anything the bridge should do "at once"; never a threshold under test.
 pub const PATIENCE: Duration = Duration::from_secs(10);
