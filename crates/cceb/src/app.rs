@@ -91,7 +91,7 @@ impl Bridge {
         };
 
         let metrics = Arc::new(Metrics::new(schemas.action_names()));
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&settings.data_dir, settings.dedup_capacity)?);
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&settings.data_dir, settings.dedup_capacity())?);
         let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
             BusKind::Embedded => {
                 let e = Arc::new(EmbeddedBus::new(settings.embedded_log_capacity));

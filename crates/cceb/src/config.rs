@@ -114,8 +114,11 @@ pub struct Settings {
     /// Wait before the first retry; doubles each time.
     pub push_webhook_backoff_ms: u64,
     pub dedup_window_seconds: u64,
-    /// Most action uuids remembered for deduplication; the oldest go first.
+    /// Most action uuids remembered for deduplication, all tenants together;
+    /// past it the tenant holding the most forgets its oldest.
     pub dedup_capacity: usize,
+    /// Most action uuids remembered for one tenant; past it its oldest go first.
+    pub dedup_capacity_per_tenant: usize,
     /// Actions a connection may have waiting behind the one in flight; more is `rate_limited`.
     pub max_pending_actions: usize,
     /// Sustained actions per second one connection may send; more is `rate_limited`.
@@ -181,6 +184,7 @@ impl Default for Settings {
             push_webhook_backoff_ms: 500,
             dedup_window_seconds: 600,
             dedup_capacity: 1_000_000,
+            dedup_capacity_per_tenant: 100_000,
             max_pending_actions: 64,
             action_rate_per_second: 50.0,
             action_burst: 100,
@@ -296,6 +300,9 @@ impl Settings {
     }
     pub fn dedup_window(&self) -> Duration {
         Duration::from_secs(self.dedup_window_seconds)
+    }
+    pub fn dedup_capacity(&self) -> crate::store::DedupCapacity {
+        crate::store::DedupCapacity { per_tenant: self.dedup_capacity_per_tenant, total: self.dedup_capacity }
     }
 }
 
