@@ -129,6 +129,8 @@ pub struct Settings {
     pub source_name: String,
     /// Published actions the embedded bus keeps for `GET /backend/v1/actions`.
     pub embedded_log_capacity: usize,
+    /// Bytes those records may take; past it the oldest go (never the newest).
+    pub embedded_log_bytes: usize,
     /// Largest backend-port request body.
     pub backend_max_body_bytes: usize,
     /// Largest serialised `data` of one notification; a larger event is refused.
@@ -190,6 +192,7 @@ impl Default for Settings {
             action_burst: 100,
             source_name: "CCEB".into(),
             embedded_log_capacity: 100_000,
+            embedded_log_bytes: 64 * 1024 * 1024,
             backend_max_body_bytes: 16 * 1024 * 1024,
             max_notification_bytes: 1024 * 1024,
             write_timeout_ms: 30_000,
@@ -239,6 +242,7 @@ impl Settings {
             ("sweep_interval_ms", self.sweep_interval_ms),
             ("session_ttl_seconds", self.session_ttl_seconds),
             ("embedded_log_capacity", self.embedded_log_capacity as u64),
+            ("embedded_log_bytes", self.embedded_log_bytes as u64),
             ("write_timeout_ms", self.write_timeout_ms),
             ("max_notification_bytes", self.max_notification_bytes as u64),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
