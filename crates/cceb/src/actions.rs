@@ -148,15 +148,15 @@ impl Actions {
         if let Some(f) = RESERVED_FIELDS.iter().find(|f| details.contains_key(**f)) {
             return Err(ActionError::ReservedField((*f).to_owned()));
         }
-        let dedup = DedupKey::new(&who.tenant_guid, &who.agent_guid, uuid);
-        if self.store.dedup_contains(dedup).await? {
+        let dedup = DedupKey::new(who.tenant_guid.clone(), &who.agent_guid, uuid);
+        if self.store.dedup_contains(&dedup).await? {
             return Ok(Done::Duplicate);
         }
         self.resolve_agents(who, &mut details).await?;
         inject_identity(record, &mut details, who, false, &self.settings.source);
         let value = self.schemas.build(record, &details).map_err(ActionError::InvalidDetails)?;
         self.bus.publish(OutRecord { record: action.to_owned(), key: who.agent_guid.to_string(), value }).await?;
-        self.store.dedup_insert(dedup, self.settings.dedup_window).await?;
+        self.store.dedup_insert(&dedup, self.settings.dedup_window).await?;
         if action == "ChangeAgentStateEvent" && details.get("state").and_then(Json::as_str) == Some("Available") {
             self.offer_off_hook(who).await?;
         }

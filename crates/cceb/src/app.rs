@@ -3,6 +3,7 @@
 
 use crate::actions::{ActionSettings, Actions};
 use crate::auth::{KeyError, Verifier};
+use crate::bus::embedded::LogLimits;
 use crate::bus::{Bus, BusError, EmbeddedBus, KafkaBus};
 use crate::config::{BusKind, Settings};
 use crate::metrics::Metrics;
@@ -94,10 +95,13 @@ impl Bridge {
             None => None,
         };
 
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&settings.data_dir, settings.dedup_capacity)?);
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&settings.data_dir, settings.dedup_capacity())?);
         let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
             BusKind::Embedded => {
-                let e = Arc::new(EmbeddedBus::new(settings.embedded_log_capacity));
+                let e = Arc::new(EmbeddedBus::new(LogLimits {
+                    records: settings.embedded_log_capacity,
+                    bytes: settings.embedded_log_bytes,
+                }));
                 (e.clone(), Some(e), None)
             }
             BusKind::Kafka => {

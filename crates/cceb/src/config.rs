@@ -127,8 +127,11 @@ pub struct Settings {
     /// Wait before the first retry; doubles each time.
     pub push_webhook_backoff_ms: u64,
     pub dedup_window_seconds: u64,
-    /// Most action uuids remembered for deduplication; the oldest go first.
+    /// Most action uuids remembered for deduplication, all tenants together;
+    /// past it the tenant holding the most forgets its oldest.
     pub dedup_capacity: usize,
+    /// Most action uuids remembered for one tenant; past it its oldest go first.
+    pub dedup_capacity_per_tenant: usize,
     /// Actions a connection may have waiting behind the one in flight; more is `rate_limited`.
     pub max_pending_actions: usize,
     /// Sustained actions per second one connection may send; more is `rate_limited`.
@@ -139,6 +142,8 @@ pub struct Settings {
     pub source_name: String,
     /// Published actions the embedded bus keeps for `GET /backend/v1/actions`.
     pub embedded_log_capacity: usize,
+    /// Bytes those records may take; past it the oldest go (never the newest).
+    pub embedded_log_bytes: usize,
     /// Largest backend-port request body.
     pub backend_max_body_bytes: usize,
     /// Largest serialised `data` of one notification; a larger event is refused.
@@ -198,11 +203,13 @@ impl Default for Settings {
             push_webhook_backoff_ms: 500,
             dedup_window_seconds: 600,
             dedup_capacity: 1_000_000,
+            dedup_capacity_per_tenant: 100_000,
             max_pending_actions: 64,
             action_rate_per_second: 50.0,
             action_burst: 100,
             source_name: "CCEB".into(),
             embedded_log_capacity: 100_000,
+            embedded_log_bytes: 64 * 1024 * 1024,
             backend_max_body_bytes: 16 * 1024 * 1024,
             max_notification_bytes: 1024 * 1024,
             write_timeout_ms: 30_000,
@@ -257,6 +264,7 @@ impl Settings {
             ("sweep_interval_ms", self.sweep_interval_ms),
             ("session_ttl_seconds", self.session_ttl_seconds),
             ("embedded_log_capacity", self.embedded_log_capacity as u64),
+            ("embedded_log_bytes", self.embedded_log_bytes as u64),
             ("write_timeout_ms", self.write_timeout_ms),
             ("max_notification_bytes", self.max_notification_bytes as u64),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
@@ -337,6 +345,9 @@ impl Settings {
     }
     pub fn dedup_window(&self) -> Duration {
         Duration::from_secs(self.dedup_window_seconds)
+    }
+    pub fn dedup_capacity(&self) -> crate::store::DedupCapacity {
+        crate::store::DedupCapacity { per_tenant: self.dedup_capacity_per_tenant, total: self.dedup_capacity }
     }
 }
 

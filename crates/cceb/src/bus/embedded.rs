@@ -1,27 +1,67 @@
-//! The embedded bus: published actions go to a bounded in-memory log that the
-//! backend port serves with long-polling; events arrive on the backend port.
+//! The embedded bus: published actions go to an in-memory log, bounded by
+//! count and by bytes, that the backend port serves with long-polling; events
+//! arrive on the backend port.
 
 use super::{Bus, BusError, OutRecord};
 use crate::schema::convert::{to_json, Keys};
 use async_trait::async_trait;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::watch;
 
-#[derive(Debug, Clone, Serialize)]
+/// A published record as the backend port serves it. The fields are in the
+/// order the port has always written them (sorted, as a `serde_json::Value`
+/// object writes its keys).
+#[derive(Debug, Serialize)]
 pub struct LoggedRecord {
-    pub offset: u64,
-    pub record: String,
-    pub key: String,
-    pub value: serde_json::Value,
+    key: String,
+    offset: u64,
+    record: String,
+    /// Serialised once, when published; a page copies it as it is.
+    value: Box<RawValue>,
+}
+
+impl LoggedRecord {
+    /// What the record counts against the byte bound: its text, and what
+    /// holds it (the `Arc`'s allocation and the log's slot).
+    fn size(&self) -> usize {
+        const HELD: usize = size_of::<LoggedRecord>() + 2 * size_of::<usize>() + size_of::<Arc<LoggedRecord>>();
+        self.key.len() + self.record.len() + self.value.get().len() + HELD
+    }
+}
+
+/// An answer of `GET /backend/v1/actions`.
+#[derive(Debug, Serialize)]
+pub struct Page {
+    /// Offset of the last record returned, or the `after` asked for when none.
+    pub next: u64,
+    pub records: Vec<Arc<LoggedRecord>>,
+}
+
+/// How much of the log is kept; past either bound the oldest records go, but
+/// never the newest one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    pub records: usize,
+    pub bytes: usize,
+}
+
+#[derive(Default)]
+struct Log {
+    records: VecDeque<Arc<LoggedRecord>>,
+    /// Offset of `records[0]`; offsets are contiguous from it.
+    first: u64,
+    /// Sum of the records' `size`.
+    bytes: usize,
 }
 
 pub struct EmbeddedBus {
-    log: Mutex<VecDeque<LoggedRecord>>,
-    capacity: usize,
+    log: Mutex<Log>,
+    limits: LogLimits,
     /// Offset of the newest record; long-polls wait on it.
     last: watch::Sender<u64>,
     accepting: AtomicBool,
@@ -30,10 +70,10 @@ pub struct EmbeddedBus {
 }
 
 impl EmbeddedBus {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(limits: LogLimits) -> Self {
         EmbeddedBus {
-            log: Mutex::default(),
-            capacity,
+            log: Mutex::new(Log { first: 1, ..Log::default() }),
+            limits,
             last: watch::Sender::new(0),
             accepting: AtomicBool::new(true),
             delay_ms: AtomicU64::new(0),
@@ -56,15 +96,18 @@ impl EmbeddedBus {
     }
 
     /// Records after `after`, at most `limit`, waiting up to `wait` for the first.
-    pub async fn read_after(&self, after: u64, limit: usize, wait: Duration) -> (u64, Vec<LoggedRecord>) {
+    pub async fn read_after(&self, after: u64, limit: usize, wait: Duration) -> Page {
         let mut rx = self.last.subscribe();
         if *rx.borrow_and_update() <= after && !wait.is_zero() {
             let _ = tokio::time::timeout(wait, rx.wait_for(|&last| last > after)).await;
         }
+        // Every publish needs this lock: take only pointers under it.
         let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
-        let records: Vec<LoggedRecord> = log.iter().filter(|r| r.offset > after).take(limit).cloned().collect();
+        let skip = after.saturating_add(1).saturating_sub(log.first);
+        let start = usize::try_from(skip).unwrap_or(usize::MAX).min(log.records.len());
+        let records: Vec<Arc<LoggedRecord>> = log.records.range(start..).take(limit).cloned().collect();
         let next = records.last().map_or(after, |r| r.offset);
-        (next, records)
+        Page { next, records }
     }
 }
 
@@ -78,12 +121,18 @@ impl Bus for EmbeddedBus {
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
-        let value = to_json(&record.value, Keys::AsIs);
+        let value = serde_json::value::to_raw_value(&to_json(&record.value, Keys::AsIs))
+            .map_err(|e| BusError::Unavailable(format!("cannot serialise the record: {e}")))?;
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         let offset = *self.last.borrow() + 1;
-        log.push_back(LoggedRecord { offset, record: record.record, key: record.key, value });
-        if log.len() > self.capacity {
-            log.pop_front();
+        let logged = Arc::new(LoggedRecord { key: record.key, offset, record: record.record, value });
+        log.bytes += logged.size();
+        log.records.push_back(logged);
+        while log.records.len() > 1 && (log.records.len() > self.limits.records || log.bytes > self.limits.bytes) {
+            if let Some(old) = log.records.pop_front() {
+                log.bytes -= old.size();
+                log.first += 1;
+            }
         }
         // Sent under the log lock so offsets are published in order.
         self.last.send_replace(offset);
@@ -92,5 +141,72 @@ impl Bus for EmbeddedBus {
 
     fn ready(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::types::Value as Avro;
+    use serde_json::json;
+
+    fn action(text: &str) -> OutRecord {
+        let value = Avro::Record(vec![("interactionId".into(), Avro::String(text.into()))]);
+        OutRecord { record: "AcceptInteractionEvent".into(), key: "a1".into(), value }
+    }
+
+    fn offsets(page: &Page) -> Vec<u64> {
+        page.records.iter().map(|r| r.offset).collect()
+    }
+
+    #[tokio::test]
+    async fn the_log_stays_within_its_byte_bound_and_keeps_offsets_across_eviction() {
+        let bus = EmbeddedBus::new(LogLimits { records: 1000, bytes: 10_000 });
+        for n in 1..=50u64 {
+            bus.publish(action(&format!("{n:04}{}", "x".repeat(1000)))).await.expect("published");
+            let log = bus.log.lock().expect("log");
+            assert!(log.bytes <= 10_000, "{} bytes after {n} records", log.bytes);
+            assert_eq!(log.bytes, log.records.iter().map(|r| r.size()).sum::<usize>());
+            assert_eq!(log.first + log.records.len() as u64 - 1, n);
+        }
+        let all = bus.read_after(0, 10_000, Duration::ZERO).await;
+        let kept = offsets(&all);
+        assert!(kept.len() >= 8 && kept.len() < 10, "records of about 1 KiB in 10 000 bytes: {kept:?}");
+        assert_eq!(kept, (51 - kept.len() as u64..=50).collect::<Vec<_>>(), "the newest, in order");
+        assert_eq!(all.next, 50);
+        for (r, n) in all.records.iter().zip(&kept) {
+            assert!(r.value.get().contains(&format!("{n:04}")), "offset {n} holds record {n}");
+        }
+        let page = bus.read_after(45, 2, Duration::ZERO).await;
+        assert_eq!((offsets(&page), page.next), (vec![46, 47], 47));
+        let page = bus.read_after(47, 1000, Duration::ZERO).await;
+        assert_eq!((offsets(&page), page.next), (vec![48, 49, 50], 50));
+        for after in [50, u64::MAX] {
+            let page = bus.read_after(after, 1000, Duration::ZERO).await;
+            assert_eq!((offsets(&page), page.next), (vec![], after));
+        }
+        // A record larger than the bound is kept alone rather than lost.
+        bus.publish(action(&"y".repeat(20_000))).await.expect("published");
+        assert_eq!(offsets(&bus.read_after(0, 1000, Duration::ZERO).await), [51]);
+    }
+
+    #[tokio::test]
+    async fn the_log_keeps_the_newest_records_by_count_too() {
+        let bus = EmbeddedBus::new(LogLimits { records: 3, bytes: 1 << 20 });
+        for n in 0..10 {
+            bus.publish(action(&n.to_string())).await.expect("published");
+        }
+        assert_eq!(offsets(&bus.read_after(2, 1000, Duration::ZERO).await), [8, 9, 10]);
+    }
+
+    #[tokio::test]
+    async fn a_page_is_written_as_the_backend_port_always_wrote_it() {
+        let bus = EmbeddedBus::new(LogLimits { records: 10, bytes: 1 << 20 });
+        bus.publish(action("i-\"1\"")).await.expect("published");
+        let page = bus.read_after(0, 10, Duration::ZERO).await;
+        let before = json!({"next": 1, "records": [{
+            "offset": 1, "record": "AcceptInteractionEvent", "key": "a1", "value": {"interactionId": "i-\"1\""},
+        }]});
+        assert_eq!(serde_json::to_string(&page).expect("json"), before.to_string());
     }
 }

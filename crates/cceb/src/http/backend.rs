@@ -4,6 +4,7 @@
 use super::bearer;
 use crate::app::Shared;
 use crate::auth::constant_time_eq;
+use crate::bus::embedded::Page;
 use crate::bus::EmbeddedBus;
 use crate::notify::{Event, EventError, EventReader};
 use axum::body::Bytes;
@@ -148,11 +149,11 @@ struct ActionsQuery {
 async fn get_actions(State(b): State<Backend>, Query(q): Query<ActionsQuery>) -> Response {
     let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
     let limit = q.limit.unwrap_or(1000).clamp(1, MAX_RECORDS);
-    let (next, records) = tokio::select! {
-        r = b.bus.read_after(q.after, limit, wait) => r,
-        _ = b.shared.shutdown.cancelled() => (q.after, Vec::new()),
+    let page = tokio::select! {
+        page = b.bus.read_after(q.after, limit, wait) => page,
+        _ = b.shared.shutdown.cancelled() => Page { next: q.after, records: Vec::new() },
     };
-    Json(json!({"next": next, "records": records})).into_response()
+    Json(page).into_response()
 }
 
 #[derive(Deserialize)]

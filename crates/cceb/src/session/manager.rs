@@ -481,17 +481,18 @@ impl std::fmt::Debug for Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::embedded::LogLimits;
     use crate::bus::EmbeddedBus;
     use crate::push::NoPush;
-    use crate::store::EmbeddedStore;
+    use crate::store::{DedupCapacity, EmbeddedStore};
 
     fn sessions(dir: &std::path::Path) -> Arc<Sessions> {
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir, 100).expect("store"));
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir, DedupCapacity { per_tenant: 100, total: 100 }).expect("store"));
         let schemas = Arc::new(SchemaSet::load(None).expect("schemas"));
         Arc::new(Sessions::new(
             Arc::new(Registry::default()),
             store,
-            Arc::new(EmbeddedBus::new(100)),
+            Arc::new(EmbeddedBus::new(LogLimits { records: 100, bytes: 1 << 20 })),
             schemas.clone(),
             Arc::new(NoPush),
             Arc::new(Metrics::new(schemas.action_names())),

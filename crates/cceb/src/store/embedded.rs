@@ -3,33 +3,36 @@
 
 use super::journal::{AfterCommit, Journal, Op, OpenError};
 use super::memory::{agent_key, lock, Memory};
-use super::{now_ms, AgentEntry, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession};
+use super::{
+    now_ms, AgentEntry, DedupCapacity, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession,
+};
 use crate::session::{AgentId, Notification};
 use async_trait::async_trait;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct EmbeddedStore {
     mem: Memory,
     journal: Journal,
     /// Read back at open; handed out once.
     loaded: Mutex<Vec<StoredSession>>,
-    dedup_capacity: usize,
 }
 
 impl EmbeddedStore {
-    pub fn open(dir: &Path, dedup_capacity: usize) -> Result<EmbeddedStore, OpenError> {
+    pub fn open(dir: &Path, dedup: DedupCapacity) -> Result<EmbeddedStore, OpenError> {
         let now = now_ms();
         let (journal, loaded) = Journal::open(dir, now)?;
-        let mem = Memory::new(dedup_capacity);
+        let mem = Memory::new(dedup);
         for (tenant, entry) in loaded.directory {
             mem.directory_apply(&tenant, DirectoryOp::Put(entry));
         }
         {
-            let (mut d, instant) = (mem.dedup(), Instant::now());
-            for (key, expires) in loaded.dedup {
-                d.insert(DedupKey(key), instant + Duration::from_millis(expires.saturating_sub(now)), instant);
+            // In expiry order, as they were inserted: a capacity lowered since
+            // evicts each tenant's oldest, and the first `expire` trims the journal.
+            let mut d = mem.dedup();
+            for (tenant, hash, expires) in loaded.dedup {
+                d.insert(&DedupKey { tenant: tenant.into(), hash }, expires, now);
             }
         }
         {
@@ -40,7 +43,7 @@ impl EmbeddedStore {
         }
         lock(&mem.published).extend(loaded.published.into_iter().map(|a| (agent_key(&a), a)));
         lock(&mem.accepted).extend(loaded.accepted.into_iter().map(|(a, i, expires)| ((agent_key(&a), i), expires)));
-        Ok(EmbeddedStore { mem, journal, loaded: Mutex::new(loaded.sessions), dedup_capacity })
+        Ok(EmbeddedStore { mem, journal, loaded: Mutex::new(loaded.sessions) })
     }
 
     async fn durable(&self) -> Result<(), StoreError> {
@@ -72,16 +75,18 @@ impl Store for EmbeddedStore {
         Ok(self.mem.resolve_contact(tenant, contact_id))
     }
 
-    async fn dedup_contains(&self, key: DedupKey) -> Result<bool, StoreError> {
-        Ok(self.mem.dedup().contains(key, Instant::now()))
+    async fn dedup_contains(&self, key: &DedupKey) -> Result<bool, StoreError> {
+        Ok(self.mem.dedup().contains(key, now_ms()))
     }
 
-    async fn dedup_insert(&self, key: DedupKey, window: Duration) -> Result<(), StoreError> {
-        let now = Instant::now();
-        self.mem.dedup().insert(key, now + window, now);
+    async fn dedup_insert(&self, key: &DedupKey, window: Duration) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut dedup = self.mem.dedup();
+        let expires_ms = dedup.insert(key, now.saturating_add(window.as_millis() as u64), now);
         // Buffered, durable with the next group commit: a crash can lose only keys
         // whose ack may not have reached the client, whose retry republishes anyway.
-        self.journal.push(Op::DedupPut { key: key.0, expires_ms: now_ms() + window.as_millis() as u64 });
+        // Pushed under the dedup lock so the journal sees puts and trims in memory's order.
+        self.journal.push(Op::DedupPut { tenant: key.tenant.clone(), key: key.hash, expires_ms });
         Ok(())
     }
 
@@ -166,7 +171,11 @@ impl Store for EmbeddedStore {
     async fn expire(&self) -> Result<(), StoreError> {
         let now = now_ms();
         lock(&self.mem.accepted).retain(|_, &mut e| e > now);
-        self.journal.push(Op::Expire { now_ms: now, dedup_keep: self.dedup_capacity });
+        {
+            let mut dedup = self.mem.dedup();
+            dedup.expire(now);
+            self.journal.push(Op::Expire { now_ms: now, dedup_trimmed: dedup.take_trimmed() });
+        }
         self.durable().await
     }
 
@@ -185,6 +194,8 @@ mod tests {
     use super::*;
     use cceb_protocol::NotificationType;
 
+    const CAPACITY: DedupCapacity = DedupCapacity { per_tenant: 10, total: 10 };
+
     fn agent() -> AgentId {
         AgentId { tenant_guid: "t".into(), agent_guid: "a".into(), ir_instance: "ir".into() }
     }
@@ -194,7 +205,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let id: Arc<str> = "s1".into();
         {
-            let s = EmbeddedStore::open(dir.path(), 10).expect("open");
+            let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("open");
             let record = SessionRecord {
                 id: id.clone(),
                 key_hash: [7; 32],
@@ -214,14 +225,14 @@ mod tests {
             s.mailbox_remove(&id, 3);
             let entry = AgentEntry { agent_guid: "a".into(), contact_id: Some("100".into()), ..AgentEntry::default() };
             s.directory_apply("t", DirectoryOp::Put(entry)).await.expect("directory");
-            s.dedup_insert(DedupKey::new("t", "a", "u1"), Duration::from_secs(60)).await.expect("dedup");
+            s.dedup_insert(&DedupKey::new("t".into(), "a", "u1"), Duration::from_secs(60)).await.expect("dedup");
             s.sync().await.expect("sync");
             s.set_availability_published(&agent(), true).await.expect("availability");
             assert!(s.auto_accept_claim(&agent(), "i1", Duration::from_secs(60)).await.expect("claim"));
             assert!(!s.auto_accept_claim(&agent(), "i1", Duration::from_secs(60)).await.expect("claim"));
             s.close().await;
         }
-        let s = EmbeddedStore::open(dir.path(), 10).expect("reopen");
+        let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("reopen");
         let sessions = s.sessions().await.expect("sessions");
         assert_eq!(sessions.len(), 1);
         assert_eq!(sessions[0].record.push_token.as_deref(), Some("dev"));
@@ -230,14 +241,99 @@ mod tests {
         let uuids: Vec<_> = sessions[0].mailbox.iter().map(|(seq, n)| (*seq, n.uuid.as_str())).collect();
         assert_eq!(uuids, [(1, "n1")]);
         assert_eq!(s.resolve_contact("t", "100").await.expect("get").as_deref(), Some("a"));
-        assert!(s.dedup_contains(DedupKey::new("t", "a", "u1")).await.expect("dedup"));
+        assert!(s.dedup_contains(&DedupKey::new("t".into(), "a", "u1")).await.expect("dedup"));
         assert_eq!(s.availability_published().await.expect("published"), [agent()]);
         assert_eq!(s.availability_count(&agent(), 0).await.expect("count"), 1);
         assert!(!s.auto_accept_claim(&agent(), "i1", Duration::from_secs(60)).await.expect("claim"));
         s.session_delete("s1");
         s.sync().await.expect("sync");
         drop(s);
-        let s = EmbeddedStore::open(dir.path(), 10).expect("reopen");
+        let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("reopen");
         assert!(s.sessions().await.expect("sessions").is_empty());
+    }
+
+    fn dedup_rows(dir: &Path) -> Vec<(String, i64)> {
+        let conn = rusqlite::Connection::open(dir.join("cceb.sqlite3")).expect("sqlite");
+        let mut st = conn.prepare("SELECT tenant, count(*) FROM dedup GROUP BY tenant ORDER BY tenant").expect("query");
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("rows");
+        rows.collect::<Result<_, _>>().expect("read")
+    }
+
+    #[tokio::test]
+    async fn dedup_keys_are_reloaded_per_tenant_and_the_journal_drops_what_memory_evicted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let capacity = DedupCapacity { per_tenant: 2, total: 10 };
+        let key = |tenant: &str, uuid: &str| DedupKey::new(tenant.into(), "a", uuid);
+        let window = Duration::from_secs(60);
+        {
+            let s = EmbeddedStore::open(dir.path(), capacity).expect("open");
+            s.dedup_insert(&key("A", "a0"), window).await.expect("dedup");
+            for i in 0..5 {
+                // Each in its own millisecond: the journal drops by expiry.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                s.dedup_insert(&key("B", &format!("b{i}")), window).await.expect("dedup");
+            }
+            s.expire().await.expect("expire");
+            assert_eq!(dedup_rows(dir.path()), [("A".into(), 1), ("B".into(), 2)]);
+            s.close().await;
+        }
+        let s = EmbeddedStore::open(dir.path(), capacity).expect("reopen");
+        for (k, kept) in
+            [(key("A", "a0"), true), (key("B", "b4"), true), (key("B", "b3"), true), (key("B", "b2"), false)]
+        {
+            assert_eq!(s.dedup_contains(&k).await.expect("dedup"), kept, "{k:?}");
+        }
+        assert!(!s.dedup_contains(&key("B", "a0")).await.expect("dedup"), "keys are per tenant");
+    }
+
+    /// Schema version 1, whose dedup keys did not record the tenant.
+    const SCHEMA_V1: &str = "
+        CREATE TABLE sessions(
+            id TEXT PRIMARY KEY, key_hash BLOB NOT NULL, tenant TEXT NOT NULL, agent TEXT NOT NULL,
+            ir_instance TEXT NOT NULL, auto_accept INTEGER NOT NULL, push_token TEXT,
+            dropped INTEGER NOT NULL, disconnected_at INTEGER, next_seq INTEGER NOT NULL DEFAULT 1);
+        CREATE TABLE mailbox(
+            session TEXT NOT NULL, seq INTEGER NOT NULL, uuid TEXT NOT NULL, type TEXT NOT NULL, data TEXT NOT NULL,
+            PRIMARY KEY(session, seq)) WITHOUT ROWID;
+        CREATE TABLE dedup(key BLOB PRIMARY KEY, expires INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE INDEX dedup_expires ON dedup(expires);
+        CREATE TABLE directory(
+            tenant TEXT NOT NULL, agent TEXT NOT NULL, contact_id TEXT, off_hook INTEGER NOT NULL,
+            recording_controls INTEGER, PRIMARY KEY(tenant, agent)) WITHOUT ROWID;
+        CREATE TABLE availability(
+            tenant TEXT NOT NULL, agent TEXT NOT NULL, ir_instance TEXT NOT NULL, PRIMARY KEY(tenant, agent)) WITHOUT ROWID;
+        CREATE TABLE auto_accepted(
+            tenant TEXT NOT NULL, agent TEXT NOT NULL, interaction TEXT NOT NULL, expires INTEGER NOT NULL,
+            PRIMARY KEY(tenant, agent, interaction)) WITHOUT ROWID;
+        PRAGMA user_version = 1;";
+
+    #[tokio::test]
+    async fn a_version_1_database_is_migrated_and_its_dedup_keys_still_deduplicate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let live = DedupKey::new("t".into(), "a", "u1");
+        {
+            let conn = rusqlite::Connection::open(dir.path().join("cceb.sqlite3")).expect("sqlite");
+            conn.execute_batch(SCHEMA_V1).expect("v1 schema");
+            let mut put = conn.prepare("INSERT INTO dedup(key, expires) VALUES (?1, ?2)").expect("insert");
+            put.execute(rusqlite::params![&live.hash.to_le_bytes()[..], now_ms() + 60_000]).expect("live key");
+            let expired = DedupKey::new("t".into(), "a", "u0");
+            put.execute(rusqlite::params![&expired.hash.to_le_bytes()[..], 1]).expect("expired key");
+            conn.execute("INSERT INTO directory VALUES ('t', 'a', '100', 0, NULL)", []).expect("directory");
+        }
+        let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("migrated");
+        assert!(s.dedup_contains(&live).await.expect("dedup"), "a retry across the upgrade is not published twice");
+        assert!(!s.dedup_contains(&DedupKey::new("t".into(), "a", "u0")).await.expect("dedup"));
+        assert_eq!(s.resolve_contact("t", "100").await.expect("directory").as_deref(), Some("a"));
+        s.dedup_insert(&DedupKey::new("t".into(), "a", "u2"), Duration::from_secs(60)).await.expect("dedup");
+        s.expire().await.expect("expire");
+        s.close().await;
+        drop(s);
+        let conn = rusqlite::Connection::open(dir.path().join("cceb.sqlite3")).expect("sqlite");
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("version");
+        assert_eq!(version, 2);
+        drop(conn);
+        assert_eq!(dedup_rows(dir.path()), [(String::new(), 1), ("t".into(), 1)], "the expired key is gone");
+        let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("reopened at version 2");
+        assert!(s.dedup_contains(&live).await.expect("dedup"));
     }
 }

@@ -16,7 +16,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-const SCHEMA_VERSION: i64 = 1;
+/// `MIGRATIONS[i]` upgrades a database of version `i + 1` to `i + 2`; a new
+/// database gets `SCHEMA` at the latest version directly.
+const MIGRATIONS: [&str; 1] = [DEDUP_PER_TENANT];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64 + 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS sessions(
@@ -26,8 +29,10 @@ CREATE TABLE IF NOT EXISTS sessions(
 CREATE TABLE IF NOT EXISTS mailbox(
     session TEXT NOT NULL, seq INTEGER NOT NULL, uuid TEXT NOT NULL, type TEXT NOT NULL, data TEXT NOT NULL,
     PRIMARY KEY(session, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dedup(key BLOB PRIMARY KEY, expires INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dedup(
+    tenant TEXT NOT NULL, key BLOB NOT NULL, expires INTEGER NOT NULL, PRIMARY KEY(tenant, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expires ON dedup(expires);
+CREATE INDEX IF NOT EXISTS dedup_tenant_expires ON dedup(tenant, expires);
 CREATE TABLE IF NOT EXISTS directory(
     tenant TEXT NOT NULL, agent TEXT NOT NULL, contact_id TEXT, off_hook INTEGER NOT NULL,
     recording_controls INTEGER, PRIMARY KEY(tenant, agent)) WITHOUT ROWID;
@@ -36,6 +41,17 @@ CREATE TABLE IF NOT EXISTS availability(
 CREATE TABLE IF NOT EXISTS auto_accepted(
     tenant TEXT NOT NULL, agent TEXT NOT NULL, interaction TEXT NOT NULL, expires INTEGER NOT NULL,
     PRIMARY KEY(tenant, agent, interaction)) WITHOUT ROWID;
+";
+
+/// Version 2: dedup keys per tenant. A version-1 key's tenant cannot be
+/// recovered from its hash, so it gets the empty name (`memory::UNKNOWN_TENANT`)
+/// and is consulted for every tenant until it expires.
+const DEDUP_PER_TENANT: &str = "
+ALTER TABLE dedup RENAME TO dedup_v1;
+CREATE TABLE dedup(
+    tenant TEXT NOT NULL, key BLOB NOT NULL, expires INTEGER NOT NULL, PRIMARY KEY(tenant, key)) WITHOUT ROWID;
+INSERT INTO dedup(tenant, key, expires) SELECT '', key, expires FROM dedup_v1;
+DROP TABLE dedup_v1;
 ";
 
 #[derive(Debug)]
@@ -52,6 +68,7 @@ pub enum Op {
         seq: u64,
     },
     DedupPut {
+        tenant: Arc<str>,
         key: u128,
         expires_ms: u64,
     },
@@ -76,10 +93,14 @@ pub enum Op {
         agent: AgentId,
         interaction: String,
     },
-    /// Deletes what expired before this time; keeps at most `dedup_keep` dedup keys.
+    /// Deletes what expired before this time, and each listed tenant's dedup
+    /// keys that expire before the given one (all of them for `None`): those
+    /// memory evicted to stay within its capacity. An evicted key expiring in
+    /// the same millisecond as the oldest kept one stays until it expires;
+    /// loading applies the capacity again.
     Expire {
         now_ms: u64,
-        dedup_keep: usize,
+        dedup_trimmed: Vec<(Arc<str>, Option<u64>)>,
     },
     /// Raises the session's `next_seq` to at least `upto`.
     SeqReserve {
@@ -122,8 +143,8 @@ pub struct Journal {
 pub struct Loaded {
     pub sessions: Vec<StoredSession>,
     pub directory: Vec<(String, AgentEntry)>,
-    /// Unexpired dedup keys, oldest expiry first.
-    pub dedup: Vec<(u128, u64)>,
+    /// Unexpired dedup keys (tenant, key, expiry), oldest expiry first.
+    pub dedup: Vec<(String, u128, u64)>,
     pub published: Vec<AgentId>,
     pub accepted: Vec<(AgentId, String, u64)>,
 }
@@ -228,9 +249,16 @@ fn prepare(conn: &Connection) -> rusqlite::Result<()> {
             "database schema version {version} is newer than this bridge ({SCHEMA_VERSION})"
         )));
     }
-    conn.execute_batch(SCHEMA)?;
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    Ok(())
+    // All or nothing: a failed upgrade leaves the database as it was. A new
+    // database (version 0) has nothing to migrate: `SCHEMA` creates it.
+    let tx = conn.unchecked_transaction()?;
+    let done = usize::try_from(version - 1).unwrap_or(MIGRATIONS.len());
+    for migration in MIGRATIONS.iter().skip(done) {
+        tx.execute_batch(migration)?;
+    }
+    tx.execute_batch(SCHEMA)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()
 }
 
 /// How long the writer waits before trying a failed commit again.
@@ -329,9 +357,9 @@ fn apply(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
                 tx.prepare_cached("DELETE FROM mailbox WHERE session = ?1 AND seq = ?2")?
                     .execute(params![session.as_ref(), seq])?;
             }
-            Op::DedupPut { key, expires_ms } => {
-                tx.prepare_cached("INSERT OR REPLACE INTO dedup(key, expires) VALUES (?1, ?2)")?
-                    .execute(params![&key.to_le_bytes()[..], expires_ms])?;
+            Op::DedupPut { tenant, key, expires_ms } => {
+                tx.prepare_cached("INSERT OR REPLACE INTO dedup(tenant, key, expires) VALUES (?1, ?2, ?3)")?
+                    .execute(params![&*tenant, &key.to_le_bytes()[..], expires_ms])?;
             }
             Op::DirectoryPut { tenant, entry } => {
                 tx.prepare_cached(
@@ -370,12 +398,16 @@ fn apply(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
                 tx.prepare_cached("DELETE FROM auto_accepted WHERE tenant = ?1 AND agent = ?2 AND interaction = ?3")?
                     .execute(params![&*agent.tenant_guid, &*agent.agent_guid, interaction])?;
             }
-            Op::Expire { now_ms, dedup_keep } => {
+            Op::Expire { now_ms, dedup_trimmed } => {
                 tx.prepare_cached("DELETE FROM dedup WHERE expires <= ?1")?.execute([now_ms])?;
-                tx.prepare_cached(
-                    "DELETE FROM dedup WHERE expires < (SELECT expires FROM dedup ORDER BY expires DESC LIMIT 1 OFFSET ?1)",
-                )?
-                .execute([dedup_keep])?;
+                for (tenant, oldest_kept) in dedup_trimmed {
+                    match oldest_kept {
+                        Some(expires) => tx
+                            .prepare_cached("DELETE FROM dedup WHERE tenant = ?1 AND expires < ?2")?
+                            .execute(params![&*tenant, expires])?,
+                        None => tx.prepare_cached("DELETE FROM dedup WHERE tenant = ?1")?.execute([&*tenant])?,
+                    };
+                }
                 tx.prepare_cached("DELETE FROM auto_accepted WHERE expires <= ?1")?.execute([now_ms])?;
             }
             Op::SeqReserve { session, upto } => {
@@ -457,14 +489,14 @@ fn load(conn: &mut Connection, now_ms: u64) -> rusqlite::Result<Loaded> {
         loaded.directory = rows.collect::<Result<_, _>>()?;
     }
     {
-        let mut st = conn.prepare("SELECT key, expires FROM dedup WHERE expires > ?1 ORDER BY expires")?;
+        let mut st = conn.prepare("SELECT tenant, key, expires FROM dedup WHERE expires > ?1 ORDER BY expires")?;
         let rows = st.query_map([now_ms], |r| {
-            let k: Vec<u8> = r.get(0)?;
+            let k: Vec<u8> = r.get(1)?;
             let mut b = [0u8; 16];
             if k.len() == 16 {
                 b.copy_from_slice(&k);
             }
-            Ok((u128::from_le_bytes(b), r.get(1)?))
+            Ok((r.get(0)?, u128::from_le_bytes(b), r.get(2)?))
         })?;
         loaded.dedup = rows.collect::<Result<_, _>>()?;
     }
@@ -501,7 +533,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("data");
         let (journal, _) = Journal::open(&dir, 0).expect("open");
-        journal.push(Op::DedupPut { key: 1, expires_ms: u64::MAX >> 1 });
+        journal.push(Op::DedupPut { tenant: "t".into(), key: 1, expires_ms: u64::MAX >> 1 });
         journal.sync().await.expect("commit");
         assert_eq!(mode(&dir), 0o700);
         for name in ["cceb.sqlite3", "cceb.sqlite3-wal", "cceb.sqlite3-shm"] {
@@ -522,7 +554,7 @@ mod tests {
         // Another connection holding the write lock makes our commits fail.
         let blocker = Connection::open(tmp.path().join("cceb.sqlite3")).expect("open");
         blocker.execute_batch("BEGIN IMMEDIATE").expect("lock");
-        journal.push(Op::DedupPut { key: 7, expires_ms: u64::MAX >> 1 });
+        journal.push(Op::DedupPut { tenant: "t".into(), key: 7, expires_ms: u64::MAX >> 1 });
         assert!(journal.sync().await.is_err());
         assert!(!journal.healthy());
         // Nothing new was written, yet the earlier write is not durable: still an error.

@@ -46,23 +46,38 @@ pub enum DirectoryOp {
     },
 }
 
-/// Identifies one client action for deduplication (contract section 4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DedupKey(pub u128);
+/// Identifies one client action for deduplication (contract section 4). The
+/// tenant is kept in clear so that a store can account keys per tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DedupKey {
+    pub tenant: Arc<str>,
+    /// Of tenant, agent and action uuid.
+    pub hash: u128,
+}
 
 impl DedupKey {
-    pub fn new(tenant: &str, agent: &str, action_uuid: &str) -> Self {
+    pub fn new(tenant: Arc<str>, agent: &str, action_uuid: &str) -> Self {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        for part in [tenant, agent, action_uuid] {
+        for part in [&*tenant, agent, action_uuid] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
         let d = h.finalize();
         let mut b = [0u8; 16];
         b.copy_from_slice(&d[..16]);
-        DedupKey(u128::from_le_bytes(b))
+        DedupKey { tenant, hash: u128::from_le_bytes(b) }
     }
+}
+
+/// How many dedup keys a store keeps before their window has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupCapacity {
+    /// Keys one tenant keeps; past it the tenant's own oldest is forgotten.
+    pub per_tenant: usize,
+    /// Keys all tenants keep together; past it the tenant holding the most
+    /// forgets its oldest.
+    pub total: usize,
 }
 
 /// A long-lived session as the store keeps it (contract section 6).
@@ -104,9 +119,12 @@ pub trait Store: Send + Sync + 'static {
     /// The agent GUID with this contact id in this tenant.
     async fn resolve_contact(&self, tenant: &str, contact_id: &str) -> Result<Option<String>, StoreError>;
     /// Whether this action was already published within the window.
-    async fn dedup_contains(&self, key: DedupKey) -> Result<bool, StoreError>;
-    /// Remembers a published action for `window` (durable with the next `sync`).
-    async fn dedup_insert(&self, key: DedupKey, window: Duration) -> Result<(), StoreError>;
+    async fn dedup_contains(&self, key: &DedupKey) -> Result<bool, StoreError>;
+    /// Remembers a published action for `window` (durable with the next
+    /// `sync`), within the [`DedupCapacity`]: only the key's own tenant's
+    /// traffic may make it be forgotten earlier, unless that tenant holds
+    /// more than its share of the total.
+    async fn dedup_insert(&self, key: &DedupKey, window: Duration) -> Result<(), StoreError>;
 
     /// Every long-lived session the store holds, with its mailbox.
     async fn sessions(&self) -> Result<Vec<StoredSession>, StoreError>;

@@ -188,6 +188,25 @@ async fn the_same_action_uuid_is_acked_again_and_published_once() {
 }
 
 #[tokio::test]
+async fn another_tenants_traffic_does_not_make_the_bridge_forget_a_tenants_action_uuids() {
+    let b = TestBridge::with(|s| s.dedup_capacity = 3).await;
+    let (mut mine, _) = b.agent("t1", "a1").await;
+    let (mut theirs, _) = b.agent("t2", "b1").await;
+    let away = json!({"state": "Away"});
+    mine.expect_ack_of_action("retried", "ChangeAgentStateEvent", away.clone()).await;
+    for n in 0..10 {
+        theirs.expect_ack_of_action(&format!("busy-{n}"), "ChangeAgentStateEvent", away.clone()).await;
+    }
+    mine.expect_ack_of_action("retried", "ChangeAgentStateEvent", away.clone()).await;
+    let published = b.published().await;
+    assert_eq!(published.len(), 11, "the retry is acked as a duplicate, not published again");
+    assert_eq!(published.iter().filter(|r| r["key"] == "a1").count(), 1);
+    // The bound still holds: the busy tenant's own traffic evicted its oldest uuids.
+    theirs.expect_ack_of_action("busy-0", "ChangeAgentStateEvent", away).await;
+    assert_eq!(b.published().await.len(), 12);
+}
+
+#[tokio::test]
 async fn actions_are_published_in_the_order_sent() {
     let b = TestBridge::with(|s| {
         s.action_burst = 500;

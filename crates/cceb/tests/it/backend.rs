@@ -116,6 +116,29 @@ async fn published_actions_can_be_long_polled_from_an_offset() {
 }
 
 #[tokio::test]
+async fn with_a_small_log_byte_bound_the_backend_port_serves_the_newest_actions_and_next_goes_on() {
+    // Room for two of the records below (each about 1.3 kB), not three.
+    let b = TestBridge::with(|s| s.embedded_log_bytes = 3000).await;
+    let (mut c, _) = b.agent("t", "a").await;
+    for n in 1..=5 {
+        let details = json!({"interactionId": format!("{n}-{}", "x".repeat(1000))});
+        c.expect_ack_of_action(&format!("big-{n}"), "AcceptInteractionEvent", details).await;
+    }
+    let offsets = |page: &Value| -> Vec<u64> {
+        page["records"].as_array().into_iter().flatten().filter_map(|r| r["offset"].as_u64()).collect()
+    };
+    let page = b.actions_after(0, 0).await;
+    assert_eq!((offsets(&page), &page["next"]), (vec![4, 5], &json!(5)), "{page}");
+    let id = page["records"][1]["value"]["interactionId"].as_str().unwrap_or_default();
+    assert!(id.starts_with("5-"), "offset 5 is the fifth action");
+    c.expect_ack_of_action("small", "ChangeAgentStateEvent", json!({"state": "Away"})).await;
+    let page = b.actions_after(5, 0).await;
+    assert_eq!((offsets(&page), &page["next"]), (vec![6], &json!(6)), "{page}");
+    assert_eq!(page["records"][0]["record"], "ChangeAgentStateEvent");
+    assert_eq!(b.actions_after(6, 0).await, json!({"next": 6, "records": []}));
+}
+
+#[tokio::test]
 async fn a_notification_over_the_size_limit_is_refused_naming_the_limit_and_the_largest_allowed_is_delivered() {
     let limit = 5 * 1024 * 1024;
     let b = TestBridge::with(|s| s.max_notification_bytes = limit).await;
