@@ -487,7 +487,8 @@ mod tests {
     use crate::store::{DedupCapacity, EmbeddedStore};
 
     fn sessions(dir: &std::path::Path) -> Arc<Sessions> {
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir, DedupCapacity { per_tenant: 100, total: 100 }).expect("store"));
+        let store: Arc<dyn Store> =
+            Arc::new(EmbeddedStore::open(dir, DedupCapacity { per_tenant: 100, total: 100 }).expect("store"));
         let schemas = Arc::new(SchemaSet::load(None).expect("schemas"));
         Arc::new(Sessions::new(
             Arc::new(Registry::default()),

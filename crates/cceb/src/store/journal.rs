@@ -359,7 +359,7 @@ fn apply(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
             }
             Op::DedupPut { tenant, key, expires_ms } => {
                 tx.prepare_cached("INSERT OR REPLACE INTO dedup(tenant, key, expires) VALUES (?1, ?2, ?3)")?
-                    .execute(params![&*tenant, &key.to_le_bytes()[..], expires_ms])?;
+                    .execute(params![tenant.as_ref(), &key.to_le_bytes()[..], expires_ms])?;
             }
             Op::DirectoryPut { tenant, entry } => {
                 tx.prepare_cached(
@@ -404,8 +404,8 @@ fn apply(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
                     match oldest_kept {
                         Some(expires) => tx
                             .prepare_cached("DELETE FROM dedup WHERE tenant = ?1 AND expires < ?2")?
-                            .execute(params![&*tenant, expires])?,
-                        None => tx.prepare_cached("DELETE FROM dedup WHERE tenant = ?1")?.execute([&*tenant])?,
+                            .execute(params![tenant.as_ref(), expires])?,
+                        None => tx.prepare_cached("DELETE FROM dedup WHERE tenant = ?1")?.execute([tenant.as_ref()])?,
                     };
                 }
                 tx.prepare_cached("DELETE FROM auto_accepted WHERE expires <= ?1")?.execute([now_ms])?;
