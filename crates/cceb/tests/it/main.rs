@@ -6,6 +6,7 @@ mod support;
 mod actions;
 mod auth;
 mod backend;
+mod chaos;
 mod cli;
 mod durability;
 mod kafka;
