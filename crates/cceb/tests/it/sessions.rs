@@ -161,14 +161,14 @@ async fn a_long_lived_connection_has_at_most_max_unacked_in_flight_and_4004_only
 {
     let b = TestBridge::with(|s| {
         s.max_unacked = 2;
-        s.ack_timeout_ms = 300;
+        s.ack_timeout_ms = 1500;
     })
     .await;
     let mut c = b.connect().await;
     let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
-    for n in 1..=3 {
-        presence(&b, "t", "a", &format!("s{n}")).await;
-    }
+    let event = |n: u32| json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state":format!("s{n}")}});
+    let (status, _) = b.post_events(json!([event(1), event(2), event(3)])).await;
+    assert_eq!(status, 202);
     let window = states(&mut c, 2).await;
     assert_eq!((window[0].2.as_str(), window[1].2.as_str()), ("s1", "s2"));
     c.ack(&window[0].0).await;
