@@ -139,6 +139,11 @@ impl TestBridge {
         metric_value(&text, series)
     }
 
+    /// The settings the next `restart` uses.
+    pub fn settings_mut(&mut self) -> &mut Settings {
+        &mut self.settings
+    }
+
     /// The embedded store's data directory.
     pub fn data_dir(&self) -> &std::path::Path {
         &self.settings.data_dir
