@@ -150,6 +150,9 @@ pub struct Settings {
     pub max_notification_bytes: usize,
     /// How long a write to a client may block before the connection is dropped.
     pub write_timeout_ms: u64,
+    /// Longest wait for a complete HTTP request head on either listener, also
+    /// between two requests of a kept-alive connection; then it is closed.
+    pub header_read_timeout_ms: u64,
     /// How long shutdown waits for connections to close.
     pub shutdown_grace_ms: u64,
     pub log_format: LogFormat,
@@ -213,6 +216,7 @@ impl Default for Settings {
             backend_max_body_bytes: 16 * 1024 * 1024,
             max_notification_bytes: 1024 * 1024,
             write_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
             shutdown_grace_ms: 5_000,
             log_format: LogFormat::Text,
             log: "info".into(),
@@ -266,6 +270,7 @@ impl Settings {
             ("embedded_log_capacity", self.embedded_log_capacity as u64),
             ("embedded_log_bytes", self.embedded_log_bytes as u64),
             ("write_timeout_ms", self.write_timeout_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
             ("max_notification_bytes", self.max_notification_bytes as u64),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
             ("jwt_jwks_file_poll_ms", self.jwt_jwks_file_poll_ms),
@@ -324,6 +329,9 @@ impl Settings {
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
     }
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_seconds)
@@ -418,6 +426,8 @@ mod tests {
     #[test]
     fn zero_timeouts_are_refused() {
         let s = Settings { ack_timeout_ms: 0, ..Settings::default() };
+        assert!(s.validate().is_err());
+        let s = Settings { header_read_timeout_ms: 0, ..Settings::default() };
         assert!(s.validate().is_err());
     }
 }
