@@ -179,13 +179,15 @@ impl Bridge {
             ws_endpoint,
         });
         spawn_sweeper(&shared);
-        let serve = |tcp: TcpListener, listener: Listener, app: axum::Router| {
-            let limits = Limits { header_read_timeout: shared.settings.header_read_timeout() };
-            crate::http::serve::spawn(tcp, listener, app, limits, &shared.tasks, shared.shutdown.clone());
+        let serve = |tcp: TcpListener, listener: Listener, app: axum::Router, max_connections: usize| {
+            let limits = Limits { header_read_timeout: shared.settings.header_read_timeout(), max_connections };
+            let refused = shared.metrics.connections_refused(listener);
+            crate::http::serve::spawn(tcp, listener, app, limits, refused, &shared.tasks, shared.shutdown.clone());
         };
-        serve(public, Listener::Public, crate::http::public(shared.clone()));
+        serve(public, Listener::Public, crate::http::public(shared.clone()), shared.settings.max_connections);
         if let (Some(tcp), Some(embedded)) = (backend, embedded) {
-            serve(tcp, Listener::Backend, crate::http::backend::router(shared.clone(), embedded));
+            let app = crate::http::backend::router(shared.clone(), embedded);
+            serve(tcp, Listener::Backend, app, shared.settings.backend_max_connections);
         }
         tracing::info!(
             %addr, ?backend_addr, bus = ?shared.settings.bus, schemas = %shared.schemas.origin, node = %shared.settings.node_id,

@@ -153,6 +153,11 @@ pub struct Settings {
     /// Longest wait for a complete HTTP request head on either listener, also
     /// between two requests of a kept-alive connection; then it is closed.
     pub header_read_timeout_ms: u64,
+    /// Most connections the public listener holds at once, WebSocket sessions
+    /// included; past it new ones are closed unserved.
+    pub max_connections: usize,
+    /// Most connections the backend port holds at once.
+    pub backend_max_connections: usize,
     /// How long shutdown waits for connections to close.
     pub shutdown_grace_ms: u64,
     pub log_format: LogFormat,
@@ -217,6 +222,10 @@ impl Default for Settings {
             max_notification_bytes: 1024 * 1024,
             write_timeout_ms: 30_000,
             header_read_timeout_ms: 10_000,
+            // The documented density is 50,000 idle sessions per node (~9 KiB
+            // each); the rest is headroom for takeovers and plain HTTP.
+            max_connections: 60_000,
+            backend_max_connections: 256,
             shutdown_grace_ms: 5_000,
             log_format: LogFormat::Text,
             log: "info".into(),
@@ -271,6 +280,8 @@ impl Settings {
             ("embedded_log_bytes", self.embedded_log_bytes as u64),
             ("write_timeout_ms", self.write_timeout_ms),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("max_connections", self.max_connections as u64),
+            ("backend_max_connections", self.backend_max_connections as u64),
             ("max_notification_bytes", self.max_notification_bytes as u64),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
             ("jwt_jwks_file_poll_ms", self.jwt_jwks_file_poll_ms),
@@ -289,6 +300,15 @@ impl Settings {
             return Err(ConfigError::Invalid(format!(
                 "jwt_hs256_secret (CCEB_JWT_HS256_SECRET) must be at least {MIN_HS256_SECRET_BYTES} bytes"
             )));
+        }
+        // A semaphore counts the connections, and it cannot hold more permits than this.
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        for (name, v) in
+            [("max_connections", self.max_connections), ("backend_max_connections", self.backend_max_connections)]
+        {
+            if v > most {
+                return Err(ConfigError::Invalid(format!("{name} must be at most {most}")));
+            }
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
@@ -429,5 +449,14 @@ mod tests {
         assert!(s.validate().is_err());
         let s = Settings { header_read_timeout_ms: 0, ..Settings::default() };
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn connection_caps_are_positive_and_countable() {
+        for (public, backend) in [(0, 1), (1, 0), (usize::MAX, 1), (1, usize::MAX)] {
+            let s = Settings { max_connections: public, backend_max_connections: backend, ..Settings::default() };
+            assert!(s.validate().is_err(), "{public} / {backend}");
+        }
+        assert!(Settings { max_connections: 1, backend_max_connections: 1, ..Settings::default() }.validate().is_ok());
     }
 }
