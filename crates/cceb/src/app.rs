@@ -6,13 +6,13 @@ use crate::auth::{KeyError, Verifier};
 use crate::bus::embedded::LogLimits;
 use crate::bus::{Bus, BusError, EmbeddedBus, KafkaBus};
 use crate::config::{BusKind, Settings};
+use crate::http::serve::{Limits, Listener};
 use crate::metrics::Metrics;
 use crate::notify::{EventReader, Router};
 use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::schema::{SchemaError, SchemaSet};
 use crate::session::{Registry, SessionSettings, Sessions};
 use crate::store::{EmbeddedStore, OpenError, Store, StoreError};
-use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -179,21 +179,15 @@ impl Bridge {
             ws_endpoint,
         });
         spawn_sweeper(&shared);
-        let serve = |listener: TcpListener, app: axum::Router| {
-            let stop = shared.shutdown.clone();
-            // Notifications and acks are small frames: Nagle's algorithm would hold them back.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            shared.tasks.spawn(async move {
-                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
-                    tracing::error!(error = %e, "server stopped");
-                }
-            })
+        let serve = |tcp: TcpListener, listener: Listener, app: axum::Router, max_connections: usize| {
+            let limits = Limits { header_read_timeout: shared.settings.header_read_timeout(), max_connections };
+            let refused = shared.metrics.connections_refused(listener);
+            crate::http::serve::spawn(tcp, listener, app, limits, refused, &shared.tasks, shared.shutdown.clone());
         };
-        serve(public, crate::http::public(shared.clone()));
-        if let (Some(listener), Some(embedded)) = (backend, embedded) {
-            serve(listener, crate::http::backend::router(shared.clone(), embedded));
+        serve(public, Listener::Public, crate::http::public(shared.clone()), shared.settings.max_connections);
+        if let (Some(tcp), Some(embedded)) = (backend, embedded) {
+            let app = crate::http::backend::router(shared.clone(), embedded);
+            serve(tcp, Listener::Backend, app, shared.settings.backend_max_connections);
         }
         tracing::info!(
             %addr, ?backend_addr, bus = ?shared.settings.bus, schemas = %shared.schemas.origin, node = %shared.settings.node_id,

@@ -150,6 +150,14 @@ pub struct Settings {
     pub max_notification_bytes: usize,
     /// How long a write to a client may block before the connection is dropped.
     pub write_timeout_ms: u64,
+    /// Longest wait for a complete HTTP request head on either listener, also
+    /// between two requests of a kept-alive connection; then it is closed.
+    pub header_read_timeout_ms: u64,
+    /// Most connections the public listener holds at once, WebSocket sessions
+    /// included; past it new ones are closed unserved.
+    pub max_connections: usize,
+    /// Most connections the backend port holds at once.
+    pub backend_max_connections: usize,
     /// How long shutdown waits for connections to close.
     pub shutdown_grace_ms: u64,
     pub log_format: LogFormat,
@@ -213,6 +221,11 @@ impl Default for Settings {
             backend_max_body_bytes: 16 * 1024 * 1024,
             max_notification_bytes: 1024 * 1024,
             write_timeout_ms: 30_000,
+            header_read_timeout_ms: 10_000,
+            // The documented density is 50,000 idle sessions per node (~9 KiB
+            // each); the rest is headroom for takeovers and plain HTTP.
+            max_connections: 60_000,
+            backend_max_connections: 256,
             shutdown_grace_ms: 5_000,
             log_format: LogFormat::Text,
             log: "info".into(),
@@ -266,6 +279,9 @@ impl Settings {
             ("embedded_log_capacity", self.embedded_log_capacity as u64),
             ("embedded_log_bytes", self.embedded_log_bytes as u64),
             ("write_timeout_ms", self.write_timeout_ms),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("max_connections", self.max_connections as u64),
+            ("backend_max_connections", self.backend_max_connections as u64),
             ("max_notification_bytes", self.max_notification_bytes as u64),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
             ("jwt_jwks_file_poll_ms", self.jwt_jwks_file_poll_ms),
@@ -284,6 +300,15 @@ impl Settings {
             return Err(ConfigError::Invalid(format!(
                 "jwt_hs256_secret (CCEB_JWT_HS256_SECRET) must be at least {MIN_HS256_SECRET_BYTES} bytes"
             )));
+        }
+        // A semaphore counts the connections, and it cannot hold more permits than this.
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        for (name, v) in
+            [("max_connections", self.max_connections), ("backend_max_connections", self.backend_max_connections)]
+        {
+            if v > most {
+                return Err(ConfigError::Invalid(format!("{name} must be at most {most}")));
+            }
         }
         if let Some(url) = &self.public_url {
             if !(url.starts_with("ws://") || url.starts_with("wss://")) {
@@ -324,6 +349,9 @@ impl Settings {
     }
     pub fn write_timeout(&self) -> Duration {
         Duration::from_millis(self.write_timeout_ms)
+    }
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms)
     }
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_seconds)
@@ -419,5 +447,16 @@ mod tests {
     fn zero_timeouts_are_refused() {
         let s = Settings { ack_timeout_ms: 0, ..Settings::default() };
         assert!(s.validate().is_err());
+        let s = Settings { header_read_timeout_ms: 0, ..Settings::default() };
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn connection_caps_are_positive_and_countable() {
+        for (public, backend) in [(0, 1), (1, 0), (usize::MAX, 1), (1, usize::MAX)] {
+            let s = Settings { max_connections: public, backend_max_connections: backend, ..Settings::default() };
+            assert!(s.validate().is_err(), "{public} / {backend}");
+        }
+        assert!(Settings { max_connections: 1, backend_max_connections: 1, ..Settings::default() }.validate().is_ok());
     }
 }

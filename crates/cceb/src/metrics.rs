@@ -2,6 +2,7 @@
 //! process (the tests) never count into each other's series; hot-path
 //! counters are resolved once into handles.
 
+use crate::http::serve::Listener;
 use cceb_protocol::{ErrorCode, NotificationType};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -59,6 +60,8 @@ pub struct Metrics {
     /// Renders this bridge's series for `/metrics`.
     handle: PrometheusHandle,
     pub connections: Gauge,
+    /// By `Listener`: connections closed unserved because the listener was full.
+    connections_refused: [Counter; Listener::ALL.len()],
     pub sessions: Gauge,
     sent: Vec<Counter>,
     pub acked: Counter,
@@ -111,6 +114,8 @@ impl Metrics {
         Metrics {
             handle,
             connections: gauge!("cceb_connections"),
+            connections_refused: Listener::ALL
+                .map(|l| counter!("cceb_connections_refused_total", "listener" => l.label())),
             sessions: gauge!("cceb_sessions"),
             sent: NotificationType::ALL
                 .iter()
@@ -140,6 +145,10 @@ impl Metrics {
             ],
             actions,
         }
+    }
+
+    pub fn connections_refused(&self, listener: Listener) -> Counter {
+        self.connections_refused[listener as usize].clone()
     }
 
     pub fn sent(&self, ty: NotificationType) {

@@ -1,7 +1,8 @@
 //! HTTP surfaces: the public listener (`/ws/v1`, discovery, health, metrics)
-//! and the embedded bus's backend port.
+//! and the embedded bus's backend port; `serve` accepts their connections.
 
 pub mod backend;
+pub mod serve;
 
 use crate::app::Shared;
 use axum::extract::ws::WebSocketUpgrade;

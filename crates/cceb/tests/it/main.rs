@@ -12,6 +12,7 @@ mod durability;
 mod kafka;
 mod kafka_backend;
 mod lifecycle;
+mod limits;
 mod notifications;
 mod restart;
 mod schemas;

@@ -304,6 +304,15 @@ impl Client {
         }
     }
 
+    /// After the close frame: reads until the bridge has dropped the socket.
+    pub async fn dropped(&mut self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while let Some(Ok(_)) =
+            tokio::time::timeout_at(deadline, self.ws.next()).await.expect("the bridge drops the socket in time")
+        {
+        }
+    }
+
     pub async fn next(&mut self) -> ServerMessage {
         match self.read().await {
             Read::Msg(m) => m,
