@@ -145,6 +145,11 @@ impl Actions {
         mut details: Map<String, Json>,
     ) -> Result<Done, ActionError> {
         let record = self.schemas.action(action).ok_or_else(|| ActionError::UnknownAction(action.to_owned()))?;
+        // Its dedup key could not be made durable: publishing now could not be
+        // deduplicated after a crash, and would pile writes on a failing disk.
+        if !self.store.ready() {
+            return Err(ActionError::BackendUnavailable("the store cannot write".into()));
+        }
         if let Some(f) = RESERVED_FIELDS.iter().find(|f| details.contains_key(**f)) {
             return Err(ActionError::ReservedField((*f).to_owned()));
         }

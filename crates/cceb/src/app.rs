@@ -179,6 +179,7 @@ impl Bridge {
             ws_endpoint,
         });
         spawn_sweeper(&shared);
+        spawn_metrics_upkeep(&shared);
         let serve = |tcp: TcpListener, listener: Listener, app: axum::Router, max_connections: usize| {
             let limits = Limits { header_read_timeout: shared.settings.header_read_timeout(), max_connections };
             let refused = shared.metrics.connections_refused(listener);
@@ -237,6 +238,20 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(ACCEPT_BACKLOG)
+}
+
+/// Keeps the metrics' memory bounded between scrapes.
+fn spawn_metrics_upkeep(shared: &Arc<Shared>) {
+    let (metrics, stop) = (shared.metrics.clone(), shared.shutdown.clone());
+    shared.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => metrics.run_upkeep(),
+            }
+        }
+    });
 }
 
 /// Expires sessions whose TTL passed, every `sweep_interval_ms`.

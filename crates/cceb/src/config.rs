@@ -289,6 +289,29 @@ impl Settings {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
         }
+        // Times far beyond any use would overflow the clock arithmetic they feed
+        // (an Instant, a stored expiry): a day for timeouts, a year for lifetimes.
+        const DAY_MS: u64 = 86_400_000;
+        const YEAR_S: u64 = 366 * 86_400;
+        let bounded = [
+            ("hello_timeout_ms", self.hello_timeout_ms, DAY_MS),
+            ("ack_timeout_ms", self.ack_timeout_ms, DAY_MS),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms, DAY_MS),
+            ("sweep_interval_ms", self.sweep_interval_ms, DAY_MS),
+            ("write_timeout_ms", self.write_timeout_ms, DAY_MS),
+            ("header_read_timeout_ms", self.header_read_timeout_ms, DAY_MS),
+            ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms, DAY_MS),
+            ("shutdown_grace_ms", self.shutdown_grace_ms, DAY_MS),
+            ("push_webhook_backoff_ms", self.push_webhook_backoff_ms, DAY_MS),
+            ("jwt_jwks_file_poll_ms", self.jwt_jwks_file_poll_ms, DAY_MS),
+            ("jwt_jwks_min_refresh_seconds", self.jwt_jwks_min_refresh_seconds, DAY_MS / 1000),
+            ("session_ttl_seconds", self.session_ttl_seconds, YEAR_S),
+            ("dedup_window_seconds", self.dedup_window_seconds, YEAR_S),
+            ("off_hook_offer_timeout_seconds", self.off_hook_offer_timeout_seconds, DAY_MS / 1000),
+        ];
+        if let Some((name, _, max)) = bounded.iter().find(|(_, v, max)| v > max) {
+            return Err(ConfigError::Invalid(format!("{name} must be at most {max}")));
+        }
         if self.mailbox_capacity < self.max_unacked {
             return Err(ConfigError::Invalid(format!(
                 "mailbox_capacity ({}) must be at least max_unacked ({}): a long-lived connection's window must fit in its mailbox",
@@ -403,6 +426,14 @@ mod tests {
             assert_eq!(s.session_ttl_seconds, 259_200);
             Ok(())
         });
+    }
+
+    #[test]
+    fn times_beyond_any_use_are_refused() {
+        let s = Settings { dedup_window_seconds: 10_000_000_000_000, ..Settings::default() };
+        assert!(s.validate().is_err_and(|e| e.to_string().contains("dedup_window_seconds")));
+        let s = Settings { ack_timeout_ms: u64::MAX, ..Settings::default() };
+        assert!(s.validate().is_err_and(|e| e.to_string().contains("ack_timeout_ms")));
     }
 
     #[test]

@@ -235,19 +235,21 @@ impl Conn {
                     if session.overflowed() {
                         return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
                     }
-                    let Ok(next) =
-                        session.take_due(attachment.generation, Instant::now().into_std(), ack_timeout, &mut due)
-                    else {
+                    let taken = Instant::now().into_std();
+                    let Ok(mut next) = session.take_due(attachment.generation, taken, ack_timeout, &mut due) else {
                         return Some(Close(close::TOO_MANY_UNACKED, "no ack while the window was full"));
                     };
+                    if !due.is_empty() {
+                        if let Err(c) = self.write_due(&mut due).await {
+                            return Some(c);
+                        }
+                        next = session.written(attachment.generation, taken, Instant::now().into_std(), ack_timeout);
+                    }
                     let next = next.map(Instant::from_std);
                     if let Some(at) = next.filter(|&at| redeliver_at != Some(at)) {
                         redeliver.as_mut().reset(at);
                     }
                     redeliver_at = next;
-                    if let Err(c) = self.write_due(&mut due).await {
-                        return Some(c);
-                    }
                 }
                 Step::Heartbeat => {
                     if self.last_seen.elapsed() >= hb * 3 {
@@ -331,9 +333,16 @@ impl Conn {
     /// refused, to be retried with the same uuid.
     async fn finish_actions(&mut self, in_flight: Option<ActionFuture>, pending: &mut VecDeque<PendingAction>) {
         if let Some(action) = in_flight {
-            let (uuid, result) = action.await;
-            // A client that cannot be written to is closed next anyway.
-            let _ = self.answer_action(&uuid, result).await;
+            // Within part of the grace period: the store closes after it, and a
+            // dedup key written then would be lost.
+            let bound = Duration::from_millis(self.shared.settings.shutdown_grace_ms * 3 / 4);
+            match tokio::time::timeout(bound, action).await {
+                // A client that cannot be written to is closed next anyway.
+                Ok((uuid, result)) => {
+                    let _ = self.answer_action(&uuid, result).await;
+                }
+                Err(_) => tracing::warn!("an action was still publishing when the grace period ran out"),
+            }
         }
         for p in pending.drain(..) {
             let msg = "the bridge is restarting; retry with the same uuid";

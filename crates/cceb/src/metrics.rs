@@ -174,6 +174,12 @@ impl Metrics {
         self.auto_accept[usize::from(published)].increment(1);
     }
 
+    /// Folds the histograms' recent samples into their buckets; without it
+    /// they grow until the next scrape, or forever if nobody scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+
     pub fn render(&self) -> String {
         self.handle.render()
     }

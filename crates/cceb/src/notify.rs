@@ -159,14 +159,23 @@ impl Recent {
         u128::from_le_bytes(b)
     }
 
-    fn insert(&mut self, key: u128) {
-        if self.seen.insert(key) {
-            self.order.push_back(key);
-            if self.order.len() > self.capacity {
-                if let Some(old) = self.order.pop_front() {
-                    self.seen.remove(&old);
-                }
+    /// Remembers `key`; `false` when it was remembered already.
+    fn insert(&mut self, key: u128) -> bool {
+        if !self.seen.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
             }
+        }
+        true
+    }
+
+    fn remove(&mut self, key: u128) {
+        if self.seen.remove(&key) {
+            self.order.retain(|&k| k != key);
         }
     }
 }
@@ -197,29 +206,31 @@ impl Router {
     /// runs for all events before any notification is queued, so a failure
     /// leaves no event half-taken. Durable only after [`Router::commit`].
     pub async fn ingest(&self, events: &[Event]) -> Result<usize, NotifyError> {
+        // Claim each source in one step: one queued already (or twice in this
+        // batch) is skipped, and two requests racing with it claim it once.
         let keys: Vec<Option<u128>> = events.iter().map(|e| e.source.as_deref().map(Recent::key)).collect();
-        let events: Vec<&Event> = {
-            let recent = self.recent();
-            events
-                .iter()
-                .zip(&keys)
-                .filter(|(_, k)| k.is_none_or(|k| !recent.seen.contains(&k)))
-                .map(|(e, _)| e)
-                .collect()
+        let fresh: Vec<bool> = {
+            let mut recent = self.recent();
+            keys.iter().map(|k| k.is_none_or(|k| recent.insert(k))).collect()
         };
         let mut extra = Vec::with_capacity(events.len());
-        for event in &events {
-            extra.push(match event.directory {
-                Some(change) => self.directory_change(change, &event.value).await?,
-                None => None,
-            });
+        for (event, &is_fresh) in events.iter().zip(&fresh) {
+            let change = match event.directory.filter(|_| is_fresh) {
+                Some(change) => self.directory_change(change, &event.value).await,
+                None => Ok(None),
+            };
+            match change {
+                Ok(p) => extra.push(p),
+                Err(e) => {
+                    // Nothing was queued: the retry must find the sources unclaimed.
+                    let mut recent = self.recent();
+                    keys.iter().zip(&fresh).filter(|(_, &f)| f).flat_map(|(k, _)| k).for_each(|k| recent.remove(*k));
+                    return Err(e);
+                }
+            }
         }
         let mut queued = 0;
-        {
-            let mut recent = self.recent();
-            keys.iter().flatten().for_each(|&k| recent.insert(k));
-        }
-        for (event, extra) in events.iter().zip(extra) {
+        for ((event, extra), _) in events.iter().zip(extra).zip(&fresh).filter(|(_, &f)| f) {
             let source = event.source.as_deref();
             for (i, o) in event.out.iter().enumerate() {
                 queued += self.deliver(&o.to, o.ty, o.data.clone(), notification_uuid(source, i));
@@ -229,6 +240,8 @@ impl Router {
                 queued += self.deliver(&p.to, p.ty, p.data.to_string().into(), uuid);
             }
         }
+        // Also for skipped sources: the claim in the store makes it once, and
+        // an offer whose claim failed before gets another chance.
         for event in events {
             self.auto_accept(event).await;
         }

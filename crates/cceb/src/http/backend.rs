@@ -98,7 +98,9 @@ pub fn parse_events(reader: &EventReader, body: &[u8]) -> Result<Vec<Event>, Bod
             Err(source) => return Err(BodyError::Shape { at, source }),
         };
         let Value::Object(value) = &item.value else { return Err(BodyError::NotObject { at }) };
-        let source = item.id.map(|id| format!("backend:{id}"));
+        // Ids need be unique only within a tenant.
+        let tenant = value.get("tenantGuid").and_then(Value::as_str).unwrap_or_default();
+        let source = item.id.map(|id| format!("backend:{tenant}:{id}"));
         match reader.from_json(&item.record, value, source) {
             Ok(ev) => events.push(ev),
             Err(source) => return Err(BodyError::Event { at, record: item.record, source }),

@@ -71,18 +71,24 @@ struct Availability {
     dirty: HashSet<AgentId>,
 }
 
-/// The claim on one agent's availability decision; released however the
-/// caller ends, so a cancelled caller cannot leave the agent claimed.
+/// The claim on one agent's availability decision. A caller cancelled
+/// mid-decision releases it on drop and leaves the agent to the sweep, so
+/// neither the claim nor a change marked meanwhile is lost.
 struct Deciding<'a> {
     availability: &'a Mutex<Availability>,
     agent: &'a AgentId,
+    /// Released in order by the caller.
+    done: bool,
 }
 
 impl Drop for Deciding<'_> {
     fn drop(&mut self) {
-        let mut av = lock(self.availability);
-        av.running.remove(self.agent);
-        av.dirty.remove(self.agent);
+        if !self.done {
+            let mut av = lock(self.availability);
+            av.running.remove(self.agent);
+            av.dirty.remove(self.agent);
+            av.pending.insert(self.agent.clone());
+        }
     }
 }
 
@@ -154,6 +160,11 @@ impl Sessions {
             self.add(session.clone());
             let attachment = session.attach(req.auto_accept, None).ok_or_else(ended_at_once)?;
             return Ok(Opened { held: self.hold(session, attachment), key: None, resumed: false });
+        }
+        if !self.store.ready() {
+            // Its key could not be made durable; refusing now also keeps
+            // retrying clients from piling writes on a failing disk.
+            return Err(StoreError::Unavailable("the store cannot write".into()).into());
         }
         let (text, key) = SessionKey::generate(&id);
         let record = SessionRecord {
@@ -248,9 +259,11 @@ impl Sessions {
         }
         self.remove(session);
         self.store.session_delete(&session.id);
-        self.store.sync().await?;
+        // The session is gone whatever the sync says (its delete is retried
+        // until durable): its availability goes with it.
+        let synced = self.store.sync().await;
         self.availability_changed(&session.agent, -1).await;
-        Ok(())
+        synced
     }
 
     /// Removes expired sessions, forgets expired store entries and retries
@@ -338,10 +351,15 @@ impl Sessions {
                 return;
             }
         }
-        let _claim = Deciding { availability: &self.availability, agent };
+        let mut claim = Deciding { availability: &self.availability, agent, done: false };
         loop {
             self.decide_availability(agent).await;
-            if !lock(&self.availability).dirty.remove(agent) {
+            // Release under the same lock that reads `dirty`: a change marked
+            // after this check finds the agent no longer running and decides itself.
+            let mut av = lock(&self.availability);
+            if !av.dirty.remove(agent) {
+                av.running.remove(agent);
+                claim.done = true;
                 return;
             }
         }

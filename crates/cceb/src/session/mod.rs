@@ -232,14 +232,15 @@ impl Session {
     /// holds now; `None` for any other session.
     pub fn disconnected_at(&self) -> Option<u64> {
         let st = self.state();
+        // A session made but not yet attached has no disconnect time: not idle.
         let idle = self.long_lived.is_some() && !st.ended && st.attached.is_none();
-        idle.then(|| st.disconnected_at_ms.unwrap_or(0))
+        st.disconnected_at_ms.filter(|_| idle)
     }
 
-    /// Ends a long-lived session that no connection holds; returns whether it did.
+    /// Ends a long-lived session that a connection held and left; returns whether it did.
     pub fn end_if_detached(&self) -> bool {
         let mut st = self.state();
-        if self.long_lived.is_none() || st.ended || st.attached.is_some() {
+        if self.long_lived.is_none() || st.ended || st.attached.is_some() || st.disconnected_at_ms.is_none() {
             return false;
         }
         st.ended = true;
@@ -383,6 +384,16 @@ impl Session {
             return Ok(None);
         }
         st.outbox.take_due(now, ack_timeout, out)
+    }
+
+    /// What the connection of `generation` took at `taken` is written now
+    /// (see [`Outbox::written`]); returns when to look again.
+    pub fn written(&self, generation: u64, taken: Instant, now: Instant, ack_timeout: Duration) -> Option<Instant> {
+        let mut st = self.state();
+        if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
+            return None;
+        }
+        st.outbox.written(taken, now, ack_timeout)
     }
 
     /// Whether the client of a short-lived session let more than

@@ -200,6 +200,28 @@ impl Outbox {
         }
         Ok(next)
     }
+
+    /// What `take_due` handed out at `taken` finished writing at `now`: its
+    /// ack clock (redelivery, and the stall of a full window) starts now, not
+    /// while a slow link was still carrying it. Returns when to look again.
+    pub fn written(&mut self, taken: Instant, now: Instant, ack_timeout: Duration) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        for e in self.entries.iter_mut().take(self.cursor) {
+            if e.sent_at == Some(taken) {
+                e.sent_at = Some(now);
+            }
+            if let Some(sent) = e.sent_at {
+                next = Some(next.map_or(sent + ack_timeout, |n| n.min(sent + ack_timeout)));
+            }
+        }
+        if self.full_since == Some(taken) {
+            self.full_since = Some(now);
+        }
+        if let Some(since) = self.full_since {
+            next = Some(next.map_or(since + ack_timeout, |n| n.min(since + ack_timeout)));
+        }
+        next
+    }
 }
 
 #[cfg(test)]
@@ -338,5 +360,24 @@ mod tests {
         out.clear();
         o.take_due(t0, Duration::from_secs(10), &mut out).expect("not stalled");
         assert_eq!(seqs(&out), [(3, false), (4, false)]);
+    }
+
+    #[test]
+    fn the_ack_clock_starts_when_the_write_finished_not_when_it_was_taken() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut o = Outbox::new(100, 2);
+        for i in 1..=3 {
+            o.push(n(&format!("n{i}")));
+        }
+        let mut out = Vec::new();
+        o.take_due(t0, timeout, &mut out).expect("not stalled");
+        // A slow link took 9 s to carry the window.
+        assert_eq!(o.written(t0, at(9), timeout), Some(at(19)));
+        out.clear();
+        assert_eq!(o.take_due(at(15), timeout, &mut out), Ok(Some(at(19))), "neither redelivered nor stalled yet");
+        assert!(out.is_empty());
+        assert_eq!(o.take_due(at(19), timeout, &mut out), Err(Stalled));
     }
 }

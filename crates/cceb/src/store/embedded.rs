@@ -159,7 +159,14 @@ impl Store for EmbeddedStore {
             accepted.insert(key, expires_ms);
         }
         self.journal.push(Op::AutoAccepted { agent: agent.clone(), interaction: interaction.to_owned(), expires_ms });
-        self.durable().await.map(|()| true)
+        if let Err(e) = self.durable().await {
+            // Not claimed after all (the caller publishes nothing): withdraw
+            // it, so that the offer delivered again can claim it.
+            lock(&self.mem.accepted).remove(&(agent_key(agent), interaction.to_owned()));
+            self.journal.push(Op::AutoAcceptRemove { agent: agent.clone(), interaction: interaction.to_owned() });
+            return Err(e);
+        }
+        Ok(true)
     }
 
     async fn auto_accept_release(&self, agent: &AgentId, interaction: &str) -> Result<(), StoreError> {

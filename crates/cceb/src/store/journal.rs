@@ -294,8 +294,18 @@ fn write_loop(mut conn: Connection, inner: &Inner) {
                 op => unwritten.push(op),
             }
         }
-        let result =
-            if unwritten.is_empty() { Ok(()) } else { apply(&mut conn, &unwritten).map_err(|e| e.to_string()) };
+        let result = if unwritten.is_empty() {
+            Ok(())
+        } else {
+            match apply(&mut conn, &unwritten) {
+                Ok(()) => Ok(()),
+                Err(e) if transient(&e) => Err(e.to_string()),
+                Err(e) => {
+                    tracing::error!(error = %e, "the database refuses a write; committing the batch op by op");
+                    one_by_one(&mut conn, &mut unwritten)
+                }
+            }
+        };
         match &result {
             Ok(()) => {
                 unwritten.clear();
@@ -314,6 +324,38 @@ fn write_loop(mut conn: Connection, inner: &Inner) {
             return;
         }
     }
+}
+
+/// Whether a failed commit may succeed later (a lock, a full or failing
+/// disk), as opposed to a write the database will never take.
+fn transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(
+        f.code,
+        DatabaseBusy | DatabaseLocked | DiskFull | SystemIoFailure | CannotOpen | ReadOnly | OutOfMemory
+            | FileLockingProtocolFailed
+    ))
+}
+
+/// Commits `ops` one at a time, in order, dropping those the database
+/// refuses for what they hold, so one bad write cannot wedge every later
+/// commit; stops at a transient failure, keeping the rest to retry.
+fn one_by_one(conn: &mut Connection, ops: &mut Vec<Op>) -> Result<(), String> {
+    let mut done = 0;
+    let mut result = Ok(());
+    for op in ops.iter() {
+        match apply(conn, std::slice::from_ref(op)) {
+            Ok(()) => {}
+            Err(e) if transient(&e) => {
+                result = Err(e.to_string());
+                break;
+            }
+            Err(e) => tracing::error!(error = %e, "dropped a write the database refuses"),
+        }
+        done += 1;
+    }
+    ops.drain(..done);
+    result
 }
 
 fn apply(conn: &mut Connection, ops: &[Op]) -> rusqlite::Result<()> {
@@ -545,6 +587,21 @@ mod tests {
         std::fs::set_permissions(dir.join("cceb.sqlite3"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let _ = Journal::open(&dir, 0).expect("reopen");
         assert_eq!((mode(&dir), mode(&dir.join("cceb.sqlite3"))), (0o700, 0o600));
+    }
+
+    #[tokio::test]
+    async fn a_write_the_database_refuses_is_dropped_and_does_not_wedge_the_journal() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (journal, _) = Journal::open(tmp.path(), 0).expect("open");
+        // SQLite integers are signed: this expiry cannot be stored.
+        journal.push(Op::DedupPut { tenant: "t".into(), key: 1, expires_ms: u64::MAX });
+        journal.push(Op::DedupPut { tenant: "t".into(), key: 2, expires_ms: 1 << 40 });
+        journal.sync().await.expect("the good write commits");
+        journal.push(Op::DedupPut { tenant: "t".into(), key: 3, expires_ms: 1 << 40 });
+        journal.sync().await.expect("later writes commit");
+        let c = Connection::open(tmp.path().join("cceb.sqlite3")).expect("open");
+        let n: i64 = c.query_row("SELECT count(*) FROM dedup", [], |r| r.get(0)).expect("count");
+        assert_eq!(n, 2);
     }
 
     #[tokio::test]

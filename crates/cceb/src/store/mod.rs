@@ -136,7 +136,9 @@ pub trait Store: Send + Sync + 'static {
     fn mailbox_put(&self, session: &Arc<str>, seq: u64, n: &Arc<Notification>);
     fn mailbox_remove(&self, session: &Arc<str>, seq: u64);
     /// Raises the session's seq high-water mark to `upto`: after a restart its
-    /// seqs start there. `durable` is called once the reservation is durable.
+    /// seqs start there. `durable` is called once the reservation is durable,
+    /// never from within this call: the caller holds the session's lock,
+    /// which `durable` takes.
     fn seq_reserve(&self, session: &Arc<str>, upto: u64, durable: Box<dyn FnOnce() + Send>);
     /// Every buffered write so far is durable.
     async fn sync(&self) -> Result<(), StoreError>;

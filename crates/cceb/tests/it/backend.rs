@@ -181,3 +181,21 @@ async fn an_event_id_yields_the_same_notification_uuid_every_time_and_no_id_a_fr
     let (status, _) = b.post_events(json!({"id": 7, "record": "AgentPresenceEvent", "value": {}})).await;
     assert_eq!(status, 400, "an id is a string");
 }
+
+#[tokio::test]
+async fn an_id_given_twice_in_one_batch_is_queued_once() {
+    let b = TestBridge::start().await;
+    let (mut c, _) = b.agent("t", "a").await;
+    let e =
+        json!({"id": "same", "record": "AgentPresenceEvent", "value": {"tenantGuid":"t","agentGuid":"a","state":"s"}});
+    let (status, reply) = b.post_events(json!([e, e])).await;
+    assert_eq!((status, reply["notifications"].as_u64()), (202, Some(1)));
+    c.notification().await;
+    assert!(c.round_trip("once").await.is_empty());
+    // Ids need be unique within a tenant only.
+    let (mut other, _) = b.agent("t2", "a").await;
+    let e2 =
+        json!({"id": "same", "record": "AgentPresenceEvent", "value": {"tenantGuid":"t2","agentGuid":"a","state":"s"}});
+    assert_eq!(b.post_events(e2).await.0, 202);
+    other.notification().await;
+}

@@ -182,7 +182,8 @@ async fn chaos_kill_and_stop_under_load_lose_misroute_duplicate_and_reuse_nothin
             c
         });
         if stall.is_some() {
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            // Longer than the journal's lock wait (1 s): commits fail and are retried.
+            tokio::time::sleep(Duration::from_millis(1300)).await;
         }
         tell.send_replace(None);
         server.signal(signal);

@@ -5,6 +5,8 @@
 
 use crate::sessions::{long_lived, presence, states};
 use crate::support::*;
+use cceb_protocol::outgoing::ServerMessage;
+use cceb_protocol::ErrorCode;
 use serde_json::json;
 
 /// Holds SQLite's write lock on the bridge's database, as a stuck disk or a
@@ -93,4 +95,53 @@ async fn an_array_retried_after_a_failed_commit_is_taken_once() {
     assert!(c.round_trip("no-duplicates").await.is_empty(), "the retry queued nothing twice");
     let queued: Vec<String> = first.into_iter().map(|(uuid, _, _)| uuid).collect();
     assert_eq!(mailbox_uuids(&b), queued, "each event is in the mailbox once, durably");
+}
+
+#[tokio::test]
+async fn while_the_store_cannot_write_actions_and_new_long_lived_sessions_are_refused_and_end_session_still_withdraws_availability(
+) {
+    let b = TestBridge::start().await;
+    if b.kafka.is_some() {
+        eprintln!("skipped on Kafka: the fault is injected through the backend port");
+        return;
+    }
+    let mut c = b.connect().await;
+    long_lived(&mut c, "t", "a", json!({})).await;
+    let lock = WriteLock::take(&b);
+    // A write fails: the store is not ready until it is retried successfully.
+    let (status, _) = b
+        .post_events(json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state":"s1"}}))
+        .await;
+    assert_eq!(status, 503);
+    states(&mut c, 1).await;
+    match c.action("A1", "ChangeAgentStateEvent", json!({"state": "Away"})).await {
+        ServerMessage::Error { uuid, error } => {
+            assert_eq!((uuid.as_str(), error.code), ("A1", ErrorCode::BackendUnavailable))
+        }
+        other => panic!("expected backend_unavailable, got {other:?}"),
+    }
+    let mut other = b.connect().await;
+    other.send(json!({"type":"hello","uuid":"h","data":{"token": token("t", "b"), "long_lived": true}})).await;
+    assert_eq!(other.closed().await.0, Some(1012), "no key is handed out that could not be made durable");
+    c.send(json!({"type":"end_session","uuid":"E1"})).await;
+    c.expect_error("E1", ErrorCode::BackendUnavailable).await;
+    drop(lock);
+    until_ready(&b).await;
+    let off = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let records = b.published().await;
+            if let Some(r) =
+                records.iter().find(|r| r["record"] == "AgentChatAvailabilityEvent" && r["value"]["available"] == false)
+            {
+                return r.clone();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(off.is_ok(), "the ended session's availability is withdrawn once the disk is back");
+    assert!(
+        b.published().await.iter().all(|r| r["record"] != "ChangeAgentStateEvent"),
+        "nothing published while refusing"
+    );
 }
