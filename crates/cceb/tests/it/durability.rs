@@ -47,8 +47,7 @@ fn mailbox_uuids(b: &TestBridge) -> Vec<String> {
 #[tokio::test]
 async fn a_failed_commit_acknowledges_nothing_until_its_writes_are_durable() {
     let b = TestBridge::start().await;
-    if b.kafka.is_some() {
-        eprintln!("skipped on Kafka: the fault is injected through the backend port");
+    if b.skip_on_kafka("the fault is injected through the backend port") {
         return;
     }
     let mut c = b.connect().await;
@@ -74,8 +73,7 @@ async fn a_failed_commit_acknowledges_nothing_until_its_writes_are_durable() {
 #[tokio::test]
 async fn an_array_retried_after_a_failed_commit_is_taken_once() {
     let b = TestBridge::start().await;
-    if b.kafka.is_some() {
-        eprintln!("skipped on Kafka: the fault is injected through the backend port");
+    if b.skip_on_kafka("the fault is injected through the backend port") {
         return;
     }
     let mut c = b.connect().await;
@@ -101,8 +99,7 @@ async fn an_array_retried_after_a_failed_commit_is_taken_once() {
 async fn while_the_store_cannot_write_actions_and_new_long_lived_sessions_are_refused_and_end_session_still_withdraws_availability(
 ) {
     let b = TestBridge::start().await;
-    if b.kafka.is_some() {
-        eprintln!("skipped on Kafka: the fault is injected through the backend port");
+    if b.skip_on_kafka("the fault is injected through the backend port") {
         return;
     }
     let mut c = b.connect().await;

@@ -43,20 +43,11 @@ async fn a_token_valid_for_centuries_is_served_and_its_session_is_released_on_cl
 #[tokio::test]
 async fn shutdown_lets_the_action_in_flight_finish_so_its_retry_after_the_restart_is_not_published_twice() {
     let mut b = TestBridge::start().await;
-    if b.kafka.is_some() {
-        eprintln!("skipped on Kafka: the slow broker is the embedded bus's delay switch");
+    if b.skip_on_kafka("the slow broker is the embedded bus's delay switch") {
         return;
     }
     let (mut c, _) = b.agent("t", "a").await;
-    let r = b
-        .http
-        .put(format!("http://{}/backend/v1/bus", b.backend))
-        .bearer_auth(ADMIN)
-        .json(&serde_json::json!({"accepting": true, "delay_ms": 500}))
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(r.status().as_u16(), 200);
+    b.set_bus_delay(500).await;
     c.send(serde_json::json!({"type":"action","uuid":"A1","data":{"action":"ChangeAgentStateEvent","action_details":{"state":"Away"}}}))
         .await;
     // The action was read, and is publishing, before the ping is answered.

@@ -486,19 +486,10 @@ async fn past_the_cap_the_least_recently_connected_idle_session_is_ended_and_the
 #[tokio::test]
 async fn a_slow_availability_publish_holds_up_no_other_hello() {
     let b = TestBridge::start().await;
-    if b.kafka.is_some() {
-        eprintln!("skipped on Kafka: the slow broker is the embedded bus's delay switch");
+    if b.skip_on_kafka("the slow broker is the embedded bus's delay switch") {
         return;
     }
-    let r = b
-        .http
-        .put(format!("http://{}/backend/v1/bus", b.backend))
-        .bearer_auth(ADMIN)
-        .json(&json!({"accepting": true, "delay_ms": 3000}))
-        .send()
-        .await
-        .expect("answers");
-    assert_eq!(r.status().as_u16(), 200);
+    b.set_bus_delay(3000).await;
     // The first long-lived hello publishes `available: true`, which takes 3 s.
     let url = b.ws_url();
     let first = tokio::spawn(async move {

@@ -213,15 +213,27 @@ impl TestBridge {
 
     /// The embedded bus's outage switch (embedded only).
     pub async fn set_bus(&self, accepting: bool) {
-        let r = self
-            .http
-            .put(format!("http://{}/backend/v1/bus", self.backend))
-            .bearer_auth(ADMIN)
-            .json(&json!({"accepting": accepting}))
-            .send()
-            .await
-            .expect("answers");
+        self.switch_bus(json!({"accepting": accepting})).await;
+    }
+
+    /// The embedded bus's slow-broker switch: every publish waits `ms` first.
+    pub async fn set_bus_delay(&self, ms: u64) {
+        self.switch_bus(json!({"accepting": true, "delay_ms": ms})).await;
+    }
+
+    async fn switch_bus(&self, body: Value) {
+        let url = format!("http://{}/backend/v1/bus", self.backend);
+        let r = self.http.put(url).bearer_auth(ADMIN).json(&body).send().await.expect("answers");
         assert_eq!(r.status().as_u16(), 200);
+    }
+
+    /// Whether this bridge runs on Kafka, where a test that needs the embedded
+    /// bus or store (its backend port, its SQLite file) skips, saying `why`.
+    pub fn skip_on_kafka(&self, why: &str) -> bool {
+        if self.kafka.is_some() {
+            eprintln!("skipped on Kafka: {why}");
+        }
+        self.kafka.is_some()
     }
 }
 
