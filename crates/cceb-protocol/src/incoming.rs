@@ -91,7 +91,7 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
             return Err(ParseError::new(
                 ErrorCode::InvalidMessage,
                 None,
-                format!("`uuid` must be 1 to {MAX_UUID_LEN} characters"),
+                format!("`uuid` must be 1 to {MAX_UUID_LEN} bytes"),
                 Some("uuid"),
             ))
         }
@@ -235,6 +235,8 @@ mod tests {
         assert_eq!(code(r#"{"type":"action","uuid":"u","data":[]}"#), ErrorCode::InvalidMessage);
         assert_eq!(code(r#"{"type":"pong","uuid":"u"}"#), ErrorCode::UnknownType);
         assert_eq!(code(r#"{"type":"hello","uuid":"u","data":{}}"#), ErrorCode::InvalidMessage);
+        // 65 characters but 130 bytes: the limit bounds what is echoed, so it counts bytes.
+        assert_eq!(code(&format!(r#"{{"type":"ping","uuid":"{}"}}"#, "é".repeat(65))), ErrorCode::InvalidMessage);
     }
 
     #[test]
