@@ -8,6 +8,9 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use cceb::auth::Verifier;
+use cceb::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use cceb::Settings;
 use jsonwebtoken::{Algorithm, EncodingKey};
 use libfuzzer_sys::fuzz_target;
@@ -19,6 +22,13 @@ const SECRET: &str = "fuzz-hs256-secret-of-at-least-32-bytes";
 
 fn fixture(name: &str) -> Option<PathBuf> {
     Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/cceb/tests/it/fixtures").join(name))
+}
+
+/// The runtime verification runs on (it awaits only when a token names an
+/// unknown key, which the fixture JWKS file answers at once).
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime"))
 }
 
 /// An HS256-only verifier, and one with every key kind plus issuer and audience rules.
@@ -34,7 +44,8 @@ fn verifiers() -> &'static [Verifier; 2] {
             jwt_audience: Some("fuzz-audience".into()),
             ..hs256.clone()
         };
-        [hs256, all].map(|s| Verifier::from_settings(&s).expect("fixture keys"))
+        let (metrics, tasks, stop) = (Metrics::new([]), TaskTracker::new(), CancellationToken::new());
+        [hs256, all].map(|s| runtime().block_on(Verifier::start(&s, &metrics, &tasks, &stop)).expect("fixture keys"))
     })
 }
 
@@ -56,7 +67,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs();
     for verifier in verifiers() {
-        if let Ok(id) = verifier.verify(&token) {
+        if let Ok(id) = runtime().block_on(verifier.verify(&token)) {
             assert!(!id.tenant_guid.is_empty() && !id.agent_guid.is_empty() && !id.ir_instance.is_empty());
             // No leeway (docs/PROTOCOL.md section 3).
             assert!(id.exp >= now, "accepted a token that expired at {} (now {now})", id.exp);
