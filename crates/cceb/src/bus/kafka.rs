@@ -17,10 +17,11 @@ use crate::schema::SchemaSet;
 use apache_avro::types::Value as Avro;
 use async_trait::async_trait;
 use futures_util::FutureExt;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
@@ -73,18 +74,16 @@ enum DecodeError {
 pub struct KafkaBus {
     registry: Option<SchemaRegistry>,
     /// Replaced after an outage (see `health`).
-    producer: std::sync::RwLock<Arc<FutureProducer>>,
+    producer: std::sync::RwLock<Arc<ActionProducer>>,
     schemas: Arc<SchemaSet>,
     settings: KafkaSettings,
     broker_up: AtomicBool,
     caught_up: AtomicBool,
-    /// An action timed out since the producer was made.
-    publish_failed: AtomicBool,
 }
 
 impl KafkaBus {
     pub fn new(settings: KafkaSettings, schemas: Arc<SchemaSet>) -> Result<KafkaBus, BusError> {
-        let producer = Arc::new(new_producer(&settings)?);
+        let producer = Arc::new(ActionProducer::new(&settings)?);
         let caught_up = settings.provisioning_topic.is_none();
         let registry = match &settings.registry_url {
             Some(url) => Some(
@@ -99,11 +98,10 @@ impl KafkaBus {
             settings,
             broker_up: AtomicBool::new(false),
             caught_up: AtomicBool::new(caught_up),
-            publish_failed: AtomicBool::new(false),
         })
     }
 
-    fn producer(&self) -> Arc<FutureProducer> {
+    fn producer(&self) -> Arc<ActionProducer> {
         self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
@@ -158,6 +156,24 @@ impl KafkaBus {
         wire.decode(payload).map(|(n, v)| (n.to_owned(), v)).map_err(|e| DecodeError::Skip(e.to_string()))
     }
 
+    /// The record as it goes on the wire (registering its schema first when a registry is set).
+    async fn encode(&self, topic: &str, record: String, value: Avro) -> Result<Vec<u8>, BusError> {
+        let wire = self.schemas.wire();
+        let unavailable = BusError::Unavailable;
+        match &self.registry {
+            Some(registry) => {
+                let schema = wire.schema(&record).ok_or_else(|| unavailable(format!("no schema {record}")))?;
+                let id = registry
+                    .id_for(&format!("{topic}-value"), &record, schema)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                wire.encode_confluent(&record, id, value)
+            }
+            None => wire.encode(&record, value),
+        }
+        .map_err(|e| unavailable(e.to_string()))
+    }
+
     /// Copies a record the bridge cannot use to the dead-letter topic.
     async fn dead_letter(&self, m: &BorrowedMessage<'_>, reason: &str) {
         let Some(topic) = &self.settings.dead_letter_topic else { return };
@@ -169,7 +185,7 @@ impl KafkaBus {
         if let Some(k) = m.key() {
             r = r.key(k);
         }
-        if let Err((e, _)) = self.producer().send(r, Timeout::After(self.settings.publish_timeout)).await {
+        if let Err((e, _)) = self.producer().inner.send(r, Timeout::After(self.settings.publish_timeout)).await {
             tracing::warn!(error = %e, "dead-letter topic refused a record");
         }
     }
@@ -179,26 +195,13 @@ impl KafkaBus {
 impl Bus for KafkaBus {
     async fn publish(&self, record: OutRecord) -> Result<(), BusError> {
         let topic = self.topic_of(&record.record);
-        let wire = self.schemas.wire();
-        let unavailable = BusError::Unavailable;
-        let bytes = match &self.registry {
-            Some(registry) => {
-                let schema =
-                    wire.schema(&record.record).ok_or_else(|| unavailable(format!("no schema {}", record.record)))?;
-                let id = registry
-                    .id_for(&format!("{topic}-value"), &record.record, schema)
-                    .await
-                    .map_err(|e| unavailable(e.to_string()))?;
-                wire.encode_confluent(&record.record, id, record.value)
-            }
-            None => wire.encode(&record.record, record.value),
-        }
-        .map_err(|e| unavailable(e.to_string()))?;
+        let bytes = self.encode(topic, record.record, record.value).await?;
+        let producer = self.producer();
         let r = FutureRecord::to(topic).key(&record.key).payload(&bytes);
-        match self.producer().send(r, Timeout::After(self.settings.publish_timeout)).await {
+        match producer.inner.send(r, Timeout::After(self.settings.publish_timeout)).await {
             Ok(_) => Ok(()),
             Err((e, _)) => {
-                self.publish_failed.store(true, Ordering::Relaxed);
+                producer.failed();
                 Err(BusError::Unavailable(format!("kafka: {e}")))
             }
         }
@@ -209,51 +212,115 @@ impl Bus for KafkaBus {
     }
 }
 
-/// Asks the broker for metadata every second: `/readyz` follows the answer.
+/// Asks the broker for metadata every second (every tenth of one while not
+/// ready): `/readyz` follows the answer and whether the producer can send.
 async fn health(bus: Arc<KafkaBus>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let producer = bus.producer();
-        // One topic, not all: the answer is small, and it names the brokers all the same.
-        let topic = bus.settings.action_topic.clone();
-        let up = tokio::task::spawn_blocking(move || {
-            let md = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(1));
-            md.is_ok_and(|m| !m.brokers().is_empty())
-        })
-        .await
-        .unwrap_or(false);
+        let mut producer = bus.producer();
+        let reached = reachable(&bus, producer.clone()).await;
         // Records that timed out during an outage leave the idempotent
-        // producer's sequence state behind; a fresh producer starts clean.
-        // Done before `/readyz` says ready again.
-        let fatal = bus.producer().client().fatal_error().is_some();
-        if up && (fatal || bus.publish_failed.load(Ordering::Relaxed)) {
-            match new_producer(&bus.settings) {
+        // producer's sequence state behind, which a restarted broker refuses;
+        // a fresh producer starts clean. It is ready once it has its producer id.
+        let fatal = producer.inner.client().fatal_error().is_some();
+        if reached && (fatal || producer.failed_with_pid.load(Ordering::Relaxed)) {
+            match ActionProducer::new(&bus.settings) {
                 Ok(p) => {
-                    *bus.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
-                    bus.publish_failed.store(false, Ordering::Relaxed);
+                    producer = Arc::new(p);
+                    *bus.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = producer.clone();
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot recreate the kafka producer"),
             }
         }
+        let up = reached && producer.has_pid();
         if up != bus.broker_up.swap(up, Ordering::Relaxed) {
             tracing::info!(up, "kafka broker reachability changed");
+        }
+        let next = if up { Duration::from_secs(1) } else { Duration::from_millis(100) };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }
 
-fn new_producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
-    settings
-        .client()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("message.timeout.ms", settings.publish_timeout.as_millis().max(1).to_string())
-        .create()
-        .map_err(|e| BusError::Unavailable(format!("kafka producer: {e}")))
+/// Whether `producer` gets metadata from the broker within a second.
+async fn reachable(bus: &KafkaBus, producer: Arc<ActionProducer>) -> bool {
+    // One topic, not all: the answer is small, and it names the brokers all the same.
+    let topic = bus.settings.action_topic.clone();
+    tokio::task::spawn_blocking(move || {
+        let md = producer.inner.client().fetch_metadata(Some(&topic), Duration::from_secs(1));
+        md.is_ok_and(|m| !m.brokers().is_empty())
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// How often librdkafka reports its statistics, the idempotent producer's
+/// state among them.
+const STATS_INTERVAL_MS: &str = "100";
+
+/// The part of librdkafka's statistics the bridge reads.
+#[derive(serde::Deserialize)]
+struct Stats {
+    eos: Option<EosStats>,
+}
+
+#[derive(serde::Deserialize)]
+struct EosStats {
+    idemp_state: String,
+}
+
+/// Follows the idempotent producer's state in librdkafka's statistics: until
+/// the broker gave it a producer id, it sends nothing.
+#[derive(Default)]
+struct PidWatch(Arc<AtomicBool>);
+
+impl ClientContext for PidWatch {
+    fn stats_raw(&self, statistics: &[u8]) {
+        match serde_json::from_slice::<Stats>(statistics) {
+            Ok(stats) => {
+                self.0.store(stats.eos.is_some_and(|e| e.idemp_state == "Assigned"), Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "unreadable librdkafka statistics"),
+        }
+    }
+}
+
+/// The producer of actions, and whether it can send.
+struct ActionProducer {
+    inner: FutureProducer<PidWatch>,
+    has_pid: Arc<AtomicBool>,
+    /// A publish failed after the producer had its producer id: its sequence
+    /// state may be stale (see `health`). Failures before that leave none, and
+    /// replacing the producer for them would only restart its wait for an id.
+    failed_with_pid: AtomicBool,
+}
+
+impl ActionProducer {
+    fn new(settings: &KafkaSettings) -> Result<ActionProducer, BusError> {
+        let watch = PidWatch::default();
+        let has_pid = watch.0.clone();
+        let inner = settings
+            .client()
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", settings.publish_timeout.as_millis().max(1).to_string())
+            .set("statistics.interval.ms", STATS_INTERVAL_MS)
+            .create_with_context(watch)
+            .map_err(|e| BusError::Unavailable(format!("kafka producer: {e}")))?;
+        Ok(ActionProducer { inner, has_pid, failed_with_pid: AtomicBool::new(false) })
+    }
+
+    fn has_pid(&self) -> bool {
+        self.has_pid.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self) {
+        if self.has_pid() {
+            self.failed_with_pid.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Waits a second before a retry; `false` when the bridge is stopping instead.
