@@ -210,17 +210,15 @@ impl Bus for KafkaBus {
     /// never sends it afterwards (a retry with the same uuid would publish it twice).
     async fn publish(&self, record: OutRecord) -> Result<(), BusError> {
         let deadline = Instant::now() + self.settings.publish_timeout;
+        let give_up = deadline - purge_allowance(self.settings.publish_timeout);
         let topic = self.topic_of(&record.record);
-        let bytes = match timeout_at(deadline, self.encode(topic, record.record, record.value)).await {
-            Ok(bytes) => bytes?,
-            Err(_) => {
-                return Err(BusError::Unavailable("schema registry: no answer within the publish timeout".into()))
-            }
+        let Ok(bytes) = timeout_at(give_up, self.encode(topic, record.record, record.value)).await else {
+            return Err(BusError::Unavailable("schema registry: no answer within the publish timeout".into()));
         };
+        let bytes = bytes?;
         let producer = self.producer();
         let r = FutureRecord::to(topic).key(&record.key).payload(&bytes);
         let queue_timeout = Timeout::After(self.settings.publish_timeout);
-        let give_up = deadline - purge_allowance(self.settings.publish_timeout);
         let err = match timeout_at(give_up, producer.inner.send(r, queue_timeout)).await {
             Ok(Ok(_)) => return Ok(()),
             // librdkafka reported the record failed and holds it no more.
