@@ -17,16 +17,18 @@ use crate::schema::SchemaSet;
 use apache_avro::types::Value as Avro;
 use async_trait::async_trait;
 use futures_util::FutureExt;
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use rdkafka::util::Timeout;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::{timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -47,7 +49,9 @@ pub struct KafkaSettings {
     pub dead_letter_topic: Option<String>,
     /// Longest an action waits for the broker before `backend_unavailable`.
     pub publish_timeout: Duration,
-    /// Any other librdkafka property (security.protocol, sasl.*, ssl.*…).
+    /// Any other librdkafka property (security.protocol, sasl.*, ssl.*…);
+    /// for the producer, over the bridge's tuning (`Tuning`), under what the
+    /// contract rests on (idempotence, acks=all, statistics).
     pub properties: HashMap<String, String>,
     /// Confluent-compatible schema registry; without one, single-object encoding.
     pub registry_url: Option<String>,
@@ -55,8 +59,16 @@ pub struct KafkaSettings {
 
 impl KafkaSettings {
     fn client(&self) -> ClientConfig {
+        self.client_over(&[])
+    }
+
+    /// `defaults` under the operator's properties: tuning the operator may change.
+    fn client_over(&self, defaults: &[(&str, String)]) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in defaults {
+            c.set(*k, v);
+        }
         for (k, v) in &self.properties {
             c.set(k, v);
         }
@@ -73,18 +85,16 @@ enum DecodeError {
 pub struct KafkaBus {
     registry: Option<SchemaRegistry>,
     /// Replaced after an outage (see `health`).
-    producer: std::sync::RwLock<Arc<FutureProducer>>,
+    producer: std::sync::RwLock<Arc<ActionProducer>>,
     schemas: Arc<SchemaSet>,
     settings: KafkaSettings,
     broker_up: AtomicBool,
     caught_up: AtomicBool,
-    /// An action timed out since the producer was made.
-    publish_failed: AtomicBool,
 }
 
 impl KafkaBus {
     pub fn new(settings: KafkaSettings, schemas: Arc<SchemaSet>) -> Result<KafkaBus, BusError> {
-        let producer = Arc::new(new_producer(&settings)?);
+        let producer = Arc::new(ActionProducer::new(&settings)?);
         let caught_up = settings.provisioning_topic.is_none();
         let registry = match &settings.registry_url {
             Some(url) => Some(
@@ -99,11 +109,10 @@ impl KafkaBus {
             settings,
             broker_up: AtomicBool::new(false),
             caught_up: AtomicBool::new(caught_up),
-            publish_failed: AtomicBool::new(false),
         })
     }
 
-    fn producer(&self) -> Arc<FutureProducer> {
+    fn producer(&self) -> Arc<ActionProducer> {
         self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
@@ -158,6 +167,24 @@ impl KafkaBus {
         wire.decode(payload).map(|(n, v)| (n.to_owned(), v)).map_err(|e| DecodeError::Skip(e.to_string()))
     }
 
+    /// The record as it goes on the wire (registering its schema first when a registry is set).
+    async fn encode(&self, topic: &str, record: String, value: Avro) -> Result<Vec<u8>, BusError> {
+        let wire = self.schemas.wire();
+        let unavailable = BusError::Unavailable;
+        match &self.registry {
+            Some(registry) => {
+                let schema = wire.schema(&record).ok_or_else(|| unavailable(format!("no schema {record}")))?;
+                let id = registry
+                    .id_for(&format!("{topic}-value"), &record, schema)
+                    .await
+                    .map_err(|e| unavailable(e.to_string()))?;
+                wire.encode_confluent(&record, id, value)
+            }
+            None => wire.encode(&record, value),
+        }
+        .map_err(|e| unavailable(e.to_string()))
+    }
+
     /// Copies a record the bridge cannot use to the dead-letter topic.
     async fn dead_letter(&self, m: &BorrowedMessage<'_>, reason: &str) {
         let Some(topic) = &self.settings.dead_letter_topic else { return };
@@ -169,7 +196,7 @@ impl KafkaBus {
         if let Some(k) = m.key() {
             r = r.key(k);
         }
-        if let Err((e, _)) = self.producer().send(r, Timeout::After(self.settings.publish_timeout)).await {
+        if let Err((e, _)) = self.producer().inner.send(r, Timeout::After(self.settings.publish_timeout)).await {
             tracing::warn!(error = %e, "dead-letter topic refused a record");
         }
     }
@@ -177,31 +204,35 @@ impl KafkaBus {
 
 #[async_trait]
 impl Bus for KafkaBus {
+    /// Answers within `publish_timeout`, whatever librdkafka does: its own
+    /// delivery report normally comes first (see `ActionProducer::new`), this
+    /// bound is the backstop. A record given up on is purged, so librdkafka
+    /// never sends it afterwards (a retry with the same uuid would publish it twice).
     async fn publish(&self, record: OutRecord) -> Result<(), BusError> {
+        let deadline = Instant::now() + self.settings.publish_timeout;
+        let give_up = deadline - purge_allowance(self.settings.publish_timeout);
         let topic = self.topic_of(&record.record);
-        let wire = self.schemas.wire();
-        let unavailable = BusError::Unavailable;
-        let bytes = match &self.registry {
-            Some(registry) => {
-                let schema =
-                    wire.schema(&record.record).ok_or_else(|| unavailable(format!("no schema {}", record.record)))?;
-                let id = registry
-                    .id_for(&format!("{topic}-value"), &record.record, schema)
-                    .await
-                    .map_err(|e| unavailable(e.to_string()))?;
-                wire.encode_confluent(&record.record, id, record.value)
-            }
-            None => wire.encode(&record.record, record.value),
-        }
-        .map_err(|e| unavailable(e.to_string()))?;
+        let Ok(bytes) = timeout_at(give_up, self.encode(topic, record.record, record.value)).await else {
+            return Err(BusError::Unavailable("schema registry: no answer within the publish timeout".into()));
+        };
+        let bytes = bytes?;
+        let producer = self.producer();
         let r = FutureRecord::to(topic).key(&record.key).payload(&bytes);
-        match self.producer().send(r, Timeout::After(self.settings.publish_timeout)).await {
-            Ok(_) => Ok(()),
-            Err((e, _)) => {
-                self.publish_failed.store(true, Ordering::Relaxed);
-                Err(BusError::Unavailable(format!("kafka: {e}")))
+        let queue_timeout = Timeout::After(self.settings.publish_timeout);
+        let err = match timeout_at(give_up, producer.inner.send(r, queue_timeout)).await {
+            Ok(Ok(_)) => return Ok(()),
+            // librdkafka reported the record failed and holds it no more.
+            Ok(Err((e, _))) => format!("kafka: {e}"),
+            Err(_) => {
+                tracing::warn!(topic, "no delivery report within the publish timeout; purging the producer");
+                if timeout_at(deadline, producer.purge()).await.is_err() {
+                    tracing::warn!(topic, "the producer purge is still under way at the publish timeout");
+                }
+                "kafka: no delivery report within the publish timeout".to_owned()
             }
-        }
+        };
+        producer.failed();
+        Err(BusError::Unavailable(err))
     }
 
     fn ready(&self) -> bool {
@@ -209,51 +240,208 @@ impl Bus for KafkaBus {
     }
 }
 
-/// Asks the broker for metadata every second: `/readyz` follows the answer.
+/// Asks the broker for metadata every second (every tenth of one while not
+/// ready): `/readyz` follows the answer and whether the producer can send.
 async fn health(bus: Arc<KafkaBus>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let producer = bus.producer();
-        // One topic, not all: the answer is small, and it names the brokers all the same.
-        let topic = bus.settings.action_topic.clone();
-        let up = tokio::task::spawn_blocking(move || {
-            let md = producer.client().fetch_metadata(Some(&topic), Duration::from_secs(1));
-            md.is_ok_and(|m| !m.brokers().is_empty())
-        })
-        .await
-        .unwrap_or(false);
+        let mut producer = bus.producer();
+        let reached = reachable(&bus, producer.clone()).await;
         // Records that timed out during an outage leave the idempotent
-        // producer's sequence state behind; a fresh producer starts clean.
-        // Done before `/readyz` says ready again.
-        let fatal = bus.producer().client().fatal_error().is_some();
-        if up && (fatal || bus.publish_failed.load(Ordering::Relaxed)) {
-            match new_producer(&bus.settings) {
+        // producer's sequence state behind, which a restarted broker refuses;
+        // a fresh producer starts clean. It is ready once it has its producer id.
+        let fatal = producer.inner.client().fatal_error().is_some();
+        if reached && (fatal || producer.failed_with_pid.load(Ordering::Relaxed)) {
+            match ActionProducer::new(&bus.settings) {
                 Ok(p) => {
-                    *bus.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
-                    bus.publish_failed.store(false, Ordering::Relaxed);
+                    producer = Arc::new(p);
+                    *bus.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = producer.clone();
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot recreate the kafka producer"),
             }
         }
+        let up = reached && producer.has_pid();
         if up != bus.broker_up.swap(up, Ordering::Relaxed) {
             tracing::info!(up, "kafka broker reachability changed");
+        }
+        let next = if up { Duration::from_secs(1) } else { Duration::from_millis(100) };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }
 
-fn new_producer(settings: &KafkaSettings) -> Result<FutureProducer, BusError> {
-    settings
-        .client()
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "1")
-        .set("message.timeout.ms", settings.publish_timeout.as_millis().max(1).to_string())
-        .create()
-        .map_err(|e| BusError::Unavailable(format!("kafka producer: {e}")))
+/// Whether `producer` gets metadata from the broker within a second.
+async fn reachable(bus: &KafkaBus, producer: Arc<ActionProducer>) -> bool {
+    // One topic, not all: the answer is small, and it names the brokers all the same.
+    let topic = bus.settings.action_topic.clone();
+    tokio::task::spawn_blocking(move || {
+        let md = producer.inner.client().fetch_metadata(Some(&topic), Duration::from_secs(1));
+        md.is_ok_and(|m| !m.brokers().is_empty())
+    })
+    .await
+    .unwrap_or(false)
+}
+
+/// How often at most librdkafka looks for timed-out records while its broker
+/// connection is up (its broker threads' timeout scan): its report of one can
+/// come that much after `message.timeout.ms`.
+const TIMEOUT_SCAN: Duration = Duration::from_secs(1);
+
+/// librdkafka's timing for a publish bound, so that its own delivery report
+/// of a failure normally comes before the bound.
+struct Tuning {
+    /// `message.timeout.ms`: the bound less the slack its report needs.
+    message_timeout: Duration,
+    /// `reconnect.backoff.max.ms` and `retry.backoff.max.ms`. While the broker
+    /// is down, librdkafka looks for timed-out records only between two
+    /// connection attempts: its default wait of up to 10 s (plus 50% jitter)
+    /// is what delayed its reports past the bound.
+    backoff_max: Duration,
+    /// `reconnect.backoff.ms` and `retry.backoff.ms`, the first wait.
+    backoff: Duration,
+}
+
+impl Tuning {
+    fn for_bound(bound: Duration) -> Tuning {
+        // The slack after the message timeout: a timeout scan's second and
+        // the purge allowance, or half of a shorter bound.
+        let slack = (TIMEOUT_SCAN + purge_allowance(bound)).min(bound / 2);
+        // Waits of at most this plus 50% jitter stay within the slack.
+        let backoff_max = (slack / 2).max(Duration::from_millis(1));
+        Tuning {
+            message_timeout: (bound - slack).max(Duration::from_millis(1)),
+            backoff_max,
+            backoff: Duration::from_millis(100).min(backoff_max),
+        }
+    }
+
+    /// As librdkafka properties, with `linger.ms`: a record waits at most a
+    /// millisecond for others to share its request.
+    fn properties(&self) -> [(&'static str, String); 6] {
+        let ms = |d: Duration| d.as_millis().to_string();
+        [
+            ("message.timeout.ms", ms(self.message_timeout)),
+            ("reconnect.backoff.ms", ms(self.backoff)),
+            ("reconnect.backoff.max.ms", ms(self.backoff_max)),
+            ("retry.backoff.ms", ms(self.backoff)),
+            ("retry.backoff.max.ms", ms(self.backoff_max)),
+            ("linger.ms", "1".to_owned()),
+        ]
+    }
+}
+
+/// The end of the publish bound kept for purging a record given up on, so the
+/// purge has normally taken effect when the client gets its answer.
+fn purge_allowance(bound: Duration) -> Duration {
+    (bound / 20).min(Duration::from_millis(50))
+}
+
+/// How often librdkafka reports its statistics, the idempotent producer's
+/// state among them.
+const STATS_INTERVAL_MS: &str = "100";
+
+/// The part of librdkafka's statistics the bridge reads.
+#[derive(serde::Deserialize)]
+struct Stats {
+    eos: Option<EosStats>,
+}
+
+#[derive(serde::Deserialize)]
+struct EosStats {
+    idemp_state: String,
+}
+
+/// Follows the idempotent producer's state in librdkafka's statistics: until
+/// the broker gave it a producer id, it sends nothing.
+#[derive(Default)]
+struct PidWatch(Arc<AtomicBool>);
+
+impl ClientContext for PidWatch {
+    fn stats_raw(&self, statistics: &[u8]) {
+        match serde_json::from_slice::<Stats>(statistics) {
+            Ok(stats) => {
+                self.0.store(stats.eos.is_some_and(|e| e.idemp_state == "Assigned"), Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "unreadable librdkafka statistics"),
+        }
+    }
+}
+
+/// The producer of actions, and the purges that drop the records the bridge
+/// gave up on.
+struct ActionProducer {
+    inner: FutureProducer<PidWatch>,
+    has_pid: Arc<AtomicBool>,
+    /// A publish failed after the producer had its producer id: its sequence
+    /// state may be stale (see `health`). Failures before that leave none, and
+    /// replacing the producer for them would only restart its wait for an id.
+    failed_with_pid: AtomicBool,
+    /// Purges asked for so far.
+    purges_asked: AtomicU64,
+    /// Held while purging: one purge at a time, and all the asks made before
+    /// one started are served by it.
+    purging: tokio::sync::Mutex<u64>,
+}
+
+impl ActionProducer {
+    fn new(settings: &KafkaSettings) -> Result<ActionProducer, BusError> {
+        let tuning = Tuning::for_bound(settings.publish_timeout).properties();
+        let watch = PidWatch::default();
+        let has_pid = watch.0.clone();
+        // The tuning goes under the operator's properties (the bound holds
+        // whatever they say); what the contract and readiness rest on goes over them.
+        let inner = settings
+            .client_over(&tuning)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("statistics.interval.ms", STATS_INTERVAL_MS)
+            .create_with_context(watch)
+            .map_err(|e| BusError::Unavailable(format!("kafka producer: {e}")))?;
+        Ok(ActionProducer {
+            inner,
+            has_pid,
+            failed_with_pid: AtomicBool::new(false),
+            purges_asked: AtomicU64::new(0),
+            purging: tokio::sync::Mutex::new(0),
+        })
+    }
+
+    fn has_pid(&self) -> bool {
+        self.has_pid.load(Ordering::Relaxed)
+    }
+
+    fn failed(&self) {
+        if self.has_pid() {
+            self.failed_with_pid.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops every record librdkafka holds, queued, waiting for a retry or in
+    /// flight, so none is sent after the bridge gave up on it. The purge goes
+    /// on when the caller stops waiting, and asks made meanwhile share it.
+    fn purge(self: &Arc<Self>) -> impl std::future::Future<Output = ()> {
+        let ask = self.purges_asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let producer = self.clone();
+        let purge = tokio::spawn(async move {
+            let mut served = producer.purging.lock().await;
+            if *served >= ask {
+                return;
+            }
+            let upto = producer.purges_asked.load(Ordering::SeqCst);
+            let p = producer.clone();
+            // Blocks until every broker thread purged its queues.
+            match tokio::task::spawn_blocking(move || p.inner.purge(PurgeConfig::default().queue().inflight())).await {
+                Ok(()) => *served = upto,
+                Err(e) => tracing::error!(error = %e, "kafka producer purge failed"),
+            }
+        });
+        async move {
+            if let Err(e) = purge.await {
+                tracing::error!(error = %e, "kafka producer purge failed");
+            }
+        }
+    }
 }
 
 /// Waits a second before a retry; `false` when the bridge is stopping instead.
@@ -432,5 +620,40 @@ impl Ingest {
         }
         self.metrics.events_accepted.increment(1);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn librdkafka_reports_a_failure_before_the_bridge_gives_up() {
+        let t = Tuning::for_bound(ms(5000));
+        assert_eq!((t.message_timeout, t.backoff, t.backoff_max), (ms(3950), ms(100), ms(525)));
+        let t = Tuning::for_bound(ms(1000));
+        assert_eq!((t.message_timeout, t.backoff, t.backoff_max), (ms(500), ms(100), ms(250)));
+        for bound in (10..=60_000).step_by(7).map(ms) {
+            let t = Tuning::for_bound(bound);
+            let give_up = bound - purge_allowance(bound);
+            // Broker down: librdkafka looks at its queue between two
+            // connection attempts, each wait up to 50% over the maximum.
+            assert!(t.message_timeout + t.backoff_max * 3 / 2 <= give_up, "{bound:?}");
+            // Broker up: about once a second.
+            if bound >= 2 * (TIMEOUT_SCAN + purge_allowance(bound)) {
+                assert!(t.message_timeout + TIMEOUT_SCAN <= give_up, "{bound:?}");
+            }
+            assert!(t.backoff <= t.backoff_max, "{bound:?}");
+        }
+    }
+
+    #[test]
+    fn even_the_smallest_bound_gives_librdkafka_valid_settings() {
+        let t = Tuning::for_bound(ms(1));
+        assert!(t.message_timeout >= ms(1) && t.backoff >= ms(1) && t.backoff <= t.backoff_max);
     }
 }

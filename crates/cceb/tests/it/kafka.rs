@@ -201,8 +201,14 @@ async fn readyz(b: &TestBridge, want: u16) {
     }
 }
 
-#[tokio::test]
-async fn a_broker_outage_is_backend_unavailable_and_everything_resumes_when_it_returns() {
+/// The publish bound of the outage tests; small, so an answer past it is plain.
+const OUTAGE_PUBLISH_TIMEOUT_MS: u64 = 1000;
+
+/// Kills the broker under a bridge configured by `configure`; actions sent one
+/// after another meanwhile are each refused within the publish bound. Once
+/// the broker is back, none of them is on the action topic, a retried uuid is
+/// published once, and consumption resumes.
+async fn outage(configure: impl FnOnce(&mut cceb::Settings)) {
     if skip_without_broker().is_none() {
         return;
     }
@@ -213,7 +219,8 @@ async fn a_broker_outage_is_backend_unavailable_and_everything_resumes_when_it_r
     let mut s = test_settings();
     let data = tempfile::tempdir().expect("tempdir");
     s.data_dir = data.path().to_owned();
-    s.kafka_publish_timeout_ms = 1500;
+    s.kafka_publish_timeout_ms = OUTAGE_PUBLISH_TIMEOUT_MS;
+    configure(&mut s);
     let k = crate::kafka_backend::KafkaBackend::create(&brokers, &mut s).await;
     let bridge = cceb::Bridge::start(s).await.expect("starts");
     let b = TestBridge::attach(bridge, k).await;
@@ -221,24 +228,56 @@ async fn a_broker_outage_is_backend_unavailable_and_everything_resumes_when_it_r
     c.expect_ack_of_action("before", "ChangeAgentStateEvent", json!({"state": "Away"})).await;
 
     let port = broker.stop();
-    c.send(json!({"type":"action","uuid":"during","data":{"action":"ChangeAgentStateEvent","action_details":{"state":"Busy"}}}))
-        .await;
-    c.expect_error("during", cceb_protocol::ErrorCode::BackendUnavailable).await;
+    // Several in a row: librdkafka's waits between reconnection attempts grow
+    // meanwhile, and with them how late it reports a record failed. Each has
+    // a state of its own, so a refused record reaching the topic later shows.
+    let bound = std::time::Duration::from_millis(OUTAGE_PUBLISH_TIMEOUT_MS + 500);
+    for state in ["down-1", "down-2", "down-3", "down-4"] {
+        let started = std::time::Instant::now();
+        c.send(json!({"type":"action","uuid": state,"data":{"action":"ChangeAgentStateEvent","action_details":{"state": state}}}))
+            .await;
+        c.expect_error(state, cceb_protocol::ErrorCode::BackendUnavailable).await;
+        let took = started.elapsed();
+        assert!(
+            took <= bound,
+            "{state} answered after {took:?}: past the publish timeout ({OUTAGE_PUBLISH_TIMEOUT_MS} ms)"
+        );
+    }
     readyz(&b, 503).await;
 
     let _broker = Broker::start(port, broker_dir.path());
     readyz(&b, 200).await;
     // The same uuid is published now (it was not remembered while refused).
-    c.expect_ack_of_action("during", "ChangeAgentStateEvent", json!({"state": "Busy"})).await;
+    c.expect_ack_of_action("down-1", "ChangeAgentStateEvent", json!({"state": "down-1"})).await;
+    c.expect_ack_of_action("after", "ChangeAgentStateEvent", json!({"state": "after"})).await;
+    // To the end of the topic, past a record published after the broker returned.
     let states: Vec<_> = b.published().await.iter().map(|r| r["value"]["state"].clone()).collect();
     assert_eq!(
         states,
-        [json!("Away"), json!("Busy")],
-        "the refused action is published once, after the broker returned"
+        [json!("Away"), json!("down-1"), json!("after")],
+        "no refused record on the topic, the retried uuid once"
     );
     presence(&b, "after-outage").await;
     let (_, _, _, data) = c.notification().await;
     assert_eq!(data["state"], "after-outage", "consumption resumed by itself");
+}
+
+#[tokio::test]
+async fn a_broker_outage_refuses_each_action_within_the_publish_timeout_and_none_reaches_the_topic_later() {
+    outage(|_| {}).await;
+}
+
+#[tokio::test]
+async fn a_broker_outage_keeps_the_publish_timeout_and_purges_what_librdkafka_would_send_later() {
+    // The operator's properties win over the bridge's tuning: librdkafka holds
+    // each record for a minute, and sends it as soon as it reconnects. The
+    // bridge gives up at the bound and purges the record from librdkafka.
+    outage(|s| {
+        s.kafka_properties.insert("message.timeout.ms".into(), "60000".into());
+        s.kafka_properties.insert("reconnect.backoff.ms".into(), "10".into());
+        s.kafka_properties.insert("reconnect.backoff.max.ms".into(), "10".into());
+    })
+    .await;
 }
 
 /// Subjects and schemas a registry received, by id (1-based).
