@@ -162,14 +162,20 @@ async fn a_notification_over_the_size_limit_is_refused_naming_the_limit_and_the_
 
 #[tokio::test]
 async fn an_event_id_yields_the_same_notification_uuid_every_time_and_no_id_a_fresh_one() {
-    let b = TestBridge::start().await;
-    let (mut c, _) = b.agent("t", "a").await;
+    let mut b = TestBridge::start().await;
     let list =
         json!({"tenantGuid":"t","agentGuid":"a","interactions":[{"interactionId":"i1","state":"s","channel":"c"}]});
     let with_id = json!({"id": "evt-1", "record": "AgentInteractionListEvent", "value": list});
+    let without = json!({"record": "AgentInteractionListEvent", "value": list});
     let mut uuids = Vec::new();
-    for body in [with_id.clone(), with_id, json!({"record": "AgentInteractionListEvent", "value": list})] {
-        let (status, reply) = b.post_events(body).await;
+    // The same id across a restart (the bridge forgets which ids it queued),
+    // then no id: each time a new client on a new bridge process.
+    for (body, restart) in [(&with_id, false), (&with_id, true), (&without, false)] {
+        if restart {
+            b.restart().await;
+        }
+        let (mut c, _) = b.agent("t", "a").await;
+        let (status, reply) = b.post_events(body.clone()).await;
         assert_eq!(status, 202, "{reply}");
         let (_, list_uuid, _, _) = c.notification().await;
         let (_, item_uuid, _, _) = c.notification().await;
