@@ -3,6 +3,7 @@
 //! the Avro schema → publish → acknowledge. Deduplicated by action uuid.
 
 use crate::bus::{Bus, BusError, OutRecord};
+use crate::fault::{Cause, ErrorKind};
 use crate::metrics::{ActionOutcome, Metrics};
 use crate::notify::{Router, Target};
 use crate::schema::{FieldError, Record, SchemaSet};
@@ -50,7 +51,11 @@ pub enum ActionError {
     #[error("`{field}` does not name an agent of your tenant")]
     UnknownAgent { field: String },
     #[error("the backend did not take the action, retry with the same uuid: {0}")]
-    BackendUnavailable(String),
+    BackendUnavailable(Cause),
+    /// The contract has no code for a refusal a retry cannot cure: the client
+    /// gets `backend_unavailable`, and the message says so.
+    #[error("the backend refused the action, a retry will not help: {0}")]
+    BackendRefused(Cause),
 }
 
 impl ActionError {
@@ -60,7 +65,7 @@ impl ActionError {
             ActionError::ReservedField(_) => ErrorCode::ReservedField,
             ActionError::InvalidDetails(_) => ErrorCode::InvalidActionDetails,
             ActionError::UnknownAgent { .. } => ErrorCode::UnknownAgent,
-            ActionError::BackendUnavailable(_) => ErrorCode::BackendUnavailable,
+            ActionError::BackendUnavailable(_) | ActionError::BackendRefused(_) => ErrorCode::BackendUnavailable,
         }
     }
 
@@ -71,17 +76,27 @@ impl ActionError {
             _ => None,
         }
     }
+
+    /// A bus or store failure as the client learns it: the kind alone decides
+    /// whether a retry with the same uuid is worth it.
+    fn backend(kind: ErrorKind, cause: impl Into<Cause>) -> Self {
+        if kind.is_retryable() {
+            ActionError::BackendUnavailable(cause.into())
+        } else {
+            ActionError::BackendRefused(cause.into())
+        }
+    }
 }
 
 impl From<StoreError> for ActionError {
     fn from(e: StoreError) -> Self {
-        ActionError::BackendUnavailable(e.to_string())
+        ActionError::backend(e.kind(), e)
     }
 }
 
 impl From<BusError> for ActionError {
     fn from(e: BusError) -> Self {
-        ActionError::BackendUnavailable(e.to_string())
+        ActionError::backend(e.kind(), e)
     }
 }
 
@@ -148,7 +163,7 @@ impl Actions {
         // Its dedup key could not be made durable: publishing now could not be
         // deduplicated after a crash, and would pile writes on a failing disk.
         if !self.store.ready() {
-            return Err(ActionError::BackendUnavailable("the store cannot write".into()));
+            return Err(StoreError::new(ErrorKind::Unavailable, "the store cannot write").into());
         }
         if let Some(f) = RESERVED_FIELDS.iter().find(|f| details.contains_key(**f)) {
             return Err(ActionError::ReservedField((*f).to_owned()));
@@ -202,5 +217,29 @@ impl Actions {
             self.router.send(&to, NotificationType::OffHook, &data);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KINDS: [ErrorKind; 4] = [ErrorKind::Unavailable, ErrorKind::Timeout, ErrorKind::Rejected, ErrorKind::Fatal];
+
+    #[test]
+    fn a_backend_failure_tells_the_client_whether_to_retry_by_its_kind_alone() {
+        for kind in KINDS {
+            // The same text for every kind: only the kind may decide.
+            let errors =
+                [ActionError::from(BusError::new(kind, "broker")), ActionError::from(StoreError::new(kind, "disk"))];
+            for e in errors {
+                assert_eq!(e.code(), ErrorCode::BackendUnavailable, "the contract's only code for it: {kind:?}");
+                assert_eq!(e.field(), None);
+                let text = e.to_string();
+                assert_eq!(matches!(e, ActionError::BackendUnavailable(_)), kind.is_retryable(), "{kind:?}: {text}");
+                let (retry, futile) = (text.contains("retry with the same uuid"), text.contains("will not help"));
+                assert_eq!((retry, futile), (kind.is_retryable(), !kind.is_retryable()), "{kind:?}: {text}");
+            }
+        }
     }
 }

@@ -26,7 +26,38 @@ fn far_future() -> Instant {
 }
 
 /// Why the connection ends, and how it is told to the client.
+#[derive(Debug, PartialEq, Eq)]
 struct Close(u16, &'static str);
+
+/// How a `hello` that got no session is answered.
+#[derive(Debug, PartialEq, Eq)]
+struct Refusal {
+    /// Sent as an `error` before the close.
+    error: Option<ErrorCode>,
+    close: Close,
+}
+
+/// Decided by the failure's kind, never its text. Every store failure closes
+/// with 1012: the contract has no other close for it, and another node (or
+/// this one, later) may serve the client; the reason tells a store that will
+/// not recover by itself, which is also logged as an error for the operator.
+fn refuse_open(e: &OpenError) -> Refusal {
+    let close = match e {
+        OpenError::TooManySessions(_) => {
+            let close = Close(close::TOO_MANY_SESSIONS, "too many sessions");
+            return Refusal { error: Some(ErrorCode::TooManySessions), close };
+        }
+        OpenError::Store(s) if !s.is_retryable() => {
+            tracing::error!(error = %e, "cannot open a session; the store will not recover by itself");
+            Close(close::SERVICE_RESTART, "sessions are unavailable on this node")
+        }
+        OpenError::Store(_) | OpenError::EndedAtOnce => {
+            tracing::warn!(error = %e, "cannot open a session");
+            Close(close::SERVICE_RESTART, "sessions are unavailable, reconnect")
+        }
+    };
+    Refusal { error: None, close }
+}
 
 type ActionFuture = BoxFuture<'static, (String, Result<Done, ActionError>)>;
 
@@ -158,13 +189,12 @@ impl Conn {
             };
             let opened = match self.shared.sessions.open(agent, request).await {
                 Ok(o) => o,
-                Err(e @ OpenError::TooManySessions(_)) => {
-                    self.send_error(&uuid, ErrorCode::TooManySessions, &e.to_string(), None).await;
-                    return Err(Close(close::TOO_MANY_SESSIONS, "too many sessions"));
-                }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot open a session");
-                    return Err(Close(close::SERVICE_RESTART, "sessions are unavailable, reconnect"));
+                    let refusal = refuse_open(&e);
+                    if let Some(code) = refusal.error {
+                        self.send_error(&uuid, code, &e.to_string(), None).await;
+                    }
+                    return Err(refusal.close);
                 }
             };
             let (session, attachment) = (&opened.held.session, &opened.held.attachment);
@@ -453,5 +483,31 @@ impl Conn {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::ErrorKind;
+    use crate::store::StoreError;
+
+    #[test]
+    fn a_hello_without_a_session_is_answered_by_the_kind_of_failure() {
+        let store = |kind| refuse_open(&OpenError::Store(StoreError::new(kind, "disk")));
+        let reconnect = Close(close::SERVICE_RESTART, "sessions are unavailable, reconnect");
+        for kind in [ErrorKind::Unavailable, ErrorKind::Timeout] {
+            assert_eq!(store(kind), Refusal { error: None, close: Close(reconnect.0, reconnect.1) }, "{kind:?}");
+        }
+        for kind in [ErrorKind::Rejected, ErrorKind::Fatal] {
+            let close = Close(close::SERVICE_RESTART, "sessions are unavailable on this node");
+            assert_eq!(store(kind), Refusal { error: None, close }, "{kind:?}");
+        }
+        assert_eq!(refuse_open(&OpenError::EndedAtOnce), Refusal { error: None, close: reconnect });
+        let full = Refusal {
+            error: Some(ErrorCode::TooManySessions),
+            close: Close(close::TOO_MANY_SESSIONS, "too many sessions"),
+        };
+        assert_eq!(refuse_open(&OpenError::TooManySessions(3)), full);
     }
 }

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 mod conn;
+pub mod fault;
 pub mod http;
 pub mod metrics;
 pub mod notify;

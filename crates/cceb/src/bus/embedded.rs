@@ -3,6 +3,7 @@
 //! arrive on the backend port.
 
 use super::{Bus, BusError, OutRecord};
+use crate::fault::ErrorKind;
 use crate::schema::convert::{to_json, Keys};
 use async_trait::async_trait;
 use serde::Serialize;
@@ -115,14 +116,15 @@ impl EmbeddedBus {
 impl Bus for EmbeddedBus {
     async fn publish(&self, record: OutRecord) -> Result<(), BusError> {
         if !self.accepting() {
-            return Err(BusError::Unavailable("the embedded bus is switched off on the backend port".into()));
+            let outage = "the embedded bus is switched off on the backend port";
+            return Err(BusError::new(ErrorKind::Unavailable, outage));
         }
         let delay = self.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
         }
         let value = serde_json::value::to_raw_value(&to_json(&record.value, Keys::AsIs))
-            .map_err(|e| BusError::Unavailable(format!("cannot serialise the record: {e}")))?;
+            .map_err(|e| BusError::new(ErrorKind::Rejected, format!("cannot serialise the record: {e}")))?;
         let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
         let offset = *self.last.borrow() + 1;
         let logged = Arc::new(LoggedRecord { key: record.key, offset, record: record.record, value });

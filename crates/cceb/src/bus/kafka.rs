@@ -10,6 +10,7 @@
 
 use super::registry::{RegistryError, SchemaRegistry};
 use super::{Bus, BusError, OutRecord};
+use crate::fault::ErrorKind;
 use crate::metrics::Metrics;
 use crate::notify::{EventReader, Router};
 use crate::schema::wire::confluent_frame;
@@ -20,6 +21,7 @@ use futures_util::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use rdkafka::util::Timeout;
@@ -98,7 +100,7 @@ impl KafkaBus {
         let caught_up = settings.provisioning_topic.is_none();
         let registry = match &settings.registry_url {
             Some(url) => Some(
-                SchemaRegistry::new(url, settings.publish_timeout).map_err(|e| BusError::Unavailable(e.to_string()))?,
+                SchemaRegistry::new(url, settings.publish_timeout).map_err(|e| BusError::new(ErrorKind::Fatal, e))?,
             ),
             None => None,
         };
@@ -137,9 +139,9 @@ impl KafkaBus {
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .create()
-            .map_err(|e| BusError::Unavailable(format!("kafka consumer: {e}")))?;
+            .map_err(|e| BusError::new(ErrorKind::Fatal, format!("kafka consumer: {e}")))?;
         let topics: Vec<&str> = self.settings.event_topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).map_err(|e| BusError::Unavailable(format!("kafka subscribe: {e}")))?;
+        consumer.subscribe(&topics).map_err(|e| BusError::new(ErrorKind::Fatal, format!("kafka subscribe: {e}")))?;
         let ingest = Ingest { bus: self.clone(), router, events, metrics };
         let (bus, stop2) = (self.clone(), stop.clone());
         tasks.spawn(health(bus, stop2));
@@ -157,7 +159,7 @@ impl KafkaBus {
         let wire = self.schemas.wire();
         if let (Some(registry), Some((id, datum))) = (&self.registry, confluent_frame(payload)) {
             let writer = registry.writer(id).await.map_err(|e| match e {
-                RegistryError::Http(_) => DecodeError::Retry(e.to_string()),
+                RegistryError::Http(_) | RegistryError::Refused { .. } => DecodeError::Retry(e.to_string()),
                 RegistryError::BadSchema { .. } => DecodeError::Skip(e.to_string()),
             })?;
             let (name, value) =
@@ -170,19 +172,22 @@ impl KafkaBus {
     /// The record as it goes on the wire (registering its schema first when a registry is set).
     async fn encode(&self, topic: &str, record: String, value: Avro) -> Result<Vec<u8>, BusError> {
         let wire = self.schemas.wire();
-        let unavailable = BusError::Unavailable;
         match &self.registry {
             Some(registry) => {
-                let schema = wire.schema(&record).ok_or_else(|| unavailable(format!("no schema {record}")))?;
+                // The schema set is the bridge's own: a record without a schema
+                // is a bridge defect, not the client's.
+                let schema = wire
+                    .schema(&record)
+                    .ok_or_else(|| BusError::new(ErrorKind::Fatal, format!("no schema {record}")))?;
                 let id = registry
                     .id_for(&format!("{topic}-value"), &record, schema)
                     .await
-                    .map_err(|e| unavailable(e.to_string()))?;
+                    .map_err(|e| BusError::new(e.kind(), e))?;
                 wire.encode_confluent(&record, id, value)
             }
             None => wire.encode(&record, value),
         }
-        .map_err(|e| unavailable(e.to_string()))
+        .map_err(|e| BusError::new(ErrorKind::Rejected, e))
     }
 
     /// Copies a record the bridge cannot use to the dead-letter topic.
@@ -213,7 +218,8 @@ impl Bus for KafkaBus {
         let give_up = deadline - purge_allowance(self.settings.publish_timeout);
         let topic = self.topic_of(&record.record);
         let Ok(bytes) = timeout_at(give_up, self.encode(topic, record.record, record.value)).await else {
-            return Err(BusError::Unavailable("schema registry: no answer within the publish timeout".into()));
+            let late = "schema registry: no answer within the publish timeout";
+            return Err(BusError::new(ErrorKind::Timeout, late));
         };
         let bytes = bytes?;
         let producer = self.producer();
@@ -222,17 +228,17 @@ impl Bus for KafkaBus {
         let err = match timeout_at(give_up, producer.inner.send(r, queue_timeout)).await {
             Ok(Ok(_)) => return Ok(()),
             // librdkafka reported the record failed and holds it no more.
-            Ok(Err((e, _))) => format!("kafka: {e}"),
+            Ok(Err((e, _))) => BusError::new(delivery_failure(&e), format!("kafka: {e}")),
             Err(_) => {
                 tracing::warn!(topic, "no delivery report within the publish timeout; purging the producer");
                 if timeout_at(deadline, producer.purge()).await.is_err() {
                     tracing::warn!(topic, "the producer purge is still under way at the publish timeout");
                 }
-                "kafka: no delivery report within the publish timeout".to_owned()
+                BusError::new(ErrorKind::Timeout, "kafka: no delivery report within the publish timeout")
             }
         };
         producer.failed();
-        Err(BusError::Unavailable(err))
+        Err(err)
     }
 
     fn ready(&self) -> bool {
@@ -397,7 +403,7 @@ impl ActionProducer {
             .set("acks", "all")
             .set("statistics.interval.ms", STATS_INTERVAL_MS)
             .create_with_context(watch)
-            .map_err(|e| BusError::Unavailable(format!("kafka producer: {e}")))?;
+            .map_err(|e| BusError::new(ErrorKind::Fatal, format!("kafka producer: {e}")))?;
         Ok(ActionProducer {
             inner,
             has_pid,
@@ -441,6 +447,39 @@ impl ActionProducer {
                 tracing::error!(error = %e, "kafka producer purge failed");
             }
         }
+    }
+}
+
+/// What a failed delivery report means for the action: whether the same
+/// record, sent again, may be taken.
+fn delivery_failure(e: &KafkaError) -> ErrorKind {
+    use RDKafkaErrorCode as C;
+    let Some(code) = e.rdkafka_error_code() else { return ErrorKind::Unavailable };
+    match code {
+        C::MessageTimedOut => ErrorKind::Timeout,
+        // The record itself, or where the routing table sends it.
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::BadMessage
+        | C::UnsupportedForMessageFormat
+        | C::PolicyViolation
+        | C::UnknownTopic
+        | C::UnknownTopicOrPartition
+        | C::InvalidTopic => ErrorKind::Rejected,
+        // The idempotent producer is unusable, or the bridge may not write:
+        // no record goes through until it is recreated or reconfigured.
+        C::Fatal
+        | C::Fenced
+        | C::ProducerFenced
+        | C::InvalidProducerEpoch
+        | C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::Authentication
+        | C::SaslAuthenticationFailed => ErrorKind::Fatal,
+        // Brokers away, leaders moving, queues full, records purged.
+        _ => ErrorKind::Unavailable,
     }
 }
 
@@ -649,6 +688,25 @@ mod tests {
             }
             assert!(t.backoff <= t.backoff_max, "{bound:?}");
         }
+    }
+
+    #[test]
+    fn a_failed_delivery_is_retryable_only_when_the_same_record_may_be_taken_later() {
+        use RDKafkaErrorCode as C;
+        let kind = |code| delivery_failure(&KafkaError::MessageProduction(code));
+        assert_eq!(kind(C::MessageTimedOut), ErrorKind::Timeout);
+        for code in
+            [C::AllBrokersDown, C::BrokerTransportFailure, C::NotLeaderForPartition, C::QueueFull, C::PurgeQueue]
+        {
+            assert_eq!(kind(code), ErrorKind::Unavailable, "{code:?}");
+        }
+        for code in [C::MessageSizeTooLarge, C::UnknownTopicOrPartition, C::UnknownTopic, C::InvalidRecord] {
+            assert_eq!(kind(code), ErrorKind::Rejected, "{code:?}");
+        }
+        for code in [C::Fatal, C::ProducerFenced, C::TopicAuthorizationFailed] {
+            assert_eq!(kind(code), ErrorKind::Fatal, "{code:?}");
+        }
+        assert_eq!(delivery_failure(&KafkaError::Canceled), ErrorKind::Unavailable, "no code: an outage");
     }
 
     #[test]

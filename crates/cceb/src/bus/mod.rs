@@ -10,6 +10,7 @@ mod registry;
 pub use embedded::EmbeddedBus;
 pub use kafka::{KafkaBus, KafkaSettings};
 
+use crate::fault::{Cause, ErrorKind};
 use apache_avro::types::Value as Avro;
 use async_trait::async_trait;
 
@@ -21,10 +22,26 @@ pub struct OutRecord {
     pub value: Avro,
 }
 
+/// A bus operation that failed: its kind says whether a retry can help.
 #[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("bus unavailable: {0}")]
-    Unavailable(String),
+#[error("bus {kind}: {source}")]
+pub struct BusError {
+    kind: ErrorKind,
+    source: Cause,
+}
+
+impl BusError {
+    pub fn new(kind: ErrorKind, source: impl Into<Cause>) -> Self {
+        BusError { kind, source: source.into() }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
 }
 
 #[async_trait]

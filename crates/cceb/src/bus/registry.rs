@@ -3,6 +3,7 @@
 //! default TopicNameStrategy) and writer schemas for the ids it consumes.
 //! Both are cached: the registry is asked once per (subject, record) and id.
 
+use crate::fault::ErrorKind;
 use apache_avro::schema::Schema;
 use serde::Deserialize;
 use serde_json::json;
@@ -16,6 +17,28 @@ pub enum RegistryError {
     Http(String),
     #[error("schema registry id {id}: {reason}")]
     BadSchema { id: u32, reason: String },
+    #[error("schema registry: registering {subject} answered {status}")]
+    Refused { subject: String, status: reqwest::StatusCode },
+}
+
+impl RegistryError {
+    /// Whether the look-up may succeed later: the registry's answer tells a
+    /// schema it will never take (409 incompatible, 422 invalid) from a
+    /// registry that is away or overloaded.
+    pub fn kind(&self) -> ErrorKind {
+        use reqwest::StatusCode as S;
+        match self {
+            RegistryError::Http(_) => ErrorKind::Unavailable,
+            RegistryError::BadSchema { .. } => ErrorKind::Rejected,
+            RegistryError::Refused { status, .. } => match *status {
+                S::REQUEST_TIMEOUT | S::TOO_MANY_REQUESTS => ErrorKind::Unavailable,
+                // The bridge's credentials: no record gets through until they are fixed.
+                S::UNAUTHORIZED | S::FORBIDDEN => ErrorKind::Fatal,
+                s if s.is_client_error() => ErrorKind::Rejected,
+                _ => ErrorKind::Unavailable,
+            },
+        }
+    }
 }
 
 type Writer = Arc<(String, Schema)>;
@@ -65,7 +88,7 @@ impl SchemaRegistry {
             .await
             .map_err(|e| RegistryError::Http(e.to_string()))?;
         if !r.status().is_success() {
-            return Err(RegistryError::Http(format!("registering {subject} answered {}", r.status())));
+            return Err(RegistryError::Refused { subject: subject.to_owned(), status: r.status() });
         }
         let id = r.json::<IdAnswer>().await.map_err(|e| RegistryError::Http(e.to_string()))?.id;
         self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(key, id);
@@ -93,5 +116,24 @@ impl SchemaRegistry {
         let w = Arc::new((rs.name.name.clone(), schema.clone()));
         self.writers.lock().unwrap_or_else(PoisonError::into_inner).insert(id, w.clone());
         Ok(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::StatusCode as S;
+
+    #[test]
+    fn a_registry_refusal_is_retried_only_when_the_registry_may_answer_otherwise() {
+        let kind = |status| RegistryError::Refused { subject: "actions-value".into(), status }.kind();
+        assert_eq!(kind(S::CONFLICT), ErrorKind::Rejected, "incompatible with the subject's schema");
+        assert_eq!(kind(S::UNPROCESSABLE_ENTITY), ErrorKind::Rejected, "an invalid schema");
+        assert_eq!(kind(S::UNAUTHORIZED), ErrorKind::Fatal);
+        assert_eq!(kind(S::FORBIDDEN), ErrorKind::Fatal);
+        for status in [S::TOO_MANY_REQUESTS, S::REQUEST_TIMEOUT, S::INTERNAL_SERVER_ERROR, S::SERVICE_UNAVAILABLE] {
+            assert_eq!(kind(status), ErrorKind::Unavailable, "{status}");
+        }
+        assert_eq!(RegistryError::Http("connection refused".into()).kind(), ErrorKind::Unavailable);
     }
 }

@@ -6,7 +6,8 @@ use crate::app::Shared;
 use crate::auth::constant_time_eq;
 use crate::bus::embedded::Page;
 use crate::bus::EmbeddedBus;
-use crate::notify::{Event, EventError, EventReader};
+use crate::notify::{Event, EventError, EventReader, NotifyError};
+use crate::store::StoreError;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::StatusCode;
@@ -128,14 +129,24 @@ async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
     };
     let notifications = match b.shared.router.ingest(&events).await {
         Ok(n) => n,
-        Err(e) => return reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(NotifyError::Store(e)) => return reject(store_status(&e), e.to_string()),
     };
-    if let Err(e) = b.shared.router.commit().await {
-        return reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    if let Err(NotifyError::Store(e)) = b.shared.router.commit().await {
+        return reject(store_status(&e), e.to_string());
     }
     metrics.events_accepted.increment(events.len() as u64);
     metrics.event_ingest_seconds.record(started.elapsed().as_secs_f64());
     (StatusCode::ACCEPTED, Json(json!({"accepted": events.len(), "notifications": notifications}))).into_response()
+}
+
+/// 503 tells the backend to send the batch again later; 500, that sending it
+/// again will not help until an operator acts.
+fn store_status(e: &StoreError) -> StatusCode {
+    if e.is_retryable() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    }
 }
 
 #[derive(Deserialize)]
@@ -172,4 +183,19 @@ async fn put_bus(State(b): State<Backend>, Json(s): Json<BusSwitch>) -> Response
     b.bus.set_accepting(s.accepting);
     b.bus.set_delay(Duration::from_millis(s.delay_ms.min(MAX_WAIT.as_millis() as u64)));
     Json(json!({"accepting": s.accepting, "delay_ms": s.delay_ms})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::ErrorKind;
+
+    #[test]
+    fn a_store_failure_answers_503_only_when_sending_the_batch_again_can_help() {
+        let status = |kind| store_status(&StoreError::new(kind, "disk"));
+        assert_eq!(status(ErrorKind::Unavailable), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(ErrorKind::Timeout), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(status(ErrorKind::Rejected), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(status(ErrorKind::Fatal), StatusCode::INTERNAL_SERVER_ERROR);
+    }
 }

@@ -5,6 +5,7 @@
 
 use super::{AgentId, Attachment, Full, Notification, Outbox, Registry, Session, SessionKey};
 use crate::bus::{Bus, BusError, OutRecord};
+use crate::fault::ErrorKind;
 use crate::metrics::Metrics;
 use crate::push::{Announcement, Push};
 use crate::schema::SchemaSet;
@@ -158,13 +159,13 @@ impl Sessions {
         if !(req.long_lived || req.session_key.is_some()) {
             let session = Arc::new(Session::new(id, agent, self.settings.max_unacked));
             self.add(session.clone());
-            let attachment = session.attach(req.auto_accept, None).ok_or_else(ended_at_once)?;
+            let attachment = session.attach(req.auto_accept, None).ok_or(OpenError::EndedAtOnce)?;
             return Ok(Opened { held: self.hold(session, attachment), key: None, resumed: false });
         }
         if !self.store.ready() {
             // Its key could not be made durable; refusing now also keeps
             // retrying clients from piling writes on a failing disk.
-            return Err(StoreError::Unavailable("the store cannot write".into()).into());
+            return Err(StoreError::new(ErrorKind::Unavailable, "the store cannot write").into());
         }
         let (text, key) = SessionKey::generate(&id);
         let record = SessionRecord {
@@ -179,7 +180,7 @@ impl Sessions {
         let outbox = Outbox::new(self.settings.mailbox_capacity, self.settings.max_unacked);
         let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
         let delta = self.admit(&session)?;
-        let attachment = session.attach(req.auto_accept, req.push_token).ok_or_else(ended_at_once)?;
+        let attachment = session.attach(req.auto_accept, req.push_token).ok_or(OpenError::EndedAtOnce)?;
         let held = self.hold(session.clone(), attachment);
         session.reserve_seqs();
         // The key must survive a crash before the client is given it.
@@ -451,12 +452,6 @@ impl Sessions {
     }
 }
 
-/// A session that was just made cannot have ended; if it somehow did, the
-/// client is told to reconnect rather than the bridge panicking.
-fn ended_at_once() -> StoreError {
-    StoreError::Unavailable("the new session ended before it was attached".into())
-}
-
 /// A connection's hold on its session: dropping it detaches the connection
 /// (a short-lived session ends, a long-lived one starts its TTL).
 pub struct Held {
@@ -478,6 +473,10 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error("the agent already has {0} sessions, all connected")]
     TooManySessions(usize),
+    /// A session that was just made cannot have ended; if it somehow did,
+    /// the client is told to reconnect rather than the bridge panicking.
+    #[error("the new session ended before it was attached")]
+    EndedAtOnce,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,7 @@ use super::memory::{agent_key, lock, Memory};
 use super::{
     now_ms, AgentEntry, DedupCapacity, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession,
 };
+use crate::fault::ErrorKind;
 use crate::session::{AgentId, Notification};
 use async_trait::async_trait;
 use std::path::Path;
@@ -47,7 +48,10 @@ impl EmbeddedStore {
     }
 
     async fn durable(&self) -> Result<(), StoreError> {
-        self.journal.sync().await.map_err(StoreError::Unavailable)
+        // A barrier fails only while a commit fails for a reason that passes
+        // (lock, disk) or once the store is closed: writes the database
+        // refuses for their content are dropped by the journal, not reported.
+        self.journal.sync().await.map_err(|e| StoreError::new(ErrorKind::Unavailable, e))
     }
 }
 

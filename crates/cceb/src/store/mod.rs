@@ -11,6 +11,7 @@ mod memory;
 pub use embedded::EmbeddedStore;
 pub use journal::OpenError;
 
+use crate::fault::{Cause, ErrorKind};
 use crate::session::{AgentId, Notification};
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -105,10 +106,26 @@ pub struct StoredSession {
     pub mailbox: Vec<(u64, Arc<Notification>)>,
 }
 
+/// A store operation that failed: its kind says whether a retry can help.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+#[error("store {kind}: {source}")]
+pub struct StoreError {
+    kind: ErrorKind,
+    source: Cause,
+}
+
+impl StoreError {
+    pub fn new(kind: ErrorKind, source: impl Into<Cause>) -> Self {
+        StoreError { kind, source: source.into() }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        self.kind.is_retryable()
+    }
 }
 
 #[async_trait]
