@@ -138,6 +138,7 @@ impl Bridge {
                 max_unacked: settings.max_unacked,
                 mailbox_capacity: settings.mailbox_capacity,
                 max_sessions_per_agent: settings.max_sessions_per_agent,
+                clock: Arc::new(crate::clock::SystemClock),
                 source: settings.source_name.clone(),
             },
         ));

@@ -6,6 +6,7 @@ pub mod actions;
 pub mod app;
 pub mod auth;
 pub mod bus;
+pub mod clock;
 pub mod config;
 mod conn;
 pub mod fault;

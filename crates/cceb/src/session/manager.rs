@@ -5,11 +5,12 @@
 
 use super::{AgentId, Attachment, Full, Notification, Outbox, Registry, Session, SessionKey};
 use crate::bus::{Bus, BusError, OutRecord};
+use crate::clock::Clock;
 use crate::fault::ErrorKind;
 use crate::metrics::Metrics;
 use crate::push::{Announcement, Push};
 use crate::schema::SchemaSet;
-use crate::store::{now_ms, SessionRecord, Store, StoreError};
+use crate::store::{SessionRecord, Store, StoreError};
 use serde_json::{Map, Value as Json};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -27,6 +28,8 @@ pub struct SessionSettings {
     pub mailbox_capacity: usize,
     /// Most sessions of one agent (at least 1).
     pub max_sessions_per_agent: usize,
+    /// Decides TTLs: disconnect times, expiry.
+    pub clock: Arc<dyn Clock>,
     /// `source` of the records the bridge publishes itself.
     pub source: String,
 }
@@ -115,7 +118,7 @@ impl Sessions {
     /// change not yet published. Returns how many sessions came back.
     pub async fn restore(&self) -> Result<usize, StoreError> {
         let stored = self.store.sessions().await?;
-        let now = now_ms();
+        let now = self.settings.clock.now_ms();
         let count = stored.len();
         for s in stored {
             let mut record = s.record;
@@ -221,7 +224,7 @@ impl Sessions {
             return None;
         };
         let owned = session.key_matches(&key.hash) & (session.agent == *agent);
-        (owned && session.valid_at(now_ms(), self.settings.ttl)).then_some(session)
+        (owned && session.valid_at(self.settings.clock.now_ms(), self.settings.ttl)).then_some(session)
     }
 
     fn add(&self, session: Arc<Session>) {
@@ -247,7 +250,7 @@ impl Sessions {
     /// long-lived one keeps its mailbox and starts counting its TTL.
     fn disconnected(&self, session: &Arc<Session>, attachment: &Attachment) {
         if session.is_long_lived() {
-            session.detach(attachment.generation);
+            session.detach(attachment.generation, self.settings.clock.now_ms());
         } else {
             self.remove(session);
         }
@@ -270,7 +273,7 @@ impl Sessions {
     /// Removes expired sessions, forgets expired store entries and retries
     /// unpublished availability changes. Run every second or so.
     pub async fn sweep(&self) {
-        let now = now_ms();
+        let now = self.settings.clock.now_ms();
         let mut expired = Vec::new();
         for s in self.registry.all_long_lived() {
             // Ended under the session's lock: a resume racing the sweep either
@@ -404,7 +407,7 @@ impl Sessions {
     /// An interaction was offered to the agent: accept it on the agent's
     /// behalf once, if a valid session of the agent asked for auto-accept.
     pub async fn offered(&self, tenant: &str, agent: &str, interaction: &str) {
-        let now = now_ms();
+        let now = self.settings.clock.now_ms();
         let sessions = self.registry.of_agent(tenant, agent);
         let asked = sessions.iter().find(|s| s.auto_accept() && s.valid_at(now, self.settings.ttl));
         let Some(who) = asked.map(|s| s.agent.clone()) else { return };
@@ -447,7 +450,7 @@ impl Sessions {
     /// On shutdown: every attached long-lived session starts its TTL now.
     pub fn detach_all(&self) {
         for s in self.registry.all_long_lived() {
-            s.detach_any();
+            s.detach_any(self.settings.clock.now_ms());
         }
     }
 }
@@ -500,41 +503,134 @@ mod tests {
     use super::*;
     use crate::bus::embedded::LogLimits;
     use crate::bus::EmbeddedBus;
+    use crate::clock::ManualClock;
     use crate::push::NoPush;
     use crate::store::{DedupCapacity, EmbeddedStore};
 
-    fn sessions(dir: &std::path::Path) -> Arc<Sessions> {
-        let store: Arc<dyn Store> =
-            Arc::new(EmbeddedStore::open(dir, DedupCapacity { per_tenant: 100, total: 100 }).expect("store"));
+    const TTL: Duration = Duration::from_secs(3600);
+
+    struct Fixture {
+        sessions: Arc<Sessions>,
+        clock: Arc<ManualClock>,
+        bus: Arc<EmbeddedBus>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = EmbeddedStore::open(dir.path(), DedupCapacity { per_tenant: 100, total: 100 }).expect("store");
         let schemas = Arc::new(SchemaSet::load(None).expect("schemas"));
-        Arc::new(Sessions::new(
+        let bus = Arc::new(EmbeddedBus::new(LogLimits { records: 100, bytes: 1 << 20 }));
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let sessions = Arc::new(Sessions::new(
             Arc::new(Registry::default()),
-            store,
-            Arc::new(EmbeddedBus::new(LogLimits { records: 100, bytes: 1 << 20 })),
+            Arc::new(store),
+            bus.clone(),
             schemas.clone(),
             Arc::new(NoPush),
             Arc::new(Metrics::new(schemas.action_names())),
             SessionSettings {
-                ttl: Duration::from_millis(1),
+                ttl: TTL,
                 max_unacked: 10,
                 mailbox_capacity: 10,
                 max_sessions_per_agent: 4,
                 source: "test".into(),
+                clock: clock.clone(),
             },
-        ))
+        ));
+        Fixture { sessions, clock, bus, _dir: dir }
     }
 
     fn agent() -> AgentId {
         AgentId { tenant_guid: "t".into(), agent_guid: "a".into(), ir_instance: "ir".into() }
     }
 
+    fn long_lived(key: Option<&str>) -> OpenRequest {
+        OpenRequest { long_lived: true, session_key: key.map(str::to_owned), ..OpenRequest::default() }
+    }
+
+    /// (record, value of `field`) of what the bridge published.
+    async fn published(f: &Fixture, field: &str) -> Vec<(String, serde_json::Value)> {
+        let page = serde_json::to_value(f.bus.read_after(0, 100, Duration::ZERO).await).expect("json");
+        let records = page["records"].as_array().cloned().unwrap_or_default();
+        records
+            .iter()
+            .map(|r| (r["record"].as_str().unwrap_or_default().to_owned(), r["value"][field].clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_key_resumes_within_the_ttl_counted_from_disconnect_and_not_after() {
+        let f = fixture();
+        let first = f.sessions.open(agent(), long_lived(None)).await.expect("open");
+        let key = first.key.clone().expect("key");
+        // Connected for longer than the TTL: still valid.
+        f.clock.advance(TTL * 2);
+        drop(first);
+        f.clock.advance(TTL - Duration::from_millis(1));
+        let again = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("resume");
+        assert!(again.resumed);
+        drop(again);
+        f.clock.advance(TTL);
+        let late = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("open");
+        assert!(!late.resumed, "expired: a new session");
+        assert_ne!(late.key.as_deref(), Some(key.as_str()));
+    }
+
+    #[tokio::test]
+    async fn a_second_connection_takes_the_session_over_and_the_first_detaches_nothing() {
+        let f = fixture();
+        let first = f.sessions.open(agent(), long_lived(None)).await.expect("open");
+        let key = first.key.clone().expect("key");
+        let second = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("resume");
+        assert!(first.held.attachment.taken_over.is_cancelled(), "the first connection is told (4005)");
+        drop(first);
+        assert!(
+            second.held.session.disconnected_at().is_none(),
+            "the old connection's end leaves the new one attached"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sweep_ends_a_session_once_its_ttl_passed_and_availability_follows_each_transition() {
+        let f = fixture();
+        let one = f.sessions.open(agent(), long_lived(None)).await.expect("open");
+        let two = f.sessions.open(agent(), long_lived(None)).await.expect("open");
+        assert_eq!(published(&f, "available").await, [(AVAILABILITY_RECORD.to_owned(), true.into())]);
+        drop(two);
+        f.sessions.end(&one.held.session).await.expect("end");
+        assert_eq!(published(&f, "available").await.len(), 1, "the other session is still valid");
+        f.clock.advance(TTL - Duration::from_millis(1));
+        f.sessions.sweep().await;
+        assert_eq!(f.sessions.registry.all_long_lived().len(), 1);
+        f.clock.advance(Duration::from_millis(1));
+        f.sessions.sweep().await;
+        assert!(f.sessions.registry.all_long_lived().is_empty());
+        let records = published(&f, "available").await;
+        assert_eq!(records.last(), Some(&(AVAILABILITY_RECORD.to_owned(), false.into())));
+        assert_eq!(records.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn auto_accept_claims_an_interaction_once_for_any_session_that_asked() {
+        let f = fixture();
+        let req = OpenRequest { auto_accept: true, ..long_lived(None) };
+        let _a = f.sessions.open(agent(), req.clone()).await.expect("open");
+        let _b = f.sessions.open(agent(), req).await.expect("open");
+        f.sessions.offered("t", "a", "i-1").await;
+        f.sessions.offered("t", "a", "i-1").await;
+        f.sessions.offered("t", "a", "i-2").await;
+        f.sessions.offered("t", "other", "i-3").await;
+        let accepts: Vec<_> =
+            published(&f, "interactionId").await.into_iter().filter(|(r, _)| r == ACCEPT_RECORD).collect();
+        assert_eq!(accepts, [(ACCEPT_RECORD.to_owned(), "i-1".into()), (ACCEPT_RECORD.to_owned(), "i-2".into())]);
+    }
+
     #[tokio::test]
     async fn a_connection_task_killed_or_panicking_mid_flight_still_detaches_and_the_session_expires() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sessions = sessions(dir.path());
+        let f = fixture();
         for kill in ["abort", "panic"] {
-            let req = OpenRequest { long_lived: true, ..OpenRequest::default() };
-            let opened = sessions.open(agent(), req).await.expect("open");
+            let opened = f.sessions.open(agent(), long_lived(None)).await.expect("open");
             let session = opened.held.session.clone();
             assert!(session.disconnected_at().is_none(), "attached");
             let task = tokio::spawn(async move {
@@ -550,10 +646,10 @@ mod tests {
             }
             assert!(task.await.is_err(), "{kill}: the task did not end normally");
             assert!(session.disconnected_at().is_some(), "{kill}: detached");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            sessions.sweep().await;
-            assert!(sessions.registry.long_lived(&session.id).is_none(), "{kill}: expired after its TTL");
+            f.clock.advance(TTL);
+            f.sessions.sweep().await;
+            assert!(f.sessions.registry.long_lived(&session.id).is_none(), "{kill}: expired after its TTL");
         }
-        assert!(sessions.registry.is_empty());
+        assert!(f.sessions.registry.is_empty());
     }
 }

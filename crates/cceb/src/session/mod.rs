@@ -16,7 +16,7 @@ pub use outbox::{Due, Notification, Outbox, Pushed, Stalled};
 pub use rate::TokenBucket;
 pub use registry::{Full, Registry};
 
-use crate::store::{now_ms, SessionRecord, Store};
+use crate::store::{SessionRecord, Store};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -305,23 +305,23 @@ impl Session {
     }
 
     /// Detaches the connection of `generation` if it is still the attached
-    /// one; a long-lived session's TTL starts now. Returns whether it was.
-    pub fn detach(&self, generation: u64) -> bool {
+    /// one; a long-lived session's TTL starts at `now_ms`. Returns whether it was.
+    pub fn detach(&self, generation: u64, now_ms: u64) -> bool {
         let mut st = self.state();
         if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
             return false;
         }
         st.attached = None;
-        st.disconnected_at_ms = Some(now_ms());
+        st.disconnected_at_ms = Some(now_ms);
         self.save(&st);
         true
     }
 
     /// Detaches whatever connection is attached (shutdown).
-    pub fn detach_any(&self) {
+    pub fn detach_any(&self, now_ms: u64) {
         let generation = self.state().attached.as_ref().map(|(g, _)| *g);
         if let Some(g) = generation {
-            self.detach(g);
+            self.detach(g, now_ms);
         }
     }
 
