@@ -1,4 +1,4 @@
-//! Backend events → notifications → session outboxes (contract section 5).
+//! Backend events → notifications → session mailboxes (contract section 5).
 //!
 //! What an event becomes and who receives it is read from the mapping file
 //! (`schema::EventMapping`); this module carries out the few behaviours that
@@ -139,10 +139,10 @@ pub fn notification_uuid(source: Option<&str>, index: usize) -> String {
     uuid::Builder::from_random_bytes(bytes).into_uuid().to_string()
 }
 
-/// Sources whose notifications are in the outboxes already: a source sent
+/// Sources whose notifications are in the mailboxes already: a source sent
 /// again (a backend retrying after a 503 whose writes the store later made
 /// durable, a Kafka record read again after a rebalance) is not queued twice.
-/// Bounded, oldest forgotten first; gone with the process, as are outboxes
+/// Bounded, oldest forgotten first; gone with the process, as are mailboxes
 /// that were not durable.
 struct Recent {
     seen: HashSet<u128>,
@@ -201,7 +201,7 @@ impl Router {
     }
 
     /// Applies the events to the directory, puts their notifications in the
-    /// outboxes of every addressed session and carries out auto-accept;
+    /// mailboxes of every addressed session and carries out auto-accept;
     /// returns how many were queued. Every step that can fail (the store)
     /// runs for all events before any notification is queued, so a failure
     /// leaves no event half-taken. Durable only after [`Router::commit`].

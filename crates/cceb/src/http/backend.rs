@@ -111,7 +111,7 @@ pub fn parse_events(reader: &EventReader, body: &[u8]) -> Result<Vec<Event>, Bod
 }
 
 /// Validates the whole body first, so a batch is taken entirely or not at all;
-/// answers 202 only once every notification is in its session's outbox and
+/// answers 202 only once every notification is in its session's mailbox and
 /// durable in the store.
 async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
     let started = Instant::now();

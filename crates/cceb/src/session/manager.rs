@@ -3,7 +3,7 @@
 //! after a restart. Also what follows from the set of valid sessions: chat
 //! availability records and auto-accept.
 
-use super::{AgentId, Attachment, Full, Notification, Outbox, Registry, Session, SessionKey};
+use super::{AgentId, Attachment, Full, Mailbox, Notification, Registry, Session, SessionKey};
 use crate::bus::{Bus, BusError, OutRecord};
 use crate::clock::Clock;
 use crate::fault::ErrorKind;
@@ -125,8 +125,9 @@ impl Sessions {
             // A bridge stopped by SIGKILL never recorded the disconnect: count the TTL from now.
             record.disconnected_at_ms.get_or_insert(now);
             let (capacity, window) = (self.settings.mailbox_capacity, self.settings.max_unacked);
-            let outbox = Outbox::restore(capacity, window, s.next_seq, s.mailbox);
-            let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
+            let mailbox = Mailbox::restore(capacity, window, s.next_seq, s.mailbox);
+            let session =
+                Arc::new(Session::long_lived(&record, mailbox, self.settings.max_unacked, self.store.clone()));
             session.reserve_seqs();
             self.add(session);
         }
@@ -180,8 +181,8 @@ impl Sessions {
             dropped: 0,
             disconnected_at_ms: None,
         };
-        let outbox = Outbox::new(self.settings.mailbox_capacity, self.settings.max_unacked);
-        let session = Arc::new(Session::long_lived(&record, outbox, self.settings.max_unacked, self.store.clone()));
+        let mailbox = Mailbox::new(self.settings.mailbox_capacity, self.settings.max_unacked);
+        let session = Arc::new(Session::long_lived(&record, mailbox, self.settings.max_unacked, self.store.clone()));
         let delta = self.admit(&session)?;
         let attachment = session.attach(req.auto_accept, req.push_token).ok_or(OpenError::EndedAtOnce)?;
         let held = self.hold(session.clone(), attachment);
@@ -304,13 +305,13 @@ impl Sessions {
         }
     }
 
-    /// Puts a notification in the outbox of every session of one agent;
+    /// Puts a notification in the mailbox of every session of one agent;
     /// returns how many.
     pub fn deliver_to_agent(&self, tenant: &str, agent: &str, n: &Arc<Notification>) -> usize {
         self.deliver_all(&self.registry.of_agent(tenant, agent), n)
     }
 
-    /// Puts a notification in the outbox of every session of one tenant.
+    /// Puts a notification in the mailbox of every session of one tenant.
     pub fn deliver_to_tenant(&self, tenant: &str, n: &Arc<Notification>) -> usize {
         self.deliver_all(&self.registry.of_tenant(tenant), n)
     }
@@ -324,7 +325,7 @@ impl Sessions {
         sessions.len()
     }
 
-    /// Puts a notification in one session's outbox; a disconnected
+    /// Puts a notification in one session's mailbox; a disconnected
     /// long-lived session with a push token gets it announced.
     fn deliver_to(&self, n: &Arc<Notification>, s: &Arc<Session>) {
         let d = s.deliver(n);

@@ -1,18 +1,18 @@
 //! Sessions: who is connected, as which agent, and what each session still owes
-//! its client. `registry` finds sessions by agent, tenant and id; `outbox`
+//! its client. `registry` finds sessions by agent, tenant and id; `mailbox`
 //! keeps one session's notifications until acked; `manager` opens, resumes,
 //! ends and expires them (contract sections 5 and 6); `key` makes and checks
 //! long-lived session keys.
 
 mod key;
+mod mailbox;
 mod manager;
-mod outbox;
 mod rate;
 mod registry;
 
 pub use key::SessionKey;
+pub use mailbox::{Due, Mailbox, Notification, Pushed, Stalled};
 pub use manager::{Held, OpenError, OpenRequest, Opened, SessionSettings, Sessions};
-pub use outbox::{Due, Notification, Outbox, Pushed, Stalled};
 pub use rate::TokenBucket;
 pub use registry::{Full, Registry};
 
@@ -49,7 +49,7 @@ impl std::fmt::Debug for LongLived {
 
 #[derive(Debug)]
 struct State {
-    outbox: Outbox,
+    mailbox: Mailbox,
     auto_accept: bool,
     push_token: Option<String>,
     /// Mailbox entries dropped since a client was last attached.
@@ -99,20 +99,20 @@ impl Session {
     /// A session that lives as long as its connection (`attach` sets what the client asked).
     pub fn new(id: Arc<str>, agent: AgentId, max_unacked: usize) -> Self {
         // One over max_unacked: the connection is closed (4004) when it is reached.
-        let outbox = Outbox::new(max_unacked + 1, max_unacked + 1);
-        Self::build(id, agent, None, outbox, max_unacked, false, None, None)
+        let mailbox = Mailbox::new(max_unacked + 1, max_unacked + 1);
+        Self::build(id, agent, None, mailbox, max_unacked, false, None, None)
     }
 
     /// A long-lived session; every change is written through `store`. Its
-    /// outbox sends only seqs durably reserved: call [`Session::reserve_seqs`].
-    pub fn long_lived(record: &SessionRecord, mut outbox: Outbox, max_unacked: usize, store: Arc<dyn Store>) -> Self {
-        outbox.send_below(outbox.next_seq());
+    /// mailbox sends only seqs durably reserved: call [`Session::reserve_seqs`].
+    pub fn long_lived(record: &SessionRecord, mut mailbox: Mailbox, max_unacked: usize, store: Arc<dyn Store>) -> Self {
+        mailbox.send_below(mailbox.next_seq());
         let ll = LongLived { key_hash: record.key_hash, store };
         let mut s = Self::build(
             record.id.clone(),
             record.agent.clone(),
             Some(ll),
-            outbox,
+            mailbox,
             max_unacked,
             record.auto_accept,
             record.push_token.clone(),
@@ -120,7 +120,7 @@ impl Session {
         );
         let st = s.state.get_mut().unwrap_or_else(PoisonError::into_inner);
         st.dropped = record.dropped;
-        st.seq_reserved = st.outbox.next_seq();
+        st.seq_reserved = st.mailbox.next_seq();
         s
     }
 
@@ -134,7 +134,7 @@ impl Session {
 
     fn reserve_ahead(self: &Arc<Self>, st: &mut State, now: bool) {
         let Some(ll) = &self.long_lived else { return };
-        let next = st.outbox.next_seq();
+        let next = st.mailbox.next_seq();
         if st.ended || !(now || next + SEQ_BLOCK / 2 >= st.seq_reserved) {
             return;
         }
@@ -147,7 +147,7 @@ impl Session {
     /// The store made the reservation up to `upto` durable.
     fn reserved(me: &Weak<Session>, upto: u64) {
         if let Some(s) = me.upgrade() {
-            s.state().outbox.send_below(upto);
+            s.state().mailbox.send_below(upto);
             s.wake.notify_one();
         }
     }
@@ -157,7 +157,7 @@ impl Session {
         id: Arc<str>,
         agent: AgentId,
         long_lived: Option<LongLived>,
-        outbox: Outbox,
+        mailbox: Mailbox,
         max_unacked: usize,
         auto_accept: bool,
         push_token: Option<String>,
@@ -168,7 +168,7 @@ impl Session {
             agent,
             long_lived,
             state: Mutex::new(State {
-                outbox,
+                mailbox,
                 auto_accept,
                 push_token,
                 dropped: 0,
@@ -295,7 +295,7 @@ impl Session {
         st.auto_accept = auto_accept;
         st.push_token = push_token;
         let dropped = std::mem::take(&mut st.dropped);
-        st.outbox.rewind();
+        st.mailbox.rewind();
         self.overflowed.store(false, Ordering::Release);
         self.save(&st);
         let generation = st.generation;
@@ -329,7 +329,7 @@ impl Session {
     /// wakes the connection.
     pub fn deliver(self: &Arc<Self>, n: &Arc<Notification>) -> Delivered {
         let mut st = self.state();
-        let pushed = st.outbox.push(n.clone());
+        let pushed = st.mailbox.push(n.clone());
         let mut out = Delivered { dropped: pushed.dropped.is_some(), announce_to: None };
         if let Some(ll) = self.long_lived.as_ref().filter(|_| !st.ended) {
             // Under the lock: an ack of this seq must not reach the store before its put.
@@ -343,7 +343,7 @@ impl Session {
                 out.announce_to = st.push_token.clone();
             }
             self.reserve_ahead(&mut st, false);
-        } else if st.attached.is_some() && st.outbox.len() > self.max_unacked {
+        } else if st.attached.is_some() && st.mailbox.len() > self.max_unacked {
             // Short-lived: the queue past max_unacked closes the connection
             // (4004); a long-lived one keeps it in its mailbox (flow control).
             self.overflowed.store(true, Ordering::Release);
@@ -357,12 +357,12 @@ impl Session {
     /// first sent, `None` for an unknown or already acked uuid.
     pub fn ack(&self, uuid: &str, now: Instant) -> Option<Duration> {
         let mut st = self.state();
-        let (seq, waited) = st.outbox.ack(uuid, now)?;
+        let (seq, waited) = st.mailbox.ack(uuid, now)?;
         if let Some(ll) = self.long_lived.as_ref().filter(|_| !st.ended) {
             ll.store.mailbox_remove(&self.id, seq);
         }
         // The window has room again for what waits behind it.
-        let wake = st.outbox.waiting();
+        let wake = st.mailbox.waiting();
         drop(st);
         if wake {
             self.wake.notify_one();
@@ -383,17 +383,17 @@ impl Session {
         if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
             return Ok(None);
         }
-        st.outbox.take_due(now, ack_timeout, out)
+        st.mailbox.take_due(now, ack_timeout, out)
     }
 
     /// What the connection of `generation` took at `taken` is written now
-    /// (see [`Outbox::written`]); returns when to look again.
+    /// (see [`Mailbox::written`]); returns when to look again.
     pub fn written(&self, generation: u64, taken: Instant, now: Instant, ack_timeout: Duration) -> Option<Instant> {
         let mut st = self.state();
         if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
             return None;
         }
-        st.outbox.written(taken, now, ack_timeout)
+        st.mailbox.written(taken, now, ack_timeout)
     }
 
     /// Whether the client of a short-lived session let more than
@@ -403,6 +403,6 @@ impl Session {
     }
 
     pub fn mailbox_len(&self) -> usize {
-        self.state().outbox.len()
+        self.state().mailbox.len()
     }
 }

@@ -47,7 +47,7 @@ pub struct Pushed {
 pub struct Stalled;
 
 #[derive(Debug)]
-pub struct Outbox {
+pub struct Mailbox {
     next_seq: u64,
     /// In seq order; entries before `cursor` were sent to the current connection.
     entries: VecDeque<Entry>,
@@ -62,11 +62,11 @@ pub struct Outbox {
     full_since: Option<Instant>,
 }
 
-impl Outbox {
-    /// An outbox that keeps at most `capacity` entries, dropping the oldest,
+impl Mailbox {
+    /// An mailbox that keeps at most `capacity` entries, dropping the oldest,
     /// and has at most `window` of them in flight.
     pub fn new(capacity: usize, window: usize) -> Self {
-        Outbox {
+        Mailbox {
             next_seq: 1,
             entries: VecDeque::new(),
             cursor: 0,
@@ -77,7 +77,7 @@ impl Outbox {
         }
     }
 
-    /// An outbox read back from the store: entries in seq order, none sent
+    /// An mailbox read back from the store: entries in seq order, none sent
     /// to a connection yet; `next_seq` is the durable high-water mark.
     pub fn restore(
         capacity: usize,
@@ -88,7 +88,7 @@ impl Outbox {
         let entries: VecDeque<Entry> =
             entries.into_iter().map(|(seq, n)| Entry { seq, n, sent_at: None, first_sent: None }).collect();
         let next_seq = entries.back().map_or(next_seq, |e| next_seq.max(e.seq + 1));
-        Outbox { next_seq, entries, cursor: 0, capacity, window, sendable_below: u64::MAX, full_since: None }
+        Mailbox { next_seq, entries, cursor: 0, capacity, window, sendable_below: u64::MAX, full_since: None }
     }
 
     /// Seq the next notification gets.
@@ -240,7 +240,7 @@ mod tests {
     fn sends_once_then_redelivers_with_the_same_seq_until_acked() {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(10);
-        let mut o = Outbox::new(10, 10);
+        let mut o = Mailbox::new(10, 10);
         o.push(n("a"));
         o.push(n("b"));
         let mut out = Vec::new();
@@ -261,7 +261,7 @@ mod tests {
     #[test]
     fn past_capacity_the_oldest_is_dropped() {
         let t0 = Instant::now();
-        let mut o = Outbox::new(2, 2);
+        let mut o = Mailbox::new(2, 2);
         assert_eq!(o.push(n("a")), Pushed { seq: 1, dropped: None });
         o.take_due(t0, Duration::from_secs(1), &mut Vec::new()).expect("not stalled");
         assert_eq!(o.push(n("b")), Pushed { seq: 2, dropped: None });
@@ -274,7 +274,7 @@ mod tests {
     #[test]
     fn rewind_replays_everything_unacked_in_order_with_its_seq() {
         let t0 = Instant::now();
-        let mut o = Outbox::restore(10, 10, 5, [(3, n("x")), (4, n("y"))]);
+        let mut o = Mailbox::restore(10, 10, 5, [(3, n("x")), (4, n("y"))]);
         assert_eq!(o.push(n("z")).seq, 5, "seq continues after what was read back");
         let mut out = Vec::new();
         o.take_due(t0, Duration::from_secs(10), &mut out).expect("not stalled");
@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn ack_of_a_middle_entry_keeps_the_cursor_right() {
         let t0 = Instant::now();
-        let mut o = Outbox::new(10, 10);
+        let mut o = Mailbox::new(10, 10);
         let mut out = Vec::new();
         o.push(n("a"));
         o.push(n("b"));
@@ -306,7 +306,7 @@ mod tests {
     fn a_backlog_larger_than_the_window_goes_out_window_by_window_as_acks_free_it() {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(10);
-        let mut o = Outbox::restore(100, 3, 1, (1..=7).map(|i| (i, n(&format!("n{i}")))));
+        let mut o = Mailbox::restore(100, 3, 1, (1..=7).map(|i| (i, n(&format!("n{i}")))));
         let mut out = Vec::new();
         o.take_due(t0, timeout, &mut out).expect("not stalled");
         assert_eq!(seqs(&out), [(1, false), (2, false), (3, false)], "at most the window in flight");
@@ -324,7 +324,7 @@ mod tests {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(10);
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut o = Outbox::new(100, 2);
+        let mut o = Mailbox::new(100, 2);
         for i in 1..=4 {
             o.push(n(&format!("n{i}")));
         }
@@ -348,7 +348,7 @@ mod tests {
     #[test]
     fn entries_whose_seq_is_not_yet_reserved_wait() {
         let t0 = Instant::now();
-        let mut o = Outbox::new(10, 10);
+        let mut o = Mailbox::new(10, 10);
         o.send_below(3);
         for i in 1..=4 {
             o.push(n(&format!("n{i}")));
@@ -367,7 +367,7 @@ mod tests {
         let t0 = Instant::now();
         let timeout = Duration::from_secs(10);
         let at = |s: u64| t0 + Duration::from_secs(s);
-        let mut o = Outbox::new(100, 2);
+        let mut o = Mailbox::new(100, 2);
         for i in 1..=3 {
             o.push(n(&format!("n{i}")));
         }
