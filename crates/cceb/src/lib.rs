@@ -17,6 +17,7 @@ pub mod push;
 pub mod schema;
 pub mod session;
 pub mod store;
+pub mod sync;
 
 pub use app::Bridge;
 pub use config::Settings;

@@ -10,11 +10,12 @@ use crate::schema::convert::{field, field_bool, field_i64, field_str, to_json, K
 use crate::schema::{Audience, DirectoryChange, EventMapping, FieldError, SchemaSet, Transform};
 use crate::session::{Notification, Sessions};
 use crate::store::{AgentEntry, AgentPatch, DirectoryOp, Store, StoreError};
+use crate::sync::lock;
 use apache_avro::types::Value as Avro;
 use cceb_protocol::NotificationType;
 use serde_json::{json, Map, Value as Json};
 use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Who receives a notification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,7 +198,7 @@ impl Router {
     }
 
     fn recent(&self) -> MutexGuard<'_, Recent> {
-        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.recent)
     }
 
     /// Applies the events to the directory, puts their notifications in the

@@ -5,13 +5,14 @@
 //! cannot be read, fetched or parsed leaves the keys already held in place.
 
 use super::{Key, KeyError, KeySet};
+use crate::sync::{lock, read, write};
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, PublicKeyUse};
 use jsonwebtoken::DecodingKey;
 use metrics::Counter;
 use reqwest::header::{HeaderMap, CACHE_CONTROL};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -88,11 +89,11 @@ impl Held {
     }
 
     fn get(&self) -> Arc<KeySet> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+        read(&self.0).clone()
     }
 
     fn set(&self, keys: KeySet) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+        *write(&self.0) = Arc::new(keys);
     }
 }
 
@@ -269,7 +270,7 @@ impl UrlSource {
     }
 
     fn fetching(&self) -> MutexGuard<'_, Fetching> {
-        self.fetching.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.fetching)
     }
 
     /// Fetches whenever the keys held are due, until `stop`.

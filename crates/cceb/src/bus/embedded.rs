@@ -5,12 +5,13 @@
 use super::{Bus, BusError, OutRecord};
 use crate::fault::ErrorKind;
 use crate::schema::convert::{to_json, Keys};
+use crate::sync::lock;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -103,7 +104,7 @@ impl EmbeddedBus {
             let _ = tokio::time::timeout(wait, rx.wait_for(|&last| last > after)).await;
         }
         // Every publish needs this lock: take only pointers under it.
-        let log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let log = lock(&self.log);
         let skip = after.saturating_add(1).saturating_sub(log.first);
         let start = usize::try_from(skip).unwrap_or(usize::MAX).min(log.records.len());
         let records: Vec<Arc<LoggedRecord>> = log.records.range(start..).take(limit).cloned().collect();
@@ -125,7 +126,7 @@ impl Bus for EmbeddedBus {
         }
         let value = serde_json::value::to_raw_value(&to_json(&record.value, Keys::AsIs))
             .map_err(|e| BusError::new(ErrorKind::Rejected, format!("cannot serialise the record: {e}")))?;
-        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut log = lock(&self.log);
         let offset = *self.last.borrow() + 1;
         let logged = Arc::new(LoggedRecord { key: record.key, offset, record: record.record, value });
         log.bytes += logged.size();

@@ -4,11 +4,12 @@
 //! Both are cached: the registry is asked once per (subject, record) and id.
 
 use crate::fault::ErrorKind;
+use crate::sync::lock;
 use apache_avro::schema::Schema;
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +76,7 @@ impl SchemaRegistry {
     /// The id of `schema` under `subject`, registering it if the registry does not have it.
     pub async fn id_for(&self, subject: &str, record: &str, schema: &Schema) -> Result<u32, RegistryError> {
         let key = (subject.to_owned(), record.to_owned());
-        if let Some(&id) = self.ids.lock().unwrap_or_else(PoisonError::into_inner).get(&key) {
+        if let Some(&id) = lock(&self.ids).get(&key) {
             return Ok(id);
         }
         let text = serde_json::to_string(schema).map_err(|e| RegistryError::Http(e.to_string()))?;
@@ -91,13 +92,13 @@ impl SchemaRegistry {
             return Err(RegistryError::Refused { subject: subject.to_owned(), status: r.status() });
         }
         let id = r.json::<IdAnswer>().await.map_err(|e| RegistryError::Http(e.to_string()))?.id;
-        self.ids.lock().unwrap_or_else(PoisonError::into_inner).insert(key, id);
+        lock(&self.ids).insert(key, id);
         Ok(id)
     }
 
     /// The record name and writer schema of `id`.
     pub async fn writer(&self, id: u32) -> Result<Writer, RegistryError> {
-        if let Some(w) = self.writers.lock().unwrap_or_else(PoisonError::into_inner).get(&id) {
+        if let Some(w) = lock(&self.writers).get(&id) {
             return Ok(w.clone());
         }
         let r = self
@@ -114,7 +115,7 @@ impl SchemaRegistry {
         let schema = Schema::parse_str(&text).map_err(|e| bad(e.to_string()))?;
         let Schema::Record(rs) = &schema else { return Err(bad("not a record".into())) };
         let w = Arc::new((rs.name.name.clone(), schema.clone()));
-        self.writers.lock().unwrap_or_else(PoisonError::into_inner).insert(id, w.clone());
+        lock(&self.writers).insert(id, w.clone());
         Ok(w)
     }
 }

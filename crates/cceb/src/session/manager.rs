@@ -11,9 +11,10 @@ use crate::metrics::Metrics;
 use crate::push::{Announcement, Push};
 use crate::schema::SchemaSet;
 use crate::store::{SessionRecord, Store, StoreError};
+use crate::sync::lock;
 use serde_json::{Map, Value as Json};
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The record the bridge publishes when an agent's chat availability changes.
@@ -94,10 +95,6 @@ impl Drop for Deciding<'_> {
             av.pending.insert(self.agent.clone());
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Sessions {

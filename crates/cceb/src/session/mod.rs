@@ -17,6 +17,7 @@ pub use rate::TokenBucket;
 pub use registry::{Full, Registry};
 
 use crate::store::{SessionRecord, Store};
+use crate::sync::lock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
@@ -185,7 +186,7 @@ impl Session {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.state)
     }
 
     pub fn is_long_lived(&self) -> bool {

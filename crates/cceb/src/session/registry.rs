@@ -1,9 +1,10 @@
 //! The sessions of this node, by tenant and agent, and the long-lived ones by id.
 
 use super::Session;
+use crate::sync::{read, write};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
 type Agents = HashMap<Arc<str>, Vec<Arc<Session>>>;
 
@@ -21,9 +22,9 @@ pub struct Registry {
 impl Registry {
     pub fn add(&self, s: Arc<Session>) {
         if s.is_long_lived() {
-            self.long_lived.write().unwrap_or_else(PoisonError::into_inner).insert(s.id.clone(), s.clone());
+            write(&self.long_lived).insert(s.id.clone(), s.clone());
         }
-        let mut t = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        let mut t = write(&self.tenants);
         let agents = t.entry(s.agent.tenant_guid.clone()).or_default();
         agents.entry(s.agent.agent_guid.clone()).or_default().push(s);
         self.count.fetch_add(1, Ordering::Relaxed);
@@ -35,7 +36,7 @@ impl Registry {
     /// changes and `Err(Full)`. Decided under the lock, so racing hellos
     /// cannot exceed the cap (at least 1, as the settings require).
     pub fn add_capped(&self, s: Arc<Session>, cap: usize) -> Result<Option<Arc<Session>>, Full> {
-        let mut t = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        let mut t = write(&self.tenants);
         let list = t.entry(s.agent.tenant_guid.clone()).or_default().entry(s.agent.agent_guid.clone()).or_default();
         let mut evicted = None;
         if list.iter().filter(|x| x.is_long_lived()).count() >= cap {
@@ -54,7 +55,7 @@ impl Registry {
         list.push(s.clone());
         self.count.fetch_add(1, Ordering::Relaxed);
         drop(t);
-        let mut ll = self.long_lived.write().unwrap_or_else(PoisonError::into_inner);
+        let mut ll = write(&self.long_lived);
         if let Some(old) = &evicted {
             if ll.get(&old.id).is_some_and(|x| Arc::ptr_eq(x, old)) {
                 ll.remove(&old.id);
@@ -67,13 +68,13 @@ impl Registry {
     /// Removes the session; returns whether it was registered.
     pub fn remove(&self, s: &Arc<Session>) -> bool {
         if s.is_long_lived() {
-            let mut ll = self.long_lived.write().unwrap_or_else(PoisonError::into_inner);
+            let mut ll = write(&self.long_lived);
             if ll.get(&s.id).is_some_and(|x| Arc::ptr_eq(x, s)) {
                 ll.remove(&s.id);
             }
         }
         let mut removed = false;
-        let mut t = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        let mut t = write(&self.tenants);
         let Some(agents) = t.get_mut(&s.agent.tenant_guid) else { return false };
         if let Some(list) = agents.get_mut(&s.agent.agent_guid) {
             if let Some(i) = list.iter().position(|x| Arc::ptr_eq(x, s)) {
@@ -93,23 +94,23 @@ impl Registry {
 
     /// A long-lived session by id.
     pub fn long_lived(&self, id: &str) -> Option<Arc<Session>> {
-        self.long_lived.read().unwrap_or_else(PoisonError::into_inner).get(id).cloned()
+        read(&self.long_lived).get(id).cloned()
     }
 
     /// Every long-lived session, for the expiry sweep.
     pub fn all_long_lived(&self) -> Vec<Arc<Session>> {
-        self.long_lived.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+        read(&self.long_lived).values().cloned().collect()
     }
 
     /// The sessions of one agent, taken under the lock and used outside it.
     pub fn of_agent(&self, tenant: &str, agent: &str) -> Vec<Arc<Session>> {
-        let t = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        let t = read(&self.tenants);
         t.get(tenant).and_then(|a| a.get(agent)).cloned().unwrap_or_default()
     }
 
     /// The sessions of one tenant, taken under the lock and used outside it.
     pub fn of_tenant(&self, tenant: &str) -> Vec<Arc<Session>> {
-        let t = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        let t = read(&self.tenants);
         t.get(tenant).map(|agents| agents.values().flatten().cloned().collect()).unwrap_or_default()
     }
 

@@ -2,12 +2,13 @@
 //! under `CCEB_DATA_DIR`, everything read back at start-up.
 
 use super::journal::{AfterCommit, Journal, Op, OpenError};
-use super::memory::{agent_key, lock, Memory};
+use super::memory::{agent_key, Memory};
 use super::{
     now_ms, AgentEntry, DedupCapacity, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession,
 };
 use crate::fault::ErrorKind;
 use crate::session::{AgentId, Notification};
+use crate::sync::lock;
 use async_trait::async_trait;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

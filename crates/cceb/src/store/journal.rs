@@ -6,6 +6,7 @@
 
 use super::{AgentEntry, SessionRecord, StoredSession};
 use crate::session::{AgentId, Notification};
+use crate::sync::lock;
 use cceb_protocol::NotificationType;
 use rusqlite::{params, Connection};
 use std::collections::HashMap;
@@ -178,7 +179,7 @@ impl Journal {
     }
 
     pub fn push(&self, op: Op) {
-        let mut q = self.inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut q = lock(&self.inner.queue);
         if q.closed {
             return;
         }
@@ -204,11 +205,11 @@ impl Journal {
     /// Commits what is queued and stops the writer thread.
     pub fn close(&self) {
         {
-            let mut q = self.inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut q = lock(&self.inner.queue);
             q.closed = true;
             self.inner.ready.notify_one();
         }
-        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let thread = lock(&self.thread).take();
         if let Some(t) = thread {
             let _ = t.join();
         }
@@ -272,7 +273,7 @@ fn write_loop(mut conn: Connection, inner: &Inner) {
     let mut after_commit: Vec<AfterCommit> = Vec::new();
     loop {
         let (batch, closing) = {
-            let mut q = inner.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut q = lock(&inner.queue);
             while q.ops.is_empty() && !q.closed {
                 if unwritten.is_empty() {
                     q = inner.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
@@ -317,7 +318,7 @@ fn write_loop(mut conn: Connection, inner: &Inner) {
         for b in barriers {
             let _ = b.send(result.clone());
         }
-        if closing && inner.queue.lock().unwrap_or_else(PoisonError::into_inner).ops.is_empty() {
+        if closing && lock(&inner.queue).ops.is_empty() {
             if !unwritten.is_empty() {
                 tracing::error!(lost = unwritten.len(), "store closed with writes that could not be committed");
             }

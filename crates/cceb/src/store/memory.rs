@@ -3,8 +3,9 @@
 
 use super::{AgentEntry, AgentPatch, DedupCapacity, DedupKey, DirectoryOp};
 use crate::session::AgentId;
+use crate::sync::{lock, read, write};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 #[derive(Default)]
 pub struct Tenant {
@@ -203,7 +204,7 @@ impl Memory {
 
     /// Applies a directory change; returns the entry before and after it.
     pub fn directory_apply(&self, tenant: &str, op: DirectoryOp) -> (Option<AgentEntry>, Option<AgentEntry>) {
-        let mut tenants = self.tenants.write().unwrap_or_else(PoisonError::into_inner);
+        let mut tenants = write(&self.tenants);
         let t = tenants.entry(tenant.to_owned()).or_default();
         match op {
             DirectoryOp::Put(entry) => (t.put(entry.clone()), Some(entry)),
@@ -219,27 +220,23 @@ impl Memory {
     }
 
     pub fn directory_get(&self, tenant: &str, agent_guid: &str) -> Option<AgentEntry> {
-        let tenants = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        let tenants = read(&self.tenants);
         tenants.get(tenant).and_then(|t| t.agents.get(agent_guid)).cloned()
     }
 
     pub fn resolve_contact(&self, tenant: &str, contact_id: &str) -> Option<String> {
-        let tenants = self.tenants.read().unwrap_or_else(PoisonError::into_inner);
+        let tenants = read(&self.tenants);
         tenants.get(tenant).and_then(|t| t.contacts.get(contact_id)).cloned()
     }
 
     pub fn dedup(&self) -> MutexGuard<'_, Dedup> {
-        self.dedup.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.dedup)
     }
 }
 
 /// Key of an agent in the per-agent maps.
 pub fn agent_key(a: &AgentId) -> AgentKey {
     (a.tenant_guid.clone(), a.agent_guid.clone())
-}
-
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[cfg(test)]
