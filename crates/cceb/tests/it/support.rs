@@ -1,10 +1,10 @@
 //! A real bridge on loopback, and clients that speak to it only over WebSocket
 //! and HTTP, as agent applications and backends do.
 
-use cceb::auth::{mint_hs256, TokenRequest};
 use cceb::{Bridge, Settings};
 use cceb_protocol::outgoing::{parse_server_message, HelloReply, ServerMessage};
 use cceb_protocol::{ErrorCode, NotificationType};
+use cceb_token::{mint_hs256, TokenRequest};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
