@@ -1,7 +1,7 @@
 //! The `cceb serve` process under test: start, read /proc, stop.
 
 use anyhow::{bail, Context};
-use cceb::auth::{mint_hs256, TokenRequest};
+use cceb_token::{mint_hs256, TokenRequest};
 use serde_json::Value;
 use std::process::Stdio;
 use std::time::Duration;

@@ -44,6 +44,7 @@ pub const MIN_HS256_SECRET_BYTES: usize = 32;
 pub enum BusKind {
     /// In this process; backends use the backend port.
     Embedded,
+    /// Only in a build with the cargo feature `kafka` (the default); refused otherwise.
     Kafka,
 }
 
@@ -312,6 +313,9 @@ impl Settings {
         if let Some((name, _, max)) = bounded.iter().find(|(_, v, max)| v > max) {
             return Err(ConfigError::Invalid(format!("{name} must be at most {max}")));
         }
+        if self.bus == BusKind::Kafka && !cfg!(feature = "kafka") {
+            return Err(ConfigError::Invalid(format!("bus = \"kafka\" (CCEB_BUS): {}", crate::bus::NO_KAFKA)));
+        }
         if self.mailbox_capacity < self.max_unacked {
             return Err(ConfigError::Invalid(format!(
                 "mailbox_capacity ({}) must be at least max_unacked ({}): a long-lived connection's window must fit in its mailbox",
@@ -378,21 +382,6 @@ impl Settings {
     }
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_seconds)
-    }
-    pub fn kafka(&self) -> crate::bus::KafkaSettings {
-        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-        crate::bus::KafkaSettings {
-            brokers: self.kafka_brokers.clone(),
-            action_topic: self.kafka_action_topic.clone(),
-            action_topics: self.kafka_action_topics.clone(),
-            event_topics: self.kafka_event_topics.clone(),
-            provisioning_topic: non_empty(&self.kafka_provisioning_topic),
-            group_id: self.kafka_group_id.clone(),
-            dead_letter_topic: non_empty(&self.kafka_dead_letter_topic),
-            publish_timeout: Duration::from_millis(self.kafka_publish_timeout_ms),
-            properties: self.kafka_properties.clone(),
-            registry_url: self.schema_registry_url.clone(),
-        }
     }
     pub fn dedup_window(&self) -> Duration {
         Duration::from_secs(self.dedup_window_seconds)
@@ -472,6 +461,17 @@ mod tests {
         assert!(with("ftp://idp.test/jwks").validate().is_err());
         with("https://idp.test/.well-known/jwks.json").validate().expect("https");
         with("http://127.0.0.1:9/jwks").validate().expect("http");
+    }
+
+    #[test]
+    fn the_kafka_bus_needs_the_kafka_feature() {
+        let r = Settings { bus: BusKind::Kafka, ..Settings::default() }.validate();
+        if cfg!(feature = "kafka") {
+            r.expect("a build with Kafka runs the Kafka bus");
+        } else {
+            let e = r.expect_err("a build without Kafka refuses it").to_string();
+            assert!(e.contains("CCEB_BUS") && e.contains("cargo feature `kafka`"), "{e}");
+        }
     }
 
     #[test]

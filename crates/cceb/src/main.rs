@@ -1,9 +1,9 @@
 //! The `cceb` binary: `serve` runs the bridge, `token` mints a client token.
 
 use anyhow::Context;
-use cceb::auth::{mint_hs256, TokenRequest};
 use cceb::config::{LogFormat, Settings};
 use cceb::Bridge;
+use cceb_token::{mint_hs256, TokenRequest};
 use clap::{Parser, Subcommand};
 use rand::distr::{Alphanumeric, SampleString};
 use std::path::PathBuf;

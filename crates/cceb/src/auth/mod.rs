@@ -1,5 +1,6 @@
 //! Client tokens (contract section 3): verification of the JWT in `hello` and
-//! in discovery, and minting for `cceb token`.
+//! in discovery. Minting (`cceb token`, `--dev`) and the claims themselves are
+//! in the `cceb-token` crate, so clients need not link the bridge.
 //!
 //! The algorithm a token may use is decided by which keys are configured, never
 //! by the token: an HS256 token is checked only against the HS256 secret, an
@@ -8,14 +9,15 @@
 
 mod jwks;
 
+pub use cceb_token::{mint_hs256, TokenRequest};
 pub use jwks::JwksError;
 
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use cceb_token::{now_since_epoch, Claims};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,16 +37,6 @@ impl Identity {
     pub fn remaining(&self) -> Duration {
         Duration::from_secs(self.exp).saturating_sub(now_since_epoch())
     }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Claims {
-    sub: String,
-    tenant_guid: String,
-    ir_instance: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    contact_id: Option<String>,
-    exp: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,32 +262,6 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
         contact_id: c.contact_id,
         exp: c.exp,
     })
-}
-
-fn now_since_epoch() -> Duration {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default()
-}
-
-/// What `cceb token` (and the tests and benchmark) put in a client token.
-#[derive(Debug, Clone)]
-pub struct TokenRequest<'a> {
-    pub tenant_guid: &'a str,
-    pub agent_guid: &'a str,
-    pub ir_instance: &'a str,
-    pub contact_id: Option<&'a str>,
-    pub ttl: Duration,
-}
-
-/// Mints an HS256 client token.
-pub fn mint_hs256(secret: &str, req: &TokenRequest<'_>) -> Result<String, jsonwebtoken::errors::Error> {
-    let claims = Claims {
-        sub: req.agent_guid.to_owned(),
-        tenant_guid: req.tenant_guid.to_owned(),
-        ir_instance: req.ir_instance.to_owned(),
-        contact_id: req.contact_id.map(str::to_owned),
-        exp: (now_since_epoch() + req.ttl).as_secs(),
-    };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
 }
 
 /// Compares secrets without revealing, through timing, how much of them matched.

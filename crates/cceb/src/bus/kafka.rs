@@ -10,6 +10,7 @@
 
 use super::registry::{RegistryError, SchemaRegistry};
 use super::{Bus, BusError, OutRecord};
+use crate::config::Settings;
 use crate::fault::ErrorKind;
 use crate::metrics::Metrics;
 use crate::notify::{EventReader, Router};
@@ -75,6 +76,26 @@ impl KafkaSettings {
             c.set(k, v);
         }
         c
+    }
+}
+
+impl Settings {
+    /// The Kafka bus's settings (`kafka_*`, `schema_registry_url`). Here rather
+    /// than in `config`, so a build without the `kafka` feature has no Kafka code.
+    pub fn kafka(&self) -> KafkaSettings {
+        let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        KafkaSettings {
+            brokers: self.kafka_brokers.clone(),
+            action_topic: self.kafka_action_topic.clone(),
+            action_topics: self.kafka_action_topics.clone(),
+            event_topics: self.kafka_event_topics.clone(),
+            provisioning_topic: non_empty(&self.kafka_provisioning_topic),
+            group_id: self.kafka_group_id.clone(),
+            dead_letter_topic: non_empty(&self.kafka_dead_letter_topic),
+            publish_timeout: Duration::from_millis(self.kafka_publish_timeout_ms),
+            properties: self.kafka_properties.clone(),
+            registry_url: self.schema_registry_url.clone(),
+        }
     }
 }
 

@@ -4,15 +4,28 @@
 //! [`crate::notify::Router::ingest`].
 
 pub mod embedded;
+// The Kafka bus and its schema registry client exist only with the cargo
+// feature `kafka` (librdkafka); without it, `no_kafka` stands in under the
+// same names and refuses to start.
+#[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(not(feature = "kafka"))]
+pub mod no_kafka;
+#[cfg(feature = "kafka")]
 mod registry;
 
 pub use embedded::EmbeddedBus;
+#[cfg(feature = "kafka")]
 pub use kafka::{KafkaBus, KafkaSettings};
+#[cfg(not(feature = "kafka"))]
+pub use no_kafka::{KafkaBus, KafkaSettings};
 
 use crate::fault::{Cause, ErrorKind};
 use apache_avro::types::Value as Avro;
 use async_trait::async_trait;
+
+/// Why `bus = "kafka"` is refused by a build without the `kafka` feature.
+pub const NO_KAFKA: &str = "this build has no Kafka support (cargo feature `kafka`)";
 
 /// A record the bridge publishes: an action, keyed by agent GUID.
 #[derive(Debug, Clone)]

@@ -55,6 +55,19 @@ async fn a_short_hs256_secret_exits_78_naming_the_setting() {
     assert!(stderr.contains("CCEB_JWT_HS256_SECRET") && stderr.contains("jwt_hs256_secret"), "{stderr}");
 }
 
+/// A build without the cargo feature `kafka` (no librdkafka) says so, as a
+/// settings error, instead of starting on another bus.
+#[cfg(not(feature = "kafka"))]
+#[tokio::test]
+async fn without_the_kafka_feature_the_kafka_bus_exits_78() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let out =
+        exited(cceb(data.path()).args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET).env("CCEB_BUS", "kafka")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("this build has no Kafka support (cargo feature `kafka`)"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_jwks_url_that_cannot_be_fetched_stops_the_start() {
     let data = tempfile::tempdir().expect("tempdir");

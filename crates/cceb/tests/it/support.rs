@@ -1,10 +1,10 @@
 //! A real bridge on loopback, and clients that speak to it only over WebSocket
 //! and HTTP, as agent applications and backends do.
 
-use cceb::auth::{mint_hs256, TokenRequest};
 use cceb::{Bridge, Settings};
 use cceb_protocol::outgoing::{parse_server_message, HelloReply, ServerMessage};
 use cceb_protocol::{ErrorCode, NotificationType};
+use cceb_token::{mint_hs256, TokenRequest};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -83,33 +83,11 @@ impl TestBridge {
         }
     }
 
-    /// Wraps a bridge started by the test itself on Kafka.
-    pub async fn attach(bridge: Bridge, kafka: crate::kafka_backend::KafkaBackend) -> TestBridge {
-        kafka.wait_ready(bridge.addr).await;
-        TestBridge {
-            addr: bridge.addr,
-            backend: SocketAddr::from(([127, 0, 0, 1], 0)),
-            bridge: Some(bridge),
-            http: reqwest::Client::new(),
-            kafka: Some(kafka),
-            published_mark: 0,
-            settings: test_settings(),
-            _data: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
     /// Graceful shutdown, as on SIGTERM.
     pub async fn shutdown(&mut self) {
         if let Some(b) = self.bridge.take() {
             b.shutdown().await;
         }
-    }
-
-    /// Graceful shutdown, then a new bridge with an empty data directory (a new node).
-    pub async fn restart_fresh(&mut self) {
-        self._data = tempfile::tempdir().expect("tempdir");
-        self.settings.data_dir = self._data.path().to_owned();
-        self.restart().await;
     }
 
     /// Graceful shutdown, then a new bridge on the same data directory (new
@@ -137,11 +115,6 @@ impl TestBridge {
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self.http.get(self.url("/metrics")).send().await.expect("metrics").text().await.expect("text");
         metric_value(&text, series)
-    }
-
-    /// The settings the next `restart` uses.
-    pub fn settings_mut(&mut self) -> &mut Settings {
-        &mut self.settings
     }
 
     /// The embedded store's data directory.
@@ -234,6 +207,37 @@ impl TestBridge {
             eprintln!("skipped on Kafka: {why}");
         }
         self.kafka.is_some()
+    }
+}
+
+/// What only the Kafka tests (`kafka.rs`) use.
+#[cfg(feature = "kafka")]
+impl TestBridge {
+    /// Wraps a bridge started by the test itself on Kafka.
+    pub async fn attach(bridge: Bridge, kafka: crate::kafka_backend::KafkaBackend) -> TestBridge {
+        kafka.wait_ready(bridge.addr).await;
+        TestBridge {
+            addr: bridge.addr,
+            backend: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bridge: Some(bridge),
+            http: reqwest::Client::new(),
+            kafka: Some(kafka),
+            published_mark: 0,
+            settings: test_settings(),
+            _data: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// Graceful shutdown, then a new bridge with an empty data directory (a new node).
+    pub async fn restart_fresh(&mut self) {
+        self._data = tempfile::tempdir().expect("tempdir");
+        self.settings.data_dir = self._data.path().to_owned();
+        self.restart().await;
+    }
+
+    /// The settings the next `restart` uses.
+    pub fn settings_mut(&mut self) -> &mut Settings {
+        &mut self.settings
     }
 }
 
