@@ -3,7 +3,7 @@
 //! encoding both ways (`schema::wire`).
 //!
 //! Offsets are committed only after `Router::commit`, i.e. once every
-//! notification the records made is in the session outboxes and durable. A
+//! notification the records made is in the session mailboxes and durable. A
 //! record that cannot be decoded or mapped is counted, logged with its
 //! topic/partition/offset, copied to the dead-letter topic when one is set, and
 //! skipped: it never stops its partition.
@@ -136,7 +136,7 @@ impl KafkaBus {
     }
 
     fn producer(&self) -> Arc<ActionProducer> {
-        self.producer.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        crate::sync::read(&self.producer).clone()
     }
 
     fn topic_of(&self, record: &str) -> &str {
@@ -281,7 +281,7 @@ async fn health(bus: Arc<KafkaBus>, stop: CancellationToken) {
             match ActionProducer::new(&bus.settings) {
                 Ok(p) => {
                     producer = Arc::new(p);
-                    *bus.producer.write().unwrap_or_else(std::sync::PoisonError::into_inner) = producer.clone();
+                    *crate::sync::write(&bus.producer) = producer.clone();
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot recreate the kafka producer"),
             }
