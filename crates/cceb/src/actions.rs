@@ -6,7 +6,8 @@ use crate::bus::{Bus, BusError, OutRecord};
 use crate::fault::{Cause, ErrorKind};
 use crate::metrics::{ActionOutcome, Metrics};
 use crate::notify::{Router, Target};
-use crate::schema::{FieldError, Record, SchemaSet};
+use crate::schema::{FieldError, SchemaSet};
+use crate::session::inject_identity;
 use crate::session::AgentId;
 use crate::store::{DedupKey, Store, StoreError};
 use cceb_protocol::{ErrorCode, NotificationType};
@@ -17,24 +18,6 @@ use std::time::Duration;
 /// Fields a client may never set: the bridge fills them.
 pub const RESERVED_FIELDS: [&str; 6] =
     ["irInstance", "tenantGuid", "agentGuid", "isSystemAction", "isRelocate", "source"];
-
-/// Fills the reserved fields the record has: who acts, whether the bridge acts
-/// on its own (`isSystemAction`), and the bridge's `source`.
-pub fn inject_identity(record: &Record, fields: &mut Map<String, Json>, who: &AgentId, system: bool, source: &str) {
-    let identity = [
-        ("tenantGuid", Json::from(&*who.tenant_guid)),
-        ("agentGuid", Json::from(&*who.agent_guid)),
-        ("irInstance", Json::from(&*who.ir_instance)),
-        ("isSystemAction", Json::Bool(system)),
-        ("isRelocate", Json::Bool(false)),
-        ("source", Json::from(source)),
-    ];
-    for (k, v) in identity {
-        if record.has_field(k) {
-            fields.insert(k.to_owned(), v);
-        }
-    }
-}
 
 /// Contact-id fields the bridge replaces by the agent GUID they resolve to.
 const CONTACT_FIELDS: [(&str, &str); 2] =

@@ -6,13 +6,14 @@ use crate::auth::{KeyError, Verifier};
 use crate::bus::embedded::LogLimits;
 use crate::bus::{Bus, BusError, EmbeddedBus, KafkaBus};
 use crate::config::{BusKind, Settings};
-use crate::http::serve::{Limits, Listener};
+use crate::http::serve::Limits;
+use crate::metrics::Listener;
 use crate::metrics::Metrics;
 use crate::notify::{EventReader, Router};
 use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::schema::{SchemaError, SchemaSet};
 use crate::session::{Registry, SessionSettings, Sessions};
-use crate::store::{EmbeddedStore, OpenError, Store, StoreError};
+use crate::store::{DedupCapacity, EmbeddedStore, OpenError, Store, StoreError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -95,7 +96,10 @@ impl Bridge {
             None => None,
         };
 
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&settings.data_dir, settings.dedup_capacity())?);
+        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
+            &settings.data_dir,
+            DedupCapacity { per_tenant: settings.dedup_capacity_per_tenant, total: settings.dedup_capacity },
+        )?);
         let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
             BusKind::Embedded => {
                 let e = Arc::new(EmbeddedBus::new(LogLimits {

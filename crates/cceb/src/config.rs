@@ -39,6 +39,9 @@ const TEXT_SETTINGS: [&str; 22] = [
 /// Shortest HS256 secret accepted: 256 bits, the size of the HMAC-SHA-256 output.
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
+/// Why `bus = "kafka"` is refused by a build without the `kafka` feature.
+pub const NO_KAFKA: &str = "this build has no Kafka support (cargo feature `kafka`)";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BusKind {
@@ -314,7 +317,7 @@ impl Settings {
             return Err(ConfigError::Invalid(format!("{name} must be at most {max}")));
         }
         if self.bus == BusKind::Kafka && !cfg!(feature = "kafka") {
-            return Err(ConfigError::Invalid(format!("bus = \"kafka\" (CCEB_BUS): {}", crate::bus::NO_KAFKA)));
+            return Err(ConfigError::Invalid(format!("bus = \"kafka\" (CCEB_BUS): {}", NO_KAFKA)));
         }
         if self.mailbox_capacity < self.max_unacked {
             return Err(ConfigError::Invalid(format!(
@@ -385,9 +388,6 @@ impl Settings {
     }
     pub fn dedup_window(&self) -> Duration {
         Duration::from_secs(self.dedup_window_seconds)
-    }
-    pub fn dedup_capacity(&self) -> crate::store::DedupCapacity {
-        crate::store::DedupCapacity { per_tenant: self.dedup_capacity_per_tenant, total: self.dedup_capacity }
     }
 }
 

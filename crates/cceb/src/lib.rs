@@ -12,6 +12,7 @@ mod conn;
 pub mod fault;
 pub mod http;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod push;
 pub mod schema;

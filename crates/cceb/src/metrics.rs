@@ -2,7 +2,6 @@
 //! process (the tests) never count into each other's series; hot-path
 //! counters are resolved once into handles.
 
-use crate::http::serve::Listener;
 use cceb_protocol::{ErrorCode, NotificationType};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -10,6 +9,26 @@ use std::collections::HashMap;
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Which listener, for logs and `cceb_connections_refused_total{listener}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `/ws/v1`, discovery, health, metrics.
+    Public,
+    /// The embedded bus's backend port.
+    Backend,
+}
+
+impl Listener {
+    pub const ALL: [Listener; 2] = [Listener::Public, Listener::Backend];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Listener::Public => "public",
+            Listener::Backend => "backend",
+        }
+    }
+}
 
 /// How an action ended, for `cceb_actions_total{record,outcome}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

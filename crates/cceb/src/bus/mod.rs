@@ -25,7 +25,7 @@ use apache_avro::types::Value as Avro;
 use async_trait::async_trait;
 
 /// Why `bus = "kafka"` is refused by a build without the `kafka` feature.
-pub const NO_KAFKA: &str = "this build has no Kafka support (cargo feature `kafka`)";
+pub use crate::config::NO_KAFKA;
 
 /// A record the bridge publishes: an action, keyed by agent GUID.
 #[derive(Debug, Clone)]

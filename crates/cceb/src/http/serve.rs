@@ -6,6 +6,7 @@
 //! The slot lives inside the socket's IO type, so it travels with the socket
 //! through the WebSocket upgrade and is given back when the socket closes.
 
+use crate::metrics::Listener;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,26 +22,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// Which listener, for logs and `cceb_connections_refused_total{listener}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
-    /// `/ws/v1`, discovery, health, metrics.
-    Public,
-    /// The embedded bus's backend port.
-    Backend,
-}
-
-impl Listener {
-    pub const ALL: [Listener; 2] = [Listener::Public, Listener::Backend];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Listener::Public => "public",
-            Listener::Backend => "backend",
-        }
-    }
-}
 
 /// What one listener allows.
 #[derive(Debug, Clone, Copy)]

@@ -2,19 +2,10 @@
 //! what waits for an ack, when it is due again, and how many may be in flight
 //! (contract section 5). Pure logic: time comes in as an argument.
 
-use cceb_protocol::NotificationType;
+use crate::model::Notification;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// One notification, shared by every session that receives it.
-#[derive(Debug)]
-pub struct Notification {
-    pub ty: NotificationType,
-    pub uuid: String,
-    /// `data`, serialised once.
-    pub data: Box<str>,
-}
 
 #[derive(Debug)]
 struct Entry {
@@ -227,6 +218,7 @@ impl Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cceb_protocol::NotificationType;
 
     fn n(uuid: &str) -> Arc<Notification> {
         Arc::new(Notification { ty: NotificationType::Presence, uuid: uuid.into(), data: "{}".into() })

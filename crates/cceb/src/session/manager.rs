@@ -439,7 +439,7 @@ impl Sessions {
         mut fields: Map<String, Json>,
     ) -> Result<(), PublishError> {
         let record = self.schemas.record(name).ok_or_else(|| PublishError::NoSchema(name.to_owned()))?;
-        crate::actions::inject_identity(record, &mut fields, who, true, &self.settings.source);
+        super::inject_identity(record, &mut fields, who, true, &self.settings.source);
         let value = self.schemas.build(record, &fields).map_err(|e| PublishError::Schema(e.to_string()))?;
         self.bus.publish(OutRecord { record: name.to_owned(), key: who.agent_guid.to_string(), value }).await?;
         Ok(())

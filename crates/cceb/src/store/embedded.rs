@@ -7,7 +7,7 @@ use super::{
     now_ms, AgentEntry, DedupCapacity, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession,
 };
 use crate::fault::ErrorKind;
-use crate::session::{AgentId, Notification};
+use crate::model::{AgentId, Notification};
 use crate::sync::lock;
 use async_trait::async_trait;
 use std::path::Path;

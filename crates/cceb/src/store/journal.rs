@@ -5,7 +5,7 @@
 //! busy bridge pays one fsync per batch, not per notification.
 
 use super::{AgentEntry, SessionRecord, StoredSession};
-use crate::session::{AgentId, Notification};
+use crate::model::{AgentId, Notification};
 use crate::sync::lock;
 use cceb_protocol::NotificationType;
 use rusqlite::{params, Connection};

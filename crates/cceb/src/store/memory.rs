@@ -2,7 +2,7 @@
 //! structures: persistence is the journal's job.
 
 use super::{AgentEntry, AgentPatch, DedupCapacity, DedupKey, DirectoryOp};
-use crate::session::AgentId;
+use crate::model::AgentId;
 use crate::sync::{lock, read, write};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};

@@ -12,7 +12,7 @@ pub use embedded::EmbeddedStore;
 pub use journal::OpenError;
 
 use crate::fault::{Cause, ErrorKind};
-use crate::session::{AgentId, Notification};
+use crate::model::{AgentId, Notification};
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,6 +181,4 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// Wall-clock milliseconds since the Unix epoch: what persisted times are in.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::clock::now_ms;
