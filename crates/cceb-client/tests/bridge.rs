@@ -1,10 +1,10 @@
 //! `cceb-client` against a real bridge on loopback (`cceb::Bridge`, embedded
 //! bus and store), seen only from the outside: WebSocket, backend port, metrics.
 
-use cceb::auth::{mint_hs256, TokenRequest};
 use cceb::{Bridge, Settings};
 use cceb_client::{ActionError, Client, Event, Notification, State};
 use cceb_protocol::{ErrorCode, NotificationType};
+use cceb_token::{mint_hs256, TokenRequest};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -186,7 +186,8 @@ async fn a_notification_is_handled_then_acked_through_discovery() {
 #[tokio::test]
 async fn a_resume_after_a_restart_delivers_the_unacked_notification_once_and_sends_queued_actions() {
     let mut b = TestBridge::start().await;
-    let (client, mut events) = fast(b.ws_url()).token(token("a1")).long_lived(true).build();
+    // Through discovery: after 1012 the client asks discovery again.
+    let (client, mut events) = fast(b.discovery_url()).token(token("a1")).long_lived(true).build();
     let State::Connected { session_id, resumed: false } = connected(&client).await else { panic!("a new session") };
     b.presence("a1", "e1").await;
     let first = notification(&mut events).await;
