@@ -1,4 +1,5 @@
-//! The `cceb` binary: `serve` runs the bridge, `token` mints a client token.
+//! The `cceb` binary: `serve` runs the bridge, `token` mints a client token,
+//! `client` speaks to a bridge from a terminal or a script (JSON lines).
 
 use anyhow::Context;
 use cceb::config::{LogFormat, Settings};
@@ -42,6 +43,21 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Connect as an agent: print each notification as a JSON line on stdout
+    /// (acked once printed), send each stdin line `{"action": NAME, "details":
+    /// {...}, "uuid": optional}` as an action and print `{"ack": UUID}` or
+    /// `{"error": {...}}`. Connection states go to stderr.
+    Client {
+        /// Discovery (`http://HOST/v1/discovery`) or the endpoint itself (`ws://HOST/ws/v1`).
+        #[arg(long, default_value = "http://127.0.0.1:8080/v1/discovery")]
+        url: String,
+        /// Client token (JWT), e.g. from `cceb token`.
+        #[arg(long, env = "CCEB_CLIENT_TOKEN")]
+        token: String,
+        /// Open a long-lived session (resumed with its key after a reconnect).
+        #[arg(long)]
+        long_lived: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +72,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve { dev } => serve(settings, dev),
+        Command::Client { url, token, long_lived } => client(url, token, long_lived),
         Command::Token { agent, tenant, ir, contact_id, ttl } => token(
             &settings,
             TokenRequest {
@@ -80,6 +97,74 @@ fn token(settings: &Settings, req: TokenRequest<'_>) -> anyhow::Result<()> {
     let secret = settings.jwt_hs256_secret.as_deref().context("CCEB_JWT_HS256_SECRET is not set")?;
     println!("{}", mint_hs256(secret, &req)?);
     Ok(())
+}
+
+fn client(url: String, token: String, long_lived: bool) -> anyhow::Result<()> {
+    use cceb_client::{ActionError, Client, Event};
+    use serde_json::{json, Value};
+    use tokio::io::AsyncBufReadExt;
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let (client, mut events) = Client::builder(url)
+            .token(token)
+            .long_lived(long_lived)
+            .client_info("cceb-cli", env!("CARGO_PKG_VERSION"))
+            .build();
+        let signals = signals()?;
+        let stop = client.clone();
+        tokio::spawn(async move {
+            signals.await;
+            stop.close();
+        });
+        let actions = client.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+            // Stdin at its end: keep printing notifications until a signal or a close.
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let req: Value = match serde_json::from_str(&line) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        println!("{}", json!({"error": {"message": format!("not JSON: {e}")}}));
+                        continue;
+                    }
+                };
+                let Some(name) = req["action"].as_str().map(str::to_owned) else {
+                    println!("{}", json!({"error": {"message": "`action` (a string) is missing"}}));
+                    continue;
+                };
+                let uuid = req["uuid"].as_str().map_or_else(cceb_client::new_uuid, str::to_owned);
+                let details = req.get("details").cloned().unwrap_or(Value::Null);
+                let client = actions.clone();
+                // Each action on its own task: the client keeps their order on the wire.
+                tokio::spawn(async move {
+                    let line = match client.action_with_uuid(&uuid, &name, details).await {
+                        Ok(()) => json!({"ack": uuid}),
+                        Err(ActionError::Refused { code, message, field }) => {
+                            json!({"error": {"uuid": uuid, "code": code, "message": message, "field": field}})
+                        }
+                        Err(e) => json!({"error": {"uuid": uuid, "message": e.to_string()}}),
+                    };
+                    println!("{line}");
+                });
+            }
+        });
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Notification(n) => {
+                    println!("{}", json!({"type": n.ty, "uuid": n.uuid, "seq": n.seq, "data": n.data}));
+                    // Dropped here: acked once printed.
+                }
+                Event::State(s) => eprintln!("cceb client: {s:?}"),
+                Event::Closed { code: Some(1000), .. } => return Ok(()),
+                Event::Closed { code, reason } => anyhow::bail!("closed ({code:?}): {reason}"),
+            }
+        }
+        Ok(())
+    })
 }
 
 fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {

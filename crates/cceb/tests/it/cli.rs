@@ -163,3 +163,81 @@ async fn settings_come_from_a_toml_file_and_the_environment_wins() {
     sigterm(&child);
     child.wait().await;
 }
+
+/// `cceb client` against `cceb serve`: an action line from stdin is acked,
+/// a refused one answers a typed error, a notification is printed as one
+/// JSON line and acked.
+#[tokio::test]
+async fn the_client_subcommand_prints_notifications_and_sends_actions() {
+    use std::io::{BufRead, BufReader, Write};
+    let data = tempfile::tempdir().expect("tempdir");
+    let server = Server::spawn(
+        cceb(data.path()).args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET).env("CCEB_ADMIN_TOKEN", ADMIN),
+    );
+    let mut child = cceb(data.path())
+        .args(["client", "--url", &server.ws_url(), "--token", &token("tenant-1", "agent-1")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn cceb client");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut stdin = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let _child = Kill(child);
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut next_line = async || -> serde_json::Value {
+        let line = tokio::time::timeout(PATIENCE, lines.recv()).await.expect("a line in time").expect("a line");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"))
+    };
+    // The ack also proves the client is connected.
+    writeln!(stdin, r#"{{"action":"ChangeAgentStateEvent","details":{{"state":"Away"}},"uuid":"a-1"}}"#)
+        .expect("write");
+    assert_eq!(next_line().await, serde_json::json!({"ack": "a-1"}));
+    writeln!(
+        stdin,
+        r#"{{"action":"ChangeAgentStateEvent","details":{{"state":"Away","agentGuid":"x"}},"uuid":"a-2"}}"#
+    )
+    .expect("write");
+    let refused = next_line().await;
+    assert_eq!(
+        (&refused["error"]["uuid"], &refused["error"]["code"], &refused["error"]["field"]),
+        (&serde_json::json!("a-2"), &serde_json::json!("reserved_field"), &serde_json::json!("agentGuid"))
+    );
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{}/backend/v1/events", server.backend))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"record": "AgentPresenceEvent", "value": {"tenantGuid": "tenant-1", "agentGuid": "agent-1", "state": "Away"}}))
+        .send()
+        .await
+        .expect("backend port answers");
+    assert_eq!(r.status().as_u16(), 202);
+    let n = next_line().await;
+    assert_eq!(
+        (n["type"].as_str(), n["seq"].as_u64(), n["data"]["state"].as_str()),
+        (Some("presence"), Some(1), Some("Away"))
+    );
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let text = http.get(format!("http://{}/metrics", server.addr)).send().await.expect("metrics").text().await;
+        if metric_value(&text.expect("text"), "cceb_notifications_acked_total") == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the notification was not acked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let published = backend_actions(&http, &server.backend, 0, 0).await;
+    assert_eq!(published["records"].as_array().map(Vec::len), Some(1), "{published}");
+}

@@ -1,0 +1,417 @@
+//! The task behind a [`crate::Client`]: one connection at a time, commands
+//! from the handle, events to the application.
+
+use crate::policy::{after_close, retry_action, AfterClose, Backoff, Delivery, Seen};
+use crate::{AckOnDrop, ActionError, Config, Event, KeyStore, Notification, State, TokenFn};
+use cceb_protocol::incoming::{ClientInfo, Hello};
+use cceb_protocol::outgoing::{parse_server_message, ServerMessage};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+pub(crate) enum Cmd {
+    Action(PendingAction),
+    /// The handle gave up waiting (deadline).
+    Forget(String),
+    /// The application is done with a notification.
+    Ack(String),
+    Close,
+    EndSession,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cmd")
+    }
+}
+
+pub(crate) struct PendingAction {
+    pub uuid: String,
+    pub action: String,
+    pub details: Map<String, Value>,
+    pub deadline: Instant,
+    pub reply: oneshot::Sender<Result<(), ActionError>>,
+}
+
+struct Slot {
+    a: PendingAction,
+    /// Set after a transient refusal: when to send it again.
+    retry_at: Option<Instant>,
+    retries: Backoff,
+}
+
+/// How one connection attempt ended.
+enum Ended {
+    /// Reconnect or stop as the close code says (`None`: no close frame).
+    Closed { code: Option<u16>, reason: String },
+    /// Stop now, whatever the code.
+    Stop { code: Option<u16>, reason: String },
+}
+
+struct Driver {
+    cfg: Config,
+    token_fn: Arc<TokenFn>,
+    keys: Arc<dyn KeyStore>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    /// For the notifications' ack guards; weak, so that `recv` ends once every handle is gone.
+    cmd_tx: mpsc::WeakUnboundedSender<Cmd>,
+    events: mpsc::Sender<Event>,
+    state: watch::Sender<State>,
+    seen: Seen,
+    actions: Vec<Slot>,
+    token: Option<String>,
+    endpoint: Option<String>,
+    backoff: Backoff,
+}
+
+pub(crate) async fn run(
+    cfg: Config,
+    token_fn: Arc<TokenFn>,
+    keys: Arc<dyn KeyStore>,
+    cmds: mpsc::UnboundedReceiver<Cmd>,
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+    events: mpsc::Sender<Event>,
+    state: watch::Sender<State>,
+) {
+    let mut d = Driver {
+        seen: Seen::new(cfg.seen_capacity),
+        backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
+        endpoint: is_ws(&cfg.url).then(|| cfg.url.clone()),
+        cfg,
+        token_fn,
+        keys,
+        cmds,
+        cmd_tx: cmd_tx.downgrade(),
+        events,
+        state,
+        actions: Vec::new(),
+        token: None,
+    };
+    drop(cmd_tx);
+    let (code, reason) = d.main().await;
+    d.set_state(State::Closed).await;
+    for s in d.actions.drain(..) {
+        let _ = s.a.reply.send(Err(ActionError::Closed));
+    }
+    let _ = d.events.send(Event::Closed { code, reason }).await;
+}
+
+fn is_ws(url: &str) -> bool {
+    url.starts_with("ws://") || url.starts_with("wss://")
+}
+
+impl Driver {
+    async fn main(&mut self) -> (Option<u16>, String) {
+        loop {
+            self.set_state(State::Connecting).await;
+            let (code, reason) = match self.connection().await {
+                Ended::Stop { code, reason } => return (code, reason),
+                Ended::Closed { code, reason } => (code, reason),
+            };
+            self.set_state(State::Disconnected { code }).await;
+            match after_close(code) {
+                AfterClose::Stop => return (code, reason),
+                AfterClose::Reconnect { rediscover, refresh_token } => {
+                    if rediscover && !is_ws(&self.cfg.url) {
+                        self.endpoint = None;
+                    }
+                    if refresh_token {
+                        // A new token right away: the old one simply ran out.
+                        self.token = None;
+                        continue;
+                    }
+                    let delay = self.backoff.next_delay();
+                    if let Some(stop) = self.idle(delay).await {
+                        return stop;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn set_state(&mut self, s: State) {
+        self.state.send_replace(s.clone());
+        // Nobody reading events is allowed: the client still works.
+        let _ = self.events.send(Event::State(s)).await;
+    }
+
+    /// Waits `delay` before the next attempt, taking commands meanwhile.
+    async fn idle(&mut self, delay: std::time::Duration) -> Option<(Option<u16>, String)> {
+        let until = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return None,
+                cmd = self.cmds.recv() => match cmd {
+                    None => return Some((None, "every client handle was dropped".into())),
+                    Some(Cmd::Action(a)) => self.push_action(a),
+                    Some(Cmd::Forget(u)) => self.actions.retain(|s| s.a.uuid != u),
+                    // The connection that carried it is gone; a redelivery is acked again.
+                    Some(Cmd::Ack(u)) => self.seen.finished(&u),
+                    Some(Cmd::Close | Cmd::EndSession) => return Some((None, "closed by the client".into())),
+                },
+            }
+        }
+    }
+
+    fn push_action(&mut self, a: PendingAction) {
+        let retries = Backoff::new(self.cfg.action_retry_min, self.cfg.backoff_max);
+        self.actions.push(Slot { a, retry_at: None, retries });
+    }
+
+    async fn token(&mut self) -> Result<String, String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let t = tokio::time::timeout(self.cfg.connect_timeout, (self.token_fn)())
+            .await
+            .map_err(|_| "the token provider did not answer in time".to_owned())??;
+        self.token = Some(t.clone());
+        Ok(t)
+    }
+
+    async fn discover(&self, token: &str) -> Result<String, Ended> {
+        let transient = |reason: String| Ended::Closed { code: None, reason };
+        let http = reqwest::Client::builder()
+            .timeout(self.cfg.connect_timeout)
+            .build()
+            .map_err(|e| transient(format!("discovery: {e}")))?;
+        let r = http
+            .get(&self.cfg.url)
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| transient(format!("discovery: {e}")))?;
+        let status = r.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(Ended::Stop { code: None, reason: "discovery refused the token (401)".into() });
+        }
+        if !status.is_success() {
+            return Err(transient(format!("discovery answered {status}")));
+        }
+        let body: Value = r.json().await.map_err(|e| transient(format!("discovery: {e}")))?;
+        body["endpoint"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| transient("discovery: no `endpoint` in the answer".into()))
+    }
+
+    async fn connection(&mut self) -> Ended {
+        let token = match self.token().await {
+            Ok(t) => t,
+            Err(e) => return Ended::Closed { code: None, reason: format!("token provider: {e}") },
+        };
+        let endpoint = match &self.endpoint {
+            Some(e) => e.clone(),
+            None => match self.discover(&token).await {
+                Ok(e) => {
+                    self.endpoint = Some(e.clone());
+                    e
+                }
+                Err(end) => return end,
+            },
+        };
+        let connect = tokio::time::timeout(self.cfg.connect_timeout, tokio_tungstenite::connect_async(&endpoint));
+        let mut ws = match connect.await {
+            Ok(Ok((ws, _))) => ws,
+            Ok(Err(e)) => return Ended::Closed { code: None, reason: format!("connect {endpoint}: {e}") },
+            Err(_) => return Ended::Closed { code: None, reason: format!("connect {endpoint}: timed out") },
+        };
+        let hello = Hello {
+            token,
+            tenant_guid: self.cfg.tenant_guid.clone(),
+            long_lived: self.cfg.long_lived,
+            session_key: self.keys.load(),
+            auto_accept: self.cfg.auto_accept,
+            push: None,
+            client: Some(ClientInfo { name: self.cfg.client_name.clone(), version: self.cfg.client_version.clone() }),
+        };
+        let hello_uuid = crate::new_uuid();
+        let frame = json!({"type": "hello", "uuid": hello_uuid, "data": hello}).to_string();
+        if let Err(e) = ws.send(Message::text(frame)).await {
+            return Ended::Closed { code: None, reason: format!("send hello: {e}") };
+        }
+        let reply = match tokio::time::timeout(self.cfg.connect_timeout, hello_reply(&mut ws)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(end)) => return end,
+            Err(_) => return Ended::Closed { code: None, reason: "no hello_reply in time".into() },
+        };
+        if reply.session_key.is_some() || !self.cfg.long_lived {
+            self.keys.store(reply.session_key.clone());
+        }
+        self.backoff.reset();
+        self.set_state(State::Connected { session_id: reply.session_id.clone(), resumed: reply.resumed }).await;
+        // Everything not yet acknowledged goes again, same uuids, in the order it was asked for.
+        for i in 0..self.actions.len() {
+            self.actions[i].retry_at = None;
+            if let Err(e) = send_action(&mut ws, &self.actions[i].a).await {
+                return Ended::Closed { code: None, reason: format!("send: {e}") };
+            }
+        }
+        self.serve(&mut ws).await
+    }
+
+    async fn serve(&mut self, ws: &mut Ws) -> Ended {
+        loop {
+            let retry = self.actions.iter().filter_map(|s| s.retry_at).min();
+            tokio::select! {
+                frame = ws.next() => match frame {
+                    Some(Ok(Message::Text(t))) => {
+                        if let Err(end) = self.on_text(ws, &t).await {
+                            return end;
+                        }
+                    }
+                    Some(Ok(Message::Close(f))) => return closed(f),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ended::Closed { code: None, reason: e.to_string() },
+                    None => return Ended::Closed { code: None, reason: "the socket closed".into() },
+                },
+                cmd = self.cmds.recv() => {
+                    let sent = match cmd {
+                        None => {
+                            let _ = ws.close(None).await;
+                            return Ended::Stop { code: None, reason: "every client handle was dropped".into() };
+                        }
+                        Some(Cmd::Ack(u)) => {
+                            self.seen.finished(&u);
+                            ws.send(Message::text(cceb_protocol::outgoing::ack(&u))).await
+                        }
+                        Some(Cmd::Action(a)) => {
+                            let r = send_action(ws, &a).await;
+                            self.push_action(a);
+                            r
+                        }
+                        Some(Cmd::Forget(u)) => {
+                            self.actions.retain(|s| s.a.uuid != u);
+                            Ok(())
+                        }
+                        Some(Cmd::EndSession) => {
+                            self.keys.store(None);
+                            let frame = json!({"type": "end_session", "uuid": crate::new_uuid()}).to_string();
+                            ws.send(Message::text(frame)).await
+                        }
+                        Some(Cmd::Close) => {
+                            let frame = CloseFrame { code: CloseCode::Normal, reason: "client closed".into() };
+                            let _ = ws.close(Some(frame)).await;
+                            return Ended::Stop { code: Some(1000), reason: "closed by the client".into() };
+                        }
+                    };
+                    if let Err(e) = sent {
+                        return Ended::Closed { code: None, reason: format!("send: {e}") };
+                    }
+                }
+                _ = sleep_until(retry) => {
+                    let now = Instant::now();
+                    for i in 0..self.actions.len() {
+                        if self.actions[i].retry_at.is_some_and(|t| t <= now) {
+                            self.actions[i].retry_at = None;
+                            if let Err(e) = send_action(ws, &self.actions[i].a).await {
+                                return Ended::Closed { code: None, reason: format!("send: {e}") };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_text(&mut self, ws: &mut Ws, text: &str) -> Result<(), Ended> {
+        let Ok(msg) = parse_server_message(text) else {
+            // A newer bridge may send what this client does not know: ignore it.
+            return Ok(());
+        };
+        match msg {
+            ServerMessage::Notification { ty, uuid, seq, data } => match self.seen.offer(&uuid) {
+                Delivery::Handle => {
+                    let Some(cmds) = self.cmd_tx.upgrade() else {
+                        return Err(Ended::Stop { code: None, reason: "every client handle was dropped".into() });
+                    };
+                    let ack = AckOnDrop { uuid: uuid.clone(), cmds };
+                    // A closed receiver drops the notification here, which acks it.
+                    let _ =
+                        self.events.send(Event::Notification(Notification { ty, uuid, seq, data, _ack: ack })).await;
+                }
+                Delivery::AckAgain => {
+                    let frame = cceb_protocol::outgoing::ack(&uuid);
+                    ws.send(Message::text(frame))
+                        .await
+                        .map_err(|e| Ended::Closed { code: None, reason: format!("send: {e}") })?;
+                }
+                Delivery::Ignore => {}
+            },
+            ServerMessage::Ack { uuid } => {
+                if let Some(i) = self.actions.iter().position(|s| s.a.uuid == uuid) {
+                    let _ = self.actions.remove(i).a.reply.send(Ok(()));
+                }
+            }
+            ServerMessage::Error { uuid, error } => {
+                if let Some(i) = self.actions.iter().position(|s| s.a.uuid == uuid) {
+                    let slot = &mut self.actions[i];
+                    let at = Instant::now() + slot.retries.next_delay();
+                    if retry_action(error.code) && at < slot.a.deadline {
+                        slot.retry_at = Some(at);
+                    } else {
+                        let s = self.actions.remove(i);
+                        let _ = s.a.reply.send(Err(ActionError::Refused {
+                            code: error.code,
+                            message: error.message,
+                            field: error.field,
+                        }));
+                    }
+                }
+            }
+            ServerMessage::HelloReply { .. } | ServerMessage::Pong { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn closed(f: Option<CloseFrame>) -> Ended {
+    match f {
+        Some(f) => Ended::Closed { code: Some(u16::from(f.code)), reason: f.reason.to_string() },
+        None => Ended::Closed { code: None, reason: "closed without a code".into() },
+    }
+}
+
+async fn send_action(ws: &mut Ws, a: &PendingAction) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    let frame = json!({"type": "action", "uuid": a.uuid, "data": {"action": a.action, "action_details": a.details}});
+    ws.send(Message::text(frame.to_string())).await
+}
+
+/// Reads until `hello_reply`; an `error` before the close names the reason.
+async fn hello_reply(ws: &mut Ws) -> Result<cceb_protocol::outgoing::HelloReply, Ended> {
+    let mut refused: Option<String> = None;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => match parse_server_message(&t) {
+                Ok(ServerMessage::HelloReply { reply, .. }) => return Ok(reply),
+                Ok(ServerMessage::Error { error, .. }) => refused = Some(format!("{}: {}", error.code, error.message)),
+                _ => {}
+            },
+            Some(Ok(Message::Close(f))) => {
+                return Err(match (closed(f), refused) {
+                    (Ended::Closed { code, .. }, Some(reason)) => Ended::Closed { code, reason },
+                    (end, _) => end,
+                })
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(Ended::Closed { code: None, reason: e.to_string() }),
+            None => return Err(Ended::Closed { code: None, reason: "closed during hello".into() }),
+        }
+    }
+}
