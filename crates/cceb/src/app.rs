@@ -13,39 +13,13 @@ use crate::notify::{EventReader, Router};
 use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::schema::{SchemaError, SchemaSet};
 use crate::session::{Registry, SessionSettings, Sessions};
+use crate::shared::Shared;
 use crate::store::{DedupCapacity, EmbeddedStore, OpenError, Store, StoreError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// Everything a connection or request handler may need.
-pub struct Shared {
-    pub settings: Settings,
-    pub verifier: Verifier,
-    pub schemas: Arc<SchemaSet>,
-    pub sessions: Arc<Sessions>,
-    pub router: Arc<Router>,
-    /// Validates and plans backend records (the bus side's parser).
-    pub events: Arc<EventReader>,
-    pub actions: Arc<Actions>,
-    pub store: Arc<dyn Store>,
-    pub bus: Arc<dyn Bus>,
-    pub metrics: Arc<Metrics>,
-    /// Cancelled once, on shutdown; every task watches it.
-    pub shutdown: CancellationToken,
-    /// Every connection and server task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    ws_endpoint: String,
-}
-
-impl Shared {
-    /// The `/ws/v1` URL discovery hands out.
-    pub fn ws_endpoint(&self) -> &str {
-        &self.ws_endpoint
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

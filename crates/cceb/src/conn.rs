@@ -3,9 +3,9 @@
 //! place where errors become wire errors and close codes.
 
 use crate::actions::{ActionError, Done};
-use crate::app::Shared;
 use crate::auth::Identity;
 use crate::session::{AgentId, Attachment, Due, Held, OpenError, OpenRequest, Session, TokenBucket};
+use crate::shared::Shared;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
 use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};

@@ -17,6 +17,7 @@ pub mod notify;
 pub mod push;
 pub mod schema;
 pub mod session;
+pub mod shared;
 pub mod store;
 pub mod sync;
 

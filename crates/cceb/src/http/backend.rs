@@ -2,11 +2,11 @@
 //! load tests) post events and long-poll the actions the bridge published.
 
 use super::bearer;
-use crate::app::Shared;
 use crate::auth::constant_time_eq;
 use crate::bus::embedded::Page;
 use crate::bus::EmbeddedBus;
 use crate::notify::{Event, EventError, EventReader, NotifyError};
+use crate::shared::Shared;
 use crate::store::StoreError;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};

@@ -4,7 +4,7 @@
 pub mod backend;
 pub mod serve;
 
-use crate::app::Shared;
+use crate::shared::Shared;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
