@@ -11,6 +11,7 @@ use crate::metrics::Listener;
 use crate::metrics::Metrics;
 use crate::notify::{EventReader, Router};
 use crate::push::{NoPush, Push, Webhook, WebhookSettings};
+use crate::reactions::{BridgeRecords, ReactionSettings};
 use crate::schema::{SchemaError, SchemaSet};
 use crate::session::{Registry, SessionSettings, Sessions};
 use crate::shared::Shared;
@@ -104,11 +105,17 @@ impl Bridge {
             )?),
             None => Arc::new(NoPush),
         };
-        let sessions = Arc::new(Sessions::new(
-            Arc::new(Registry::default()),
+        let records = Arc::new(BridgeRecords::new(
             store.clone(),
             bus.clone(),
             schemas.clone(),
+            metrics.clone(),
+            ReactionSettings { source: settings.source_name.clone(), claim_ttl: settings.session_ttl() },
+        ));
+        let sessions = Arc::new(Sessions::new(
+            Arc::new(Registry::default()),
+            store.clone(),
+            records,
             push,
             metrics.clone(),
             SessionSettings {
@@ -117,7 +124,6 @@ impl Bridge {
                 mailbox_capacity: settings.mailbox_capacity,
                 max_sessions_per_agent: settings.max_sessions_per_agent,
                 clock: Arc::new(crate::clock::SystemClock),
-                source: settings.source_name.clone(),
             },
         ));
         let restored = sessions.restore().await?;

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod push;
+pub mod reactions;
 pub mod schema;
 pub mod session;
 pub mod shared;

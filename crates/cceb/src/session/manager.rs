@@ -1,26 +1,16 @@
 //! The life of sessions (contract section 6): open or resume on `hello`,
 //! detach on disconnect, end on `end_session`, expire after the TTL, restore
-//! after a restart. Also what follows from the set of valid sessions: chat
-//! availability records and auto-accept.
+//! after a restart. What follows from them (chat availability records,
+//! auto-accept) is told to [`Reactions`], above this module.
 
 use super::{AgentId, Attachment, Full, Mailbox, Notification, Registry, Session, SessionKey};
-use crate::bus::{Bus, BusError, OutRecord};
 use crate::clock::Clock;
 use crate::fault::ErrorKind;
 use crate::metrics::Metrics;
 use crate::push::{Announcement, Push};
-use crate::schema::SchemaSet;
 use crate::store::{SessionRecord, Store, StoreError};
-use crate::sync::lock;
-use serde_json::{Map, Value as Json};
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-
-/// The record the bridge publishes when an agent's chat availability changes.
-const AVAILABILITY_RECORD: &str = "AgentChatAvailabilityEvent";
-/// The record auto-accept publishes.
-const ACCEPT_RECORD: &str = "AcceptInteractionEvent";
 
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
@@ -31,8 +21,6 @@ pub struct SessionSettings {
     pub max_sessions_per_agent: usize,
     /// Decides TTLs: disconnect times, expiry.
     pub clock: Arc<dyn Clock>,
-    /// `source` of the records the bridge publishes itself.
-    pub source: String,
 }
 
 /// What a `hello` asks for.
@@ -54,60 +42,38 @@ pub struct Opened {
 pub struct Sessions {
     registry: Arc<Registry>,
     store: Arc<dyn Store>,
-    bus: Arc<dyn Bus>,
-    schemas: Arc<SchemaSet>,
+    reactions: Arc<dyn Reactions>,
     push: Arc<dyn Push>,
     metrics: Arc<Metrics>,
     settings: SessionSettings,
-    /// Availability decisions, serialised per agent so one transition
-    /// publishes one record; never held across a bus call.
-    availability: Mutex<Availability>,
 }
 
-#[derive(Default)]
-struct Availability {
-    /// Agents whose last published availability is `true`.
-    published: HashSet<AgentId>,
-    /// Agents whose record could not be published yet; the sweep retries.
-    pending: HashSet<AgentId>,
-    /// Agents whose decision is being made now (by one caller).
-    running: HashSet<AgentId>,
-    /// Agents whose count changed while their decision was running: it runs again.
-    dirty: HashSet<AgentId>,
-}
-
-/// The claim on one agent's availability decision. A caller cancelled
-/// mid-decision releases it on drop and leaves the agent to the sweep, so
-/// neither the claim nor a change marked meanwhile is lost.
-struct Deciding<'a> {
-    availability: &'a Mutex<Availability>,
-    agent: &'a AgentId,
-    /// Released in order by the caller.
-    done: bool,
-}
-
-impl Drop for Deciding<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let mut av = lock(self.availability);
-            av.running.remove(self.agent);
-            av.dirty.remove(self.agent);
-            av.pending.insert(self.agent.clone());
-        }
-    }
+/// What follows from session lifecycle events and lives above this module:
+/// the records the bridge publishes (chat availability, auto-accept), which
+/// need the bus. Sessions only tell; they never name the bus.
+#[async_trait::async_trait]
+pub trait Reactions: Send + Sync + 'static {
+    /// The agent's count of valid long-lived sessions changed by `delta`.
+    async fn availability_changed(&self, agent: &AgentId, delta: i64);
+    /// Sessions of these agents came back at start-up: decide again what
+    /// was not published before the bridge stopped.
+    async fn restored(&self, agents: Vec<AgentId>) -> Result<(), StoreError>;
+    /// Retries what could not be done yet (every sweep).
+    async fn retry(&self);
+    /// `interaction` was offered to `who`, a valid session of whom asked for auto-accept.
+    async fn accept(&self, who: &AgentId, interaction: &str);
 }
 
 impl Sessions {
     pub fn new(
         registry: Arc<Registry>,
         store: Arc<dyn Store>,
-        bus: Arc<dyn Bus>,
-        schemas: Arc<SchemaSet>,
+        reactions: Arc<dyn Reactions>,
         push: Arc<dyn Push>,
         metrics: Arc<Metrics>,
         settings: SessionSettings,
     ) -> Self {
-        Sessions { registry, store, bus, schemas, push, metrics, settings, availability: Mutex::default() }
+        Sessions { registry, store, reactions, push, metrics, settings }
     }
 
     /// Brings back the long-lived sessions of the store, expires those whose
@@ -129,13 +95,7 @@ impl Sessions {
             self.add(session);
         }
         self.store.sync().await?;
-        let published = self.store.availability_published().await?;
-        {
-            let mut av = lock(&self.availability);
-            av.published = published.into_iter().collect();
-            av.pending = av.published.clone();
-            av.pending.extend(self.registry.all_long_lived().iter().map(|s| s.agent.clone()));
-        }
+        self.reactions.restored(self.registry.all_long_lived().iter().map(|s| s.agent.clone()).collect()).await?;
         self.sweep().await;
         Ok(count)
     }
@@ -189,10 +149,10 @@ impl Sessions {
             session.end(None);
             self.remove(&session);
             self.store.session_delete(&session.id);
-            self.availability_changed(&session.agent, delta - 1).await;
+            self.reactions.availability_changed(&session.agent, delta - 1).await;
             return Err(e.into());
         }
-        self.availability_changed(&session.agent, delta).await;
+        self.reactions.availability_changed(&session.agent, delta).await;
         Ok(Opened { held, key: Some(text), resumed: false })
     }
 
@@ -264,7 +224,7 @@ impl Sessions {
         // The session is gone whatever the sync says (its delete is retried
         // until durable): its availability goes with it.
         let synced = self.store.sync().await;
-        self.availability_changed(&session.agent, -1).await;
+        self.reactions.availability_changed(&session.agent, -1).await;
         synced
     }
 
@@ -291,15 +251,12 @@ impl Sessions {
             }
         }
         for s in expired {
-            self.availability_changed(&s.agent, -1).await;
+            self.reactions.availability_changed(&s.agent, -1).await;
         }
         if let Err(e) = self.store.expire().await {
             tracing::warn!(error = %e, "store expiry failed");
         }
-        let pending: Vec<AgentId> = lock(&self.availability).pending.drain().collect();
-        for agent in pending {
-            self.availability_changed(&agent, 0).await;
-        }
+        self.reactions.retry().await;
     }
 
     /// Puts a notification in the mailbox of every session of one agent;
@@ -334,74 +291,6 @@ impl Sessions {
         }
     }
 
-    /// Publishes the agent's chat availability if the count of its valid
-    /// long-lived sessions (after `delta`) disagrees with the last published.
-    /// One decision per agent at a time: a caller that finds one running
-    /// leaves it to run again and returns at once.
-    async fn availability_changed(&self, agent: &AgentId, delta: i64) {
-        if delta != 0 {
-            if let Err(e) = self.store.availability_count(agent, delta).await {
-                tracing::warn!(error = %e, "cannot count sessions for chat availability");
-                lock(&self.availability).pending.insert(agent.clone());
-                return;
-            }
-        }
-        {
-            let mut av = lock(&self.availability);
-            if !av.running.insert(agent.clone()) {
-                av.dirty.insert(agent.clone());
-                return;
-            }
-        }
-        let mut claim = Deciding { availability: &self.availability, agent, done: false };
-        loop {
-            self.decide_availability(agent).await;
-            // Release under the same lock that reads `dirty`: a change marked
-            // after this check finds the agent no longer running and decides itself.
-            let mut av = lock(&self.availability);
-            if !av.dirty.remove(agent) {
-                av.running.remove(agent);
-                claim.done = true;
-                return;
-            }
-        }
-    }
-
-    async fn decide_availability(&self, agent: &AgentId) {
-        let count = match self.store.availability_count(agent, 0).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot count sessions for chat availability");
-                lock(&self.availability).pending.insert(agent.clone());
-                return;
-            }
-        };
-        let want = count > 0;
-        if lock(&self.availability).published.contains(agent) == want {
-            return;
-        }
-        let fields = Map::from_iter([("available".to_owned(), Json::Bool(want))]);
-        let published = match self.publish_system(AVAILABILITY_RECORD, agent, fields).await {
-            Ok(()) => self.store.set_availability_published(agent, want).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        let mut av = lock(&self.availability);
-        match published {
-            Ok(()) => {
-                self.metrics.availability_published.increment(1);
-                if want {
-                    av.published.insert(agent.clone());
-                } else {
-                    av.published.remove(agent);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, agent = %agent.agent_guid, "chat availability not published; will retry");
-                av.pending.insert(agent.clone());
-            }
-        }
-    }
-
     /// An interaction was offered to the agent: accept it on the agent's
     /// behalf once, if a valid session of the agent asked for auto-accept.
     pub async fn offered(&self, tenant: &str, agent: &str, interaction: &str) {
@@ -409,40 +298,7 @@ impl Sessions {
         let sessions = self.registry.of_agent(tenant, agent);
         let asked = sessions.iter().find(|s| s.auto_accept() && s.valid_at(now, self.settings.ttl));
         let Some(who) = asked.map(|s| s.agent.clone()) else { return };
-        match self.store.auto_accept_claim(&who, interaction, self.settings.ttl).await {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "auto-accept not claimed");
-                self.metrics.auto_accept(false);
-                return;
-            }
-        }
-        let fields = Map::from_iter([("interactionId".to_owned(), Json::String(interaction.to_owned()))]);
-        match self.publish_system(ACCEPT_RECORD, &who, fields).await {
-            Ok(()) => self.metrics.auto_accept(true),
-            Err(e) => {
-                tracing::warn!(error = %e, interaction, "auto-accept not published");
-                self.metrics.auto_accept(false);
-                // Give the claim back so a redelivered offer can try again.
-                let _ = self.store.auto_accept_release(&who, interaction).await;
-            }
-        }
-    }
-
-    /// Publishes a record the bridge makes on the agent's behalf
-    /// (`isSystemAction: true`).
-    async fn publish_system(
-        &self,
-        name: &str,
-        who: &AgentId,
-        mut fields: Map<String, Json>,
-    ) -> Result<(), PublishError> {
-        let record = self.schemas.record(name).ok_or_else(|| PublishError::NoSchema(name.to_owned()))?;
-        super::inject_identity(record, &mut fields, who, true, &self.settings.source);
-        let value = self.schemas.build(record, &fields).map_err(|e| PublishError::Schema(e.to_string()))?;
-        self.bus.publish(OutRecord { record: name.to_owned(), key: who.agent_guid.to_string(), value }).await?;
-        Ok(())
+        self.reactions.accept(&who, interaction).await;
     }
 
     /// On shutdown: every attached long-lived session starts its TTL now.
@@ -480,16 +336,6 @@ pub enum OpenError {
     EndedAtOnce,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum PublishError {
-    #[error("no schema for `{0}`")]
-    NoSchema(String),
-    #[error("`{0}`")]
-    Schema(String),
-    #[error(transparent)]
-    Bus(#[from] BusError),
-}
-
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sessions").field("sessions", &self.registry.len()).finish()
@@ -503,6 +349,8 @@ mod tests {
     use crate::bus::EmbeddedBus;
     use crate::clock::ManualClock;
     use crate::push::NoPush;
+    use crate::reactions::{BridgeRecords, ReactionSettings};
+    use crate::schema::SchemaSet;
     use crate::store::{DedupCapacity, EmbeddedStore};
 
     const TTL: Duration = Duration::from_secs(3600);
@@ -520,19 +368,21 @@ mod tests {
         let schemas = Arc::new(SchemaSet::load(None).expect("schemas"));
         let bus = Arc::new(EmbeddedBus::new(LogLimits { records: 100, bytes: 1 << 20 }));
         let clock = Arc::new(ManualClock::new(1_000_000));
+        let store: Arc<dyn Store> = Arc::new(store);
+        let metrics = Arc::new(Metrics::new(schemas.action_names()));
+        let settings = ReactionSettings { source: "test".into(), claim_ttl: TTL };
+        let records = Arc::new(BridgeRecords::new(store.clone(), bus.clone(), schemas, metrics.clone(), settings));
         let sessions = Arc::new(Sessions::new(
             Arc::new(Registry::default()),
-            Arc::new(store),
-            bus.clone(),
-            schemas.clone(),
+            store,
+            records,
             Arc::new(NoPush),
-            Arc::new(Metrics::new(schemas.action_names())),
+            metrics,
             SessionSettings {
                 ttl: TTL,
                 max_unacked: 10,
                 mailbox_capacity: 10,
                 max_sessions_per_agent: 4,
-                source: "test".into(),
                 clock: clock.clone(),
             },
         ));
@@ -594,7 +444,7 @@ mod tests {
         let f = fixture();
         let one = f.sessions.open(agent(), long_lived(None)).await.expect("open");
         let two = f.sessions.open(agent(), long_lived(None)).await.expect("open");
-        assert_eq!(published(&f, "available").await, [(AVAILABILITY_RECORD.to_owned(), true.into())]);
+        assert_eq!(published(&f, "available").await, [("AgentChatAvailabilityEvent".to_owned(), true.into())]);
         drop(two);
         f.sessions.end(&one.held.session).await.expect("end");
         assert_eq!(published(&f, "available").await.len(), 1, "the other session is still valid");
@@ -605,7 +455,7 @@ mod tests {
         f.sessions.sweep().await;
         assert!(f.sessions.registry.all_long_lived().is_empty());
         let records = published(&f, "available").await;
-        assert_eq!(records.last(), Some(&(AVAILABILITY_RECORD.to_owned(), false.into())));
+        assert_eq!(records.last(), Some(&("AgentChatAvailabilityEvent".to_owned(), false.into())));
         assert_eq!(records.len(), 2);
     }
 
@@ -620,8 +470,11 @@ mod tests {
         f.sessions.offered("t", "a", "i-2").await;
         f.sessions.offered("t", "other", "i-3").await;
         let accepts: Vec<_> =
-            published(&f, "interactionId").await.into_iter().filter(|(r, _)| r == ACCEPT_RECORD).collect();
-        assert_eq!(accepts, [(ACCEPT_RECORD.to_owned(), "i-1".into()), (ACCEPT_RECORD.to_owned(), "i-2".into())]);
+            published(&f, "interactionId").await.into_iter().filter(|(r, _)| r == "AcceptInteractionEvent").collect();
+        assert_eq!(
+            accepts,
+            [("AcceptInteractionEvent".to_owned(), "i-1".into()), ("AcceptInteractionEvent".to_owned(), "i-2".into())]
+        );
     }
 
     #[tokio::test]

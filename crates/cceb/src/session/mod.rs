@@ -13,37 +13,17 @@ mod registry;
 pub use crate::model::{AgentId, Notification};
 pub use key::SessionKey;
 pub use mailbox::{Due, Mailbox, Pushed, Stalled};
-pub use manager::{Held, OpenError, OpenRequest, Opened, SessionSettings, Sessions};
+pub use manager::{Held, OpenError, OpenRequest, Opened, Reactions, SessionSettings, Sessions};
 pub use rate::TokenBucket;
 pub use registry::{Full, Registry};
 
-use crate::schema::Record;
 use crate::store::{SessionRecord, Store};
 use crate::sync::lock;
-use serde_json::{Map, Value as Json};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-/// Fills the reserved fields the record has: who acts, whether the bridge acts
-/// on its own (`isSystemAction`), and the bridge's `source`.
-pub fn inject_identity(record: &Record, fields: &mut Map<String, Json>, who: &AgentId, system: bool, source: &str) {
-    let identity = [
-        ("tenantGuid", Json::from(&*who.tenant_guid)),
-        ("agentGuid", Json::from(&*who.agent_guid)),
-        ("irInstance", Json::from(&*who.ir_instance)),
-        ("isSystemAction", Json::Bool(system)),
-        ("isRelocate", Json::Bool(false)),
-        ("source", Json::from(source)),
-    ];
-    for (k, v) in identity {
-        if record.has_field(k) {
-            fields.insert(k.to_owned(), v);
-        }
-    }
-}
 
 /// Seqs a long-lived session reserves durably at a time; the next block is
 /// asked for when half of this one is used, so sending rarely waits for it.
