@@ -262,20 +262,15 @@ impl Sessions {
     /// Puts a notification in the mailbox of every session of one agent;
     /// returns how many.
     pub fn deliver_to_agent(&self, tenant: &str, agent: &str, n: &Arc<Notification>) -> usize {
-        self.deliver_all(&self.registry.of_agent(tenant, agent), n)
+        self.registry.for_agent(tenant, agent, |s| self.deliver_to(n, s))
     }
 
     /// Puts a notification in the mailbox of every session of one tenant.
+    /// Outside the registry's lock: a tenant-wide fan-out must not hold up
+    /// hellos and disconnects.
     pub fn deliver_to_tenant(&self, tenant: &str, n: &Arc<Notification>) -> usize {
-        self.deliver_all(&self.registry.of_tenant(tenant), n)
-    }
-
-    /// Delivers outside the registry's lock: a tenant-wide fan-out must not
-    /// hold up hellos and disconnects.
-    fn deliver_all(&self, sessions: &[Arc<Session>], n: &Arc<Notification>) -> usize {
-        for s in sessions {
-            self.deliver_to(n, s);
-        }
+        let sessions = self.registry.of_tenant(tenant);
+        sessions.iter().for_each(|s| self.deliver_to(n, s));
         sessions.len()
     }
 
@@ -295,9 +290,13 @@ impl Sessions {
     /// behalf once, if a valid session of the agent asked for auto-accept.
     pub async fn offered(&self, tenant: &str, agent: &str, interaction: &str) {
         let now = self.settings.clock.now_ms();
-        let sessions = self.registry.of_agent(tenant, agent);
-        let asked = sessions.iter().find(|s| s.auto_accept() && s.valid_at(now, self.settings.ttl));
-        let Some(who) = asked.map(|s| s.agent.clone()) else { return };
+        let mut who = None;
+        self.registry.for_agent(tenant, agent, |s| {
+            if who.is_none() && s.auto_accept() && s.valid_at(now, self.settings.ttl) {
+                who = Some(s.agent.clone());
+            }
+        });
+        let Some(who) = who else { return };
         self.reactions.accept(&who, interaction).await;
     }
 

@@ -102,10 +102,15 @@ impl Registry {
         read(&self.long_lived).values().cloned().collect()
     }
 
-    /// The sessions of one agent, taken under the lock and used outside it.
-    pub fn of_agent(&self, tenant: &str, agent: &str) -> Vec<Arc<Session>> {
+    /// Calls `f` for every session of one agent, under the lock: a handful at
+    /// most, and no copy of the list on the per-notification path.
+    pub fn for_agent(&self, tenant: &str, agent: &str, f: impl FnMut(&Arc<Session>)) -> usize {
         let t = read(&self.tenants);
-        t.get(tenant).and_then(|a| a.get(agent)).cloned().unwrap_or_default()
+        let list = t.get(tenant).and_then(|a| a.get(agent));
+        list.map_or(0, |l| {
+            l.iter().for_each(f);
+            l.len()
+        })
     }
 
     /// The sessions of one tenant, taken under the lock and used outside it.
@@ -141,13 +146,13 @@ mod tests {
         for s in [&a, &b, &c, &a2] {
             r.add(s.clone());
         }
-        assert_eq!(r.of_agent("t1", "a").len(), 2);
+        assert_eq!(r.for_agent("t1", "a", |_| {}), 2);
         assert_eq!(r.of_tenant("t1").len(), 3);
         let ids: Vec<String> = r.of_tenant("t2").iter().map(|s| s.id.to_string()).collect();
         assert_eq!(ids, ["t2/a"]);
         assert!(r.remove(&a));
         assert!(!r.remove(&a));
         assert_eq!(r.len(), 3);
-        assert_eq!(r.of_agent("t1", "a").len(), 1);
+        assert_eq!(r.for_agent("t1", "a", |_| {}), 1);
     }
 }

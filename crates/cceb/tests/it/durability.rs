@@ -44,14 +44,21 @@ fn mailbox_uuids(b: &TestBridge) -> Vec<String> {
     rows.collect::<Result<_, _>>().expect("uuids")
 }
 
-#[tokio::test]
-async fn a_failed_commit_acknowledges_nothing_until_its_writes_are_durable() {
+/// A bridge with a long-lived session of t/a; `None` on Kafka, where the
+/// faults cannot be injected through the backend port.
+async fn long_lived_agent() -> Option<(TestBridge, Client)> {
     let b = TestBridge::start().await;
     if b.skip_on_kafka("the fault is injected through the backend port") {
-        return;
+        return None;
     }
     let mut c = b.connect().await;
     long_lived(&mut c, "t", "a", json!({})).await;
+    Some((b, c))
+}
+
+#[tokio::test]
+async fn a_failed_commit_acknowledges_nothing_until_its_writes_are_durable() {
+    let Some((b, mut c)) = long_lived_agent().await else { return };
     let lock = WriteLock::take(&b);
     let (status, _) = b
         .post_events(json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"t","agentGuid":"a","state":"s1"}}))
@@ -72,12 +79,7 @@ async fn a_failed_commit_acknowledges_nothing_until_its_writes_are_durable() {
 
 #[tokio::test]
 async fn an_array_retried_after_a_failed_commit_is_taken_once() {
-    let b = TestBridge::start().await;
-    if b.skip_on_kafka("the fault is injected through the backend port") {
-        return;
-    }
-    let mut c = b.connect().await;
-    long_lived(&mut c, "t", "a", json!({})).await;
+    let Some((b, mut c)) = long_lived_agent().await else { return };
     let batch = json!([
         {"id": "e1", "record": "AgentPresenceEvent", "value": {"tenantGuid":"t","agentGuid":"a","state":"s1"}},
         {"id": "e2", "record": "AgentPresenceEvent", "value": {"tenantGuid":"t","agentGuid":"a","state":"s2"}},
@@ -98,12 +100,7 @@ async fn an_array_retried_after_a_failed_commit_is_taken_once() {
 #[tokio::test]
 async fn while_the_store_cannot_write_actions_and_new_long_lived_sessions_are_refused_and_end_session_still_withdraws_availability(
 ) {
-    let b = TestBridge::start().await;
-    if b.skip_on_kafka("the fault is injected through the backend port") {
-        return;
-    }
-    let mut c = b.connect().await;
-    long_lived(&mut c, "t", "a", json!({})).await;
+    let Some((b, mut c)) = long_lived_agent().await else { return };
     let lock = WriteLock::take(&b);
     // A write fails: the store is not ready until it is retried successfully.
     let (status, _) = b
