@@ -5,7 +5,7 @@
 use crate::bus::{Bus, BusError, OutRecord};
 use crate::fault::{Cause, ErrorKind};
 use crate::metrics::{ActionOutcome, Metrics};
-use crate::notify::{Router, Target};
+use crate::notify::{Dispatcher, Target};
 use crate::reactions::inject_identity;
 use crate::schema::{FieldError, SchemaSet};
 use crate::session::AgentId;
@@ -100,7 +100,7 @@ pub struct Actions {
     schemas: Arc<SchemaSet>,
     store: Arc<dyn Store>,
     bus: Arc<dyn Bus>,
-    router: Arc<Router>,
+    dispatcher: Arc<Dispatcher>,
     settings: ActionSettings,
     metrics: Arc<Metrics>,
 }
@@ -110,11 +110,11 @@ impl Actions {
         schemas: Arc<SchemaSet>,
         store: Arc<dyn Store>,
         bus: Arc<dyn Bus>,
-        router: Arc<Router>,
+        dispatcher: Arc<Dispatcher>,
         settings: ActionSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Actions { schemas, store, bus, router, settings, metrics }
+        Actions { schemas, store, bus, dispatcher, settings, metrics }
     }
 
     /// Carries out one client action; `Ok` means the client gets its `ack`.
@@ -197,7 +197,7 @@ impl Actions {
         if entry.is_some_and(|e| e.off_hook_enabled) {
             let to = Target::Agent { tenant: who.tenant_guid.to_string(), agent: who.agent_guid.to_string() };
             let data = json!({"state": "offering", "timeout": self.settings.off_hook_offer_timeout_seconds});
-            self.router.send(&to, NotificationType::OffHook, &data);
+            self.dispatcher.send(&to, NotificationType::OffHook, &data);
         }
         Ok(())
     }

@@ -9,11 +9,11 @@ use crate::config::{BusKind, Settings};
 use crate::http::serve::Limits;
 use crate::metrics::Listener;
 use crate::metrics::Metrics;
-use crate::notify::{EventReader, Router};
+use crate::notify::{Dispatcher, EventReader};
 use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::reactions::{BridgeRecords, ReactionSettings};
 use crate::schema::{SchemaError, SchemaSet};
-use crate::session::{Registry, SessionSettings, Sessions};
+use crate::session::{Roster, SessionSettings, Sessions};
 use crate::shared::Shared;
 use crate::store::{DedupCapacity, EmbeddedStore, OpenError, Store, StoreError};
 use std::net::SocketAddr;
@@ -113,7 +113,7 @@ impl Bridge {
             ReactionSettings { source: settings.source_name.clone(), claim_ttl: settings.session_ttl() },
         ));
         let sessions = Arc::new(Sessions::new(
-            Arc::new(Registry::default()),
+            Arc::new(Roster::default()),
             store.clone(),
             records,
             push,
@@ -127,16 +127,16 @@ impl Bridge {
             },
         ));
         let restored = sessions.restore().await?;
-        let router = Arc::new(Router::new(sessions.clone(), store.clone(), metrics.clone()));
+        let dispatcher = Arc::new(Dispatcher::new(sessions.clone(), store.clone(), metrics.clone()));
         let events = Arc::new(EventReader::new(schemas.clone(), settings.max_notification_bytes));
         if let Some(k) = &kafka {
-            k.start(router.clone(), events.clone(), metrics.clone(), &tasks, shutdown.clone())?;
+            k.start(dispatcher.clone(), events.clone(), metrics.clone(), &tasks, shutdown.clone())?;
         }
         let actions = Arc::new(Actions::new(
             schemas.clone(),
             store.clone(),
             bus.clone(),
-            router.clone(),
+            dispatcher.clone(),
             ActionSettings {
                 source: settings.source_name.clone(),
                 dedup_window: settings.dedup_window(),
@@ -153,7 +153,7 @@ impl Bridge {
             verifier,
             schemas,
             sessions,
-            router,
+            dispatcher,
             events,
             actions,
             store,

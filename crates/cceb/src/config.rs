@@ -152,7 +152,7 @@ pub struct Settings {
     pub backend_max_body_bytes: usize,
     /// Largest serialised `data` of one notification; a larger event is refused.
     pub max_notification_bytes: usize,
-    /// How long a write to a client may block before the connection is dropped.
+    /// How long a write to a client may block before the connection is closed.
     pub write_timeout_ms: u64,
     /// Longest wait for a complete HTTP request head on either listener, also
     /// between two requests of a kept-alive connection; then it is closed.

@@ -17,6 +17,7 @@ pub mod notify;
 pub mod push;
 pub mod reactions;
 pub mod schema;
+pub mod secret;
 pub mod session;
 pub mod shared;
 pub mod store;

@@ -65,12 +65,12 @@ pub enum PushOutcome {
     /// Every attempt failed.
     Failed,
     /// The queue was full.
-    Dropped,
+    Shed,
     /// The bridge stopped first.
     Cancelled,
 }
 
-const PUSH_OUTCOMES: [&str; 4] = ["sent", "failed", "dropped", "cancelled"];
+const PUSH_OUTCOMES: [&str; 4] = ["sent", "failed", "shed", "cancelled"];
 
 /// Label of actions whose record is not in the schema set (keeps cardinality bounded).
 const UNKNOWN_RECORD: &str = "unknown";

@@ -184,17 +184,17 @@ impl Recent {
 /// How many sources [`Recent`] remembers.
 const RECENT_SOURCES: usize = 100_000;
 
-pub struct Router {
+pub struct Dispatcher {
     sessions: Arc<Sessions>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     recent: Mutex<Recent>,
 }
 
-impl Router {
+impl Dispatcher {
     pub fn new(sessions: Arc<Sessions>, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
         let recent = Recent { seen: HashSet::new(), order: VecDeque::new(), capacity: RECENT_SOURCES };
-        Router { sessions, store, metrics, recent: Mutex::new(recent) }
+        Dispatcher { sessions, store, metrics, recent: Mutex::new(recent) }
     }
 
     fn recent(&self) -> MutexGuard<'_, Recent> {
@@ -205,7 +205,7 @@ impl Router {
     /// mailboxes of every addressed session and carries out auto-accept;
     /// returns how many were queued. Every step that can fail (the store)
     /// runs for all events before any notification is queued, so a failure
-    /// leaves no event half-taken. Durable only after [`Router::commit`].
+    /// leaves no event half-taken. Durable only after [`Dispatcher::commit`].
     pub async fn ingest(&self, events: &[Event]) -> Result<usize, NotifyError> {
         // Claim each source in one step: one queued already (or twice in this
         // batch) is skipped, and two requests racing with it claim it once.

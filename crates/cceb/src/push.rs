@@ -72,7 +72,7 @@ impl Webhook {
 impl Push for Webhook {
     fn announce(&self, a: Announcement) {
         if self.tx.try_send(a).is_err() {
-            self.metrics.push_outcome(PushOutcome::Dropped);
+            self.metrics.push_outcome(PushOutcome::Shed);
         }
     }
 }

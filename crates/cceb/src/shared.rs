@@ -7,7 +7,7 @@ use crate::auth::Verifier;
 use crate::bus::Bus;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::notify::{EventReader, Router};
+use crate::notify::{Dispatcher, EventReader};
 use crate::schema::SchemaSet;
 use crate::session::Sessions;
 use crate::store::Store;
@@ -21,7 +21,7 @@ pub struct Shared {
     pub verifier: Verifier,
     pub schemas: Arc<SchemaSet>,
     pub sessions: Arc<Sessions>,
-    pub router: Arc<Router>,
+    pub dispatcher: Arc<Dispatcher>,
     /// Validates and plans backend records (the bus side's parser).
     pub events: Arc<EventReader>,
     pub actions: Arc<Actions>,

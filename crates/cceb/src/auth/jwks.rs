@@ -25,7 +25,7 @@ const MAX_BYTES: usize = 1024 * 1024;
 /// Lifetime of fetched keys when the answer has no `Cache-Control: max-age`.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 /// Longest lifetime, whatever the answer says: a key the provider withdrew is
-/// dropped within it.
+/// forgotten within it.
 const MAX_LIFETIME: Duration = Duration::from_secs(3600);
 /// Shortest interval between scheduled fetches, even with `min_refresh` 0.
 const MIN_LIFETIME: Duration = Duration::from_secs(1);

@@ -2,7 +2,7 @@
 //! producer (acks=all), events in through a consumer group, Avro single-object
 //! encoding both ways (`schema::wire`).
 //!
-//! Offsets are committed only after `Router::commit`, i.e. once every
+//! Offsets are committed only after `Dispatcher::commit`, i.e. once every
 //! notification the records made is in the session mailboxes and durable. A
 //! record that cannot be decoded or mapped is counted, logged with its
 //! topic/partition/offset, copied to the dead-letter topic when one is set, and
@@ -13,7 +13,7 @@ use super::{Bus, BusError, OutRecord};
 use crate::config::Settings;
 use crate::fault::ErrorKind;
 use crate::metrics::Metrics;
-use crate::notify::{EventReader, Router};
+use crate::notify::{Dispatcher, EventReader};
 use crate::schema::wire::confluent_frame;
 use crate::schema::SchemaSet;
 use apache_avro::types::Value as Avro;
@@ -147,7 +147,7 @@ impl KafkaBus {
     /// health check; all stop on `stop`.
     pub fn start(
         self: &Arc<Self>,
-        router: Arc<Router>,
+        dispatcher: Arc<Dispatcher>,
         events: Arc<EventReader>,
         metrics: Arc<Metrics>,
         tasks: &TaskTracker,
@@ -163,7 +163,7 @@ impl KafkaBus {
             .map_err(|e| BusError::new(ErrorKind::Fatal, format!("kafka consumer: {e}")))?;
         let topics: Vec<&str> = self.settings.event_topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(|e| BusError::new(ErrorKind::Fatal, format!("kafka subscribe: {e}")))?;
-        let ingest = Ingest { bus: self.clone(), router, events, metrics };
+        let ingest = Ingest { bus: self.clone(), dispatcher, events, metrics };
         let (bus, stop2) = (self.clone(), stop.clone());
         tasks.spawn(health(bus, stop2));
         tasks.spawn(async move {
@@ -514,7 +514,7 @@ async fn retry_later(stop: &CancellationToken) -> bool {
 
 struct Ingest {
     bus: Arc<KafkaBus>,
-    router: Arc<Router>,
+    dispatcher: Arc<Dispatcher>,
     events: Arc<EventReader>,
     metrics: Arc<Metrics>,
 }
@@ -592,12 +592,12 @@ impl Ingest {
                 Err(DecodeError::Skip(_)) => continue,
             };
             if let Ok(ev) = self.events.from_avro(&record, value, None) {
-                self.router.apply_directory(&ev).await.map_err(|e| e.to_string())?;
+                self.dispatcher.apply_directory(&ev).await.map_err(|e| e.to_string())?;
                 n += 1;
             }
         }
         reader.await.map_err(|e| e.to_string())??;
-        self.router.commit().await.map_err(|e| e.to_string())?;
+        self.dispatcher.commit().await.map_err(|e| e.to_string())?;
         Ok(n)
     }
 
@@ -627,7 +627,7 @@ impl Ingest {
                 }
             }
             // Offsets only once every notification of the batch is durable.
-            while let Err(e) = self.router.commit().await {
+            while let Err(e) = self.dispatcher.commit().await {
                 tracing::error!(error = %e, "cannot make notifications durable; offsets held");
                 if !retry_later(stop).await {
                     return;
@@ -672,7 +672,7 @@ impl Ingest {
             }
         };
         // A store failure must not skip the record: retry until it is taken.
-        while let Err(e) = self.router.ingest(std::slice::from_ref(&ev)).await {
+        while let Err(e) = self.dispatcher.ingest(std::slice::from_ref(&ev)).await {
             tracing::error!(error = %e, at = %at(m), "cannot ingest; retrying");
             if !retry_later(stop).await {
                 return false;

@@ -1,7 +1,7 @@
 //! The event bus behind a trait. Actions go out through [`Bus::publish`];
 //! events come in through whatever the implementation listens to (the embedded
 //! bus: the backend port; Kafka: a consumer group) and go to
-//! [`crate::notify::Router::ingest`].
+//! [`crate::notify::Dispatcher::ingest`].
 
 pub mod embedded;
 // The Kafka bus and its schema registry client exist only with the cargo

@@ -8,7 +8,7 @@ use super::{Bus, BusError, OutRecord, NO_KAFKA};
 use crate::config::Settings;
 use crate::fault::ErrorKind;
 use crate::metrics::Metrics;
-use crate::notify::{EventReader, Router};
+use crate::notify::{Dispatcher, EventReader};
 use crate::schema::SchemaSet;
 use async_trait::async_trait;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ impl KafkaBus {
 
     pub fn start(
         self: &Arc<Self>,
-        _: Arc<Router>,
+        _: Arc<Dispatcher>,
         _: Arc<EventReader>,
         _: Arc<Metrics>,
         _: &TaskTracker,

@@ -2,7 +2,7 @@
 //! load tests) post events and long-poll the actions the bridge published.
 
 use super::bearer;
-use crate::auth::constant_time_eq;
+use crate::secret;
 use crate::bus::embedded::Page;
 use crate::bus::EmbeddedBus;
 use crate::notify::{Event, EventError, EventReader, NotifyError};
@@ -49,7 +49,7 @@ async fn admin_only(State(b): State<Backend>, req: Request, next: Next) -> Respo
     let ok = match (&b.shared.settings.admin_token, bearer(req.headers())) {
         // An empty token configured means none (Settings::load says so; a library caller may not have).
         (Some(expected), Some(given)) if !expected.is_empty() => {
-            constant_time_eq(expected.as_bytes(), given.as_bytes())
+            secret::same(expected.as_bytes(), given.as_bytes())
         }
         _ => false,
     };
@@ -127,11 +127,11 @@ async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
             return reject(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
-    let notifications = match b.shared.router.ingest(&events).await {
+    let notifications = match b.shared.dispatcher.ingest(&events).await {
         Ok(n) => n,
         Err(NotifyError::Store(e)) => return reject(store_status(&e), e.to_string()),
     };
-    if let Err(NotifyError::Store(e)) = b.shared.router.commit().await {
+    if let Err(NotifyError::Store(e)) = b.shared.dispatcher.commit().await {
         return reject(store_status(&e), e.to_string());
     }
     metrics.events_accepted.increment(events.len() as u64);

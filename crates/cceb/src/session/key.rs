@@ -31,11 +31,6 @@ impl SessionKey {
     }
 }
 
-/// Compares two key hashes in constant time.
-pub fn hash_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

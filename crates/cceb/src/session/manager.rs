@@ -3,7 +3,7 @@
 //! after a restart. What follows from them (chat availability records,
 //! auto-accept) is told to [`Reactions`], above this module.
 
-use super::{AgentId, Attachment, Full, Mailbox, Notification, Registry, Session, SessionKey};
+use super::{AgentId, Attachment, Full, Mailbox, Notification, Roster, Session, SessionKey};
 use crate::clock::Clock;
 use crate::fault::ErrorKind;
 use crate::metrics::Metrics;
@@ -40,7 +40,7 @@ pub struct Opened {
 }
 
 pub struct Sessions {
-    registry: Arc<Registry>,
+    roster: Arc<Roster>,
     store: Arc<dyn Store>,
     reactions: Arc<dyn Reactions>,
     push: Arc<dyn Push>,
@@ -66,14 +66,14 @@ pub trait Reactions: Send + Sync + 'static {
 
 impl Sessions {
     pub fn new(
-        registry: Arc<Registry>,
+        roster: Arc<Roster>,
         store: Arc<dyn Store>,
         reactions: Arc<dyn Reactions>,
         push: Arc<dyn Push>,
         metrics: Arc<Metrics>,
         settings: SessionSettings,
     ) -> Self {
-        Sessions { registry, store, reactions, push, metrics, settings }
+        Sessions { roster, store, reactions, push, metrics, settings }
     }
 
     /// Brings back the long-lived sessions of the store, expires those whose
@@ -95,7 +95,7 @@ impl Sessions {
             self.add(session);
         }
         self.store.sync().await?;
-        self.reactions.restored(self.registry.all_long_lived().iter().map(|s| s.agent.clone()).collect()).await?;
+        self.reactions.restored(self.roster.all_long_lived().iter().map(|s| s.agent.clone()).collect()).await?;
         self.sweep().await;
         Ok(count)
     }
@@ -162,7 +162,7 @@ impl Sessions {
     /// sync); returns the change to the agent's count of long-lived sessions.
     fn admit(&self, session: &Arc<Session>) -> Result<i64, OpenError> {
         let cap = self.settings.max_sessions_per_agent;
-        let evicted = self.registry.add_capped(session.clone(), cap).map_err(|Full| OpenError::TooManySessions(cap))?;
+        let evicted = self.roster.add_capped(session.clone(), cap).map_err(|Full| OpenError::TooManySessions(cap))?;
         self.metrics.sessions.increment(1.0);
         let Some(old) = evicted else { return Ok(1) };
         tracing::debug!(session = %old.id, agent = %old.agent.agent_guid, "session ended to make room");
@@ -176,9 +176,9 @@ impl Sessions {
     /// Whatever fails, the caller learns nothing but "no".
     fn find(&self, agent: &AgentId, text: &str) -> Option<Arc<Session>> {
         let key = SessionKey::parse(text)?;
-        let Some(session) = self.registry.long_lived(&key.session_id) else {
+        let Some(session) = self.roster.long_lived(&key.session_id) else {
             // Same work as a wrong secret, so timing does not tell which ids exist.
-            std::hint::black_box(super::key::hash_eq(&[0; 32], &key.hash));
+            std::hint::black_box(crate::secret::same(&[0; 32], &key.hash));
             return None;
         };
         let owned = session.key_matches(&key.hash) & (session.agent == *agent);
@@ -186,12 +186,12 @@ impl Sessions {
     }
 
     fn add(&self, session: Arc<Session>) {
-        self.registry.add(session);
+        self.roster.add(session);
         self.metrics.sessions.increment(1.0);
     }
 
     fn remove(&self, session: &Arc<Session>) -> bool {
-        let removed = self.registry.remove(session);
+        let removed = self.roster.remove(session);
         if removed {
             self.metrics.sessions.decrement(1.0);
         }
@@ -233,7 +233,7 @@ impl Sessions {
     pub async fn sweep(&self) {
         let now = self.settings.clock.now_ms();
         let mut expired = Vec::new();
-        for s in self.registry.all_long_lived() {
+        for s in self.roster.all_long_lived() {
             // Ended under the session's lock: a resume racing the sweep either
             // attached first (then it is valid) or finds it ended.
             if s.end(Some((now, self.settings.ttl))) {
@@ -262,14 +262,14 @@ impl Sessions {
     /// Puts a notification in the mailbox of every session of one agent;
     /// returns how many.
     pub fn deliver_to_agent(&self, tenant: &str, agent: &str, n: &Arc<Notification>) -> usize {
-        self.registry.for_agent(tenant, agent, |s| self.deliver_to(n, s))
+        self.roster.for_agent(tenant, agent, |s| self.deliver_to(n, s))
     }
 
     /// Puts a notification in the mailbox of every session of one tenant.
-    /// Outside the registry's lock: a tenant-wide fan-out must not hold up
+    /// Outside the roster's lock: a tenant-wide fan-out must not hold up
     /// hellos and disconnects.
     pub fn deliver_to_tenant(&self, tenant: &str, n: &Arc<Notification>) -> usize {
-        let sessions = self.registry.of_tenant(tenant);
+        let sessions = self.roster.of_tenant(tenant);
         sessions.iter().for_each(|s| self.deliver_to(n, s));
         sessions.len()
     }
@@ -291,7 +291,7 @@ impl Sessions {
     pub async fn offered(&self, tenant: &str, agent: &str, interaction: &str) {
         let now = self.settings.clock.now_ms();
         let mut who = None;
-        self.registry.for_agent(tenant, agent, |s| {
+        self.roster.for_agent(tenant, agent, |s| {
             if who.is_none() && s.auto_accept() && s.valid_at(now, self.settings.ttl) {
                 who = Some(s.agent.clone());
             }
@@ -302,7 +302,7 @@ impl Sessions {
 
     /// On shutdown: every attached long-lived session starts its TTL now.
     pub fn detach_all(&self) {
-        for s in self.registry.all_long_lived() {
+        for s in self.roster.all_long_lived() {
             s.detach_any(self.settings.clock.now_ms());
         }
     }
@@ -337,7 +337,7 @@ pub enum OpenError {
 
 impl std::fmt::Debug for Sessions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions").field("sessions", &self.registry.len()).finish()
+        f.debug_struct("Sessions").field("sessions", &self.roster.len()).finish()
     }
 }
 
@@ -372,7 +372,7 @@ mod tests {
         let settings = ReactionSettings { source: "test".into(), claim_ttl: TTL };
         let records = Arc::new(BridgeRecords::new(store.clone(), bus.clone(), schemas, metrics.clone(), settings));
         let sessions = Arc::new(Sessions::new(
-            Arc::new(Registry::default()),
+            Arc::new(Roster::default()),
             store,
             records,
             Arc::new(NoPush),
@@ -449,10 +449,10 @@ mod tests {
         assert_eq!(published(&f, "available").await.len(), 1, "the other session is still valid");
         f.clock.advance(TTL - Duration::from_millis(1));
         f.sessions.sweep().await;
-        assert_eq!(f.sessions.registry.all_long_lived().len(), 1);
+        assert_eq!(f.sessions.roster.all_long_lived().len(), 1);
         f.clock.advance(Duration::from_millis(1));
         f.sessions.sweep().await;
-        assert!(f.sessions.registry.all_long_lived().is_empty());
+        assert!(f.sessions.roster.all_long_lived().is_empty());
         let records = published(&f, "available").await;
         assert_eq!(records.last(), Some(&("AgentChatAvailabilityEvent".to_owned(), false.into())));
         assert_eq!(records.len(), 2);
@@ -498,8 +498,8 @@ mod tests {
             assert!(session.disconnected_at().is_some(), "{kill}: detached");
             f.clock.advance(TTL);
             f.sessions.sweep().await;
-            assert!(f.sessions.registry.long_lived(&session.id).is_none(), "{kill}: expired after its TTL");
+            assert!(f.sessions.roster.long_lived(&session.id).is_none(), "{kill}: expired after its TTL");
         }
-        assert!(f.sessions.registry.is_empty());
+        assert!(f.sessions.roster.is_empty());
     }
 }

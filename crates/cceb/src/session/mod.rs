@@ -1,5 +1,5 @@
 //! Sessions: who is connected, as which agent, and what each session still owes
-//! its client. `registry` finds sessions by agent, tenant and id; `mailbox`
+//! its client. `roster` finds sessions by agent, tenant and id; `mailbox`
 //! keeps one session's notifications until acked; `manager` opens, resumes,
 //! ends and expires them (contract sections 5 and 6); `key` makes and checks
 //! long-lived session keys.
@@ -8,14 +8,14 @@ mod key;
 mod mailbox;
 mod manager;
 mod rate;
-mod registry;
+mod roster;
 
 pub use crate::model::{AgentId, Notification};
 pub use key::SessionKey;
 pub use mailbox::{Due, Mailbox, Pushed, Stalled};
 pub use manager::{Held, OpenError, OpenRequest, Opened, Reactions, SessionSettings, Sessions};
 pub use rate::TokenBucket;
-pub use registry::{Full, Registry};
+pub use roster::{Full, Roster};
 
 use crate::store::{SessionRecord, Store};
 use crate::sync::lock;
@@ -189,7 +189,7 @@ impl Session {
     /// Whether `hash` is this session's key hash, compared in constant time.
     pub fn key_matches(&self, hash: &[u8; 32]) -> bool {
         let stored = self.long_lived.as_ref().map_or([0u8; 32], |l| l.key_hash);
-        self.long_lived.is_some() & key::hash_eq(&stored, hash)
+        self.long_lived.is_some() & crate::secret::same(&stored, hash)
     }
 
     pub fn auto_accept(&self) -> bool {

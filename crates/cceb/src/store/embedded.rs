@@ -51,7 +51,7 @@ impl EmbeddedStore {
     async fn durable(&self) -> Result<(), StoreError> {
         // A barrier fails only while a commit fails for a reason that passes
         // (lock, disk) or once the store is closed: writes the database
-        // refuses for their content are dropped by the journal, not reported.
+        // refuses for their content are discarded by the journal, not reported.
         self.journal.sync().await.map_err(|e| StoreError::new(ErrorKind::Unavailable, e))
     }
 }

@@ -351,7 +351,7 @@ fn one_by_one(conn: &mut Connection, ops: &mut Vec<Op>) -> Result<(), String> {
                 result = Err(e.to_string());
                 break;
             }
-            Err(e) => tracing::error!(error = %e, "dropped a write the database refuses"),
+            Err(e) => tracing::error!(error = %e, "discarded a write the database refuses"),
         }
         done += 1;
     }
@@ -591,7 +591,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_write_the_database_refuses_is_dropped_and_does_not_wedge_the_journal() {
+    async fn a_write_the_database_refuses_is_discarded_and_does_not_wedge_the_journal() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (journal, _) = Journal::open(tmp.path(), 0).expect("open");
         // SQLite integers are signed: this expiry cannot be stored.

@@ -166,7 +166,7 @@ async fn past_max_connections_a_new_connection_is_closed_at_once_and_counted_unt
 
     one.send(serde_json::json!({"type":"end_session","uuid":"bye"})).await;
     assert_eq!(one.closed().await.0, Some(1000));
-    one.dropped().await;
+    one.socket_closed().await;
     // This read takes the slot `one` gave back.
     assert_eq!(metric(b.addr, series).await - before, 2.0, "each refused connection counted once");
     let (mut three, _) = b.agent("t", "three").await;

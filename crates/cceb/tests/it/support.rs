@@ -320,11 +320,11 @@ impl Client {
         }
     }
 
-    /// After the close frame: reads until the bridge has dropped the socket.
-    pub async fn dropped(&mut self) {
+    /// After the close frame: reads until the bridge has closed the socket.
+    pub async fn socket_closed(&mut self) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while let Some(Ok(_)) =
-            tokio::time::timeout_at(deadline, self.ws.next()).await.expect("the bridge drops the socket in time")
+            tokio::time::timeout_at(deadline, self.ws.next()).await.expect("the bridge closes the socket in time")
         {
         }
     }

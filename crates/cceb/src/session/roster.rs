@@ -13,13 +13,13 @@ type Agents = HashMap<Arc<str>, Vec<Arc<Session>>>;
 pub struct Full;
 
 #[derive(Debug, Default)]
-pub struct Registry {
+pub struct Roster {
     tenants: RwLock<HashMap<Arc<str>, Agents>>,
     long_lived: RwLock<HashMap<Arc<str>, Arc<Session>>>,
     count: AtomicUsize,
 }
 
-impl Registry {
+impl Roster {
     pub fn add(&self, s: Arc<Session>) {
         if s.is_long_lived() {
             write(&self.long_lived).insert(s.id.clone(), s.clone());
@@ -140,7 +140,7 @@ mod tests {
 
     #[test]
     fn finds_by_agent_and_tenant_and_never_across_tenants() {
-        let r = Registry::default();
+        let r = Roster::default();
         let (a, b, c) = (session("t1", "a"), session("t1", "b"), session("t2", "a"));
         let a2 = session("t1", "a");
         for s in [&a, &b, &c, &a2] {
