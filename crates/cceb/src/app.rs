@@ -6,7 +6,10 @@ use crate::auth::{KeyError, Verifier};
 use crate::bus::embedded::LogLimits;
 use crate::bus::{Bus, BusError, EmbeddedBus, KafkaBus};
 use crate::config::{BusKind, Settings};
+use crate::conn;
+use crate::http::backend::Port;
 use crate::http::serve::Limits;
+use crate::http::{Discovery, FrameLimits, Public};
 use crate::metrics::Listener;
 use crate::metrics::Metrics;
 use crate::notify::{Dispatcher, EventReader};
@@ -14,10 +17,10 @@ use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::reactions::{BridgeRecords, ReactionSettings};
 use crate::schema::{SchemaError, SchemaSet};
 use crate::session::{Roster, SessionSettings, Sessions};
-use crate::shared::Shared;
 use crate::store::{DedupCapacity, EmbeddedStore, OpenError, Store, StoreError};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,7 +48,16 @@ pub struct Bridge {
     pub addr: SocketAddr,
     /// The backend port (embedded bus only).
     pub backend_addr: Option<SocketAddr>,
-    shared: Arc<Shared>,
+    /// Cancelled once, on shutdown; every task watches it.
+    shutdown: CancellationToken,
+    /// Every server, connection and background task, so drain can wait for them.
+    tasks: TaskTracker,
+    /// How long drain waits for them.
+    grace: Duration,
+    /// Detached at the end of drain (any connection that did not detach itself in time).
+    sessions: Arc<Sessions>,
+    /// Closed last, once nothing writes any more.
+    store: Arc<dyn Store>,
 }
 
 impl Bridge {
@@ -55,7 +67,7 @@ impl Bridge {
         let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
         // Tasks spawned before a later step fails must not outlive the failed start.
         let stop_on_error = shutdown.clone().drop_guard();
-        let verifier = Verifier::start(&settings, &metrics, &tasks, &shutdown).await?;
+        let verifier = Arc::new(Verifier::start(&settings, &metrics, &tasks, &shutdown).await?);
         let listen = |addr: SocketAddr| async move { bind(addr).map_err(|source| StartError::Listen { addr, source }) };
         let public = listen(settings.listen).await?;
         let addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
@@ -148,67 +160,92 @@ impl Bridge {
             Some(url) => format!("{}/ws/v1", url.trim_end_matches('/')),
             None => format!("ws://{addr}/ws/v1"),
         };
-        let shared = Arc::new(Shared {
-            settings,
-            verifier,
-            schemas,
-            sessions,
-            dispatcher,
-            events,
-            actions,
-            store,
-            bus,
-            metrics,
-            shutdown,
-            tasks,
-            ws_endpoint,
-        });
-        spawn_sweeper(&shared);
-        spawn_metrics_upkeep(&shared);
+        spawn_sweeper(sessions.clone(), Duration::from_millis(settings.sweep_interval_ms), &tasks, &shutdown);
+        spawn_metrics_upkeep(metrics.clone(), &tasks, &shutdown);
         let serve = |tcp: TcpListener, listener: Listener, app: axum::Router, max_connections: usize| {
-            let limits = Limits { header_read_timeout: shared.settings.header_read_timeout(), max_connections };
-            let refused = shared.metrics.connections_refused(listener);
-            crate::http::serve::spawn(tcp, listener, app, limits, refused, &shared.tasks, shared.shutdown.clone());
+            let limits = Limits { header_read_timeout: settings.header_read_timeout(), max_connections };
+            let refused = metrics.connections_refused(listener);
+            crate::http::serve::spawn(tcp, listener, app, limits, refused, &tasks, shutdown.clone());
         };
-        serve(public, Listener::Public, crate::http::public(shared.clone()), shared.settings.max_connections);
+        let conn = Arc::new(conn::Context {
+            verifier: verifier.clone(),
+            sessions: sessions.clone(),
+            actions,
+            metrics: metrics.clone(),
+            limits: conn::Limits {
+                hello_timeout: settings.hello_timeout(),
+                heartbeat_interval: settings.heartbeat_interval(),
+                ack_timeout: settings.ack_timeout(),
+                write_timeout: settings.write_timeout(),
+                session_ttl_seconds: settings.session_ttl_seconds,
+                max_pending_actions: settings.max_pending_actions,
+                action_rate_per_second: settings.action_rate_per_second,
+                action_burst: settings.action_burst,
+                shutdown_grace: Duration::from_millis(settings.shutdown_grace_ms),
+            },
+            shutdown: shutdown.clone(),
+        });
+        let routes = Arc::new(Public {
+            conn,
+            frames: FrameLimits {
+                max_frame_bytes: settings.max_frame_bytes,
+                max_notification_bytes: settings.max_notification_bytes,
+            },
+            verifier,
+            discovery: Discovery { ws_endpoint, node_id: settings.node_id.clone() },
+            bus,
+            store: store.clone(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+            tasks: tasks.clone(),
+        });
+        serve(public, Listener::Public, crate::http::public(routes), settings.max_connections);
         if let (Some(tcp), Some(embedded)) = (backend, embedded) {
-            let app = crate::http::backend::router(shared.clone(), embedded);
-            serve(tcp, Listener::Backend, app, shared.settings.backend_max_connections);
+            let port = Port {
+                events,
+                dispatcher,
+                store: store.clone(),
+                bus: embedded,
+                admin_token: settings.admin_token.clone(),
+                max_body_bytes: settings.backend_max_body_bytes,
+                metrics: metrics.clone(),
+                shutdown: shutdown.clone(),
+            };
+            serve(tcp, Listener::Backend, crate::http::backend::router(port), settings.backend_max_connections);
         }
         tracing::info!(
-            %addr, ?backend_addr, bus = ?shared.settings.bus, schemas = %shared.schemas.origin, node = %shared.settings.node_id,
-            data_dir = %shared.settings.data_dir.display(), restored, "cceb listening"
+            %addr, ?backend_addr, bus = ?settings.bus, schemas = %schemas.origin, node = %settings.node_id,
+            data_dir = %settings.data_dir.display(), restored, "cceb listening"
         );
         stop_on_error.disarm();
-        Ok(Bridge { addr, backend_addr, shared })
+        let grace = Duration::from_millis(settings.shutdown_grace_ms);
+        Ok(Bridge { addr, backend_addr, shutdown, tasks, grace, sessions, store })
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shared.shutdown.clone()
+        self.shutdown.clone()
     }
 
     /// Waits for the shutdown token, then drains: clients are closed with 1012
     /// and every task ends before this returns (or the grace period passes).
     pub async fn run_until_stopped(self) {
-        self.shared.shutdown.cancelled().await;
+        self.shutdown.cancelled().await;
         self.drain().await;
     }
 
     pub async fn shutdown(self) {
-        self.shared.shutdown.cancel();
+        self.shutdown.cancel();
         self.drain().await;
     }
 
     async fn drain(self) {
-        let shared = self.shared;
-        shared.tasks.close();
-        let grace = std::time::Duration::from_millis(shared.settings.shutdown_grace_ms);
-        if tokio::time::timeout(grace, shared.tasks.wait()).await.is_err() {
-            tracing::warn!(left = shared.tasks.len(), "shutdown grace period passed with tasks still running");
+        self.tasks.close();
+        if tokio::time::timeout(self.grace, self.tasks.wait()).await.is_err() {
+            tracing::warn!(left = self.tasks.len(), "shutdown grace period passed with tasks still running");
         }
         // Connections detach themselves as they close; this covers any that did not in time.
-        shared.sessions.detach_all();
-        shared.store.close().await;
+        self.sessions.detach_all();
+        self.store.close().await;
         tracing::info!("cceb stopped");
     }
 }
@@ -226,10 +263,10 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Keeps the metrics' memory bounded between scrapes.
-fn spawn_metrics_upkeep(shared: &Arc<Shared>) {
-    let (metrics, stop) = (shared.metrics.clone(), shared.shutdown.clone());
-    shared.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+fn spawn_metrics_upkeep(metrics: Arc<Metrics>, tasks: &TaskTracker, shutdown: &CancellationToken) {
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -240,10 +277,9 @@ fn spawn_metrics_upkeep(shared: &Arc<Shared>) {
 }
 
 /// Expires sessions whose TTL passed, every `sweep_interval_ms`.
-fn spawn_sweeper(shared: &Arc<Shared>) {
-    let (sessions, stop) = (shared.sessions.clone(), shared.shutdown.clone());
-    let period = std::time::Duration::from_millis(shared.settings.sweep_interval_ms);
-    shared.tasks.spawn(async move {
+fn spawn_sweeper(sessions: Arc<Sessions>, period: Duration, tasks: &TaskTracker, shutdown: &CancellationToken) {
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -2,10 +2,10 @@
 //! writes notifications, redelivers, heartbeats and closes. This is the only
 //! place where errors become wire errors and close codes.
 
-use crate::actions::{ActionError, Done};
-use crate::auth::Identity;
-use crate::session::{AgentId, Attachment, Due, Held, OpenError, OpenRequest, Session, TokenBucket};
-use crate::shared::Shared;
+use crate::actions::{ActionError, Actions, Done};
+use crate::auth::{Identity, Verifier};
+use crate::metrics::Metrics;
+use crate::session::{AgentId, Attachment, Due, Held, OpenError, OpenRequest, Session, Sessions, TokenBucket};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
 use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};
@@ -16,6 +16,40 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// What every connection is given, and all it is given: built once by `app`.
+pub struct Context {
+    /// Checks the token of `hello`.
+    pub verifier: Arc<Verifier>,
+    /// Opens, resumes and ends the connection's session.
+    pub sessions: Arc<Sessions>,
+    /// Performs the client's actions.
+    pub actions: Arc<Actions>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    /// Cancelled once, on shutdown: every connection closes with 1012.
+    pub shutdown: CancellationToken,
+}
+
+/// The timeouts and limits a connection reads (from the settings, by `app`).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub hello_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub ack_timeout: Duration,
+    /// A client that does not take a write within it is closed.
+    pub write_timeout: Duration,
+    /// Told to the client in `hello_reply`.
+    pub session_ttl_seconds: u64,
+    /// Actions queued behind the one in flight.
+    pub max_pending_actions: usize,
+    pub action_rate_per_second: f64,
+    pub action_burst: u32,
+    /// The bridge's shutdown grace period: an action in flight at shutdown
+    /// may take part of it.
+    pub shutdown_grace: Duration,
+}
 
 /// Longest wait for the client's answer to our close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -68,24 +102,24 @@ struct PendingAction {
 }
 
 /// Counts a connection in the gauge for as long as its task lives, however it ends.
-struct Counted(Arc<Shared>);
+struct Counted(Arc<Metrics>);
 
 impl Counted {
-    fn new(shared: Arc<Shared>) -> Self {
-        shared.metrics.connections.increment(1.0);
-        Counted(shared)
+    fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.connections.increment(1.0);
+        Counted(metrics)
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.metrics.connections.decrement(1.0);
+        self.0.connections.decrement(1.0);
     }
 }
 
-pub async fn run(ws: WebSocket, shared: Arc<Shared>) {
-    let _counted = Counted::new(shared.clone());
-    let mut conn = Conn { ws, shared, last_seen: Instant::now() };
+pub async fn run(ws: WebSocket, cx: Arc<Context>) {
+    let _counted = Counted::new(cx.metrics.clone());
+    let mut conn = Conn { ws, cx, last_seen: Instant::now() };
     let end = match conn.hello().await {
         Ok(Some((held, identity))) => {
             let end = conn.serve(&held.session, &held.attachment, &identity).await;
@@ -106,7 +140,7 @@ pub async fn run(ws: WebSocket, shared: Arc<Shared>) {
 
 struct Conn {
     ws: WebSocket,
-    shared: Arc<Shared>,
+    cx: Arc<Context>,
     last_seen: Instant,
 }
 
@@ -132,10 +166,10 @@ impl Conn {
     /// Waits for `hello`, authenticates it and opens (or resumes) the
     /// session. `Ok(None)`: the client left.
     async fn hello(&mut self) -> Result<Option<(Held, Identity)>, Close> {
-        let deadline = Instant::now() + self.shared.settings.hello_timeout();
+        let deadline = Instant::now() + self.cx.limits.hello_timeout;
         loop {
             let frame = tokio::select! {
-                _ = self.shared.shutdown.cancelled() => return Err(Close(close::SERVICE_RESTART, "server restarting")),
+                _ = self.cx.shutdown.cancelled() => return Err(Close(close::SERVICE_RESTART, "server restarting")),
                 _ = sleep_until(deadline) => return Err(Close(close::HELLO_TIMEOUT, "no hello in time")),
                 f = self.ws.recv() => f,
             };
@@ -157,7 +191,7 @@ impl Conn {
                     return Err(Close(close::UNAUTHORIZED, "not authenticated"));
                 }
             };
-            let identity = match self.shared.verifier.verify(&hello.token).await {
+            let identity = match self.cx.verifier.verify(&hello.token).await {
                 Ok(id) => id,
                 Err(e) => {
                     tracing::debug!(error = %e, "hello refused");
@@ -187,7 +221,7 @@ impl Conn {
                 auto_accept: hello.auto_accept,
                 push_token,
             };
-            let opened = match self.shared.sessions.open(agent, request).await {
+            let opened = match self.cx.sessions.open(agent, request).await {
                 Ok(o) => o,
                 Err(e) => {
                     let refusal = refuse_open(&e);
@@ -198,15 +232,15 @@ impl Conn {
                 }
             };
             let (session, attachment) = (&opened.held.session, &opened.held.attachment);
-            let s = &self.shared.settings;
+            let l = &self.cx.limits;
             let reply = HelloReply {
                 session_id: session.id.to_string(),
                 session_key: opened.key,
                 resumed: opened.resumed,
                 long_lived: session.is_long_lived(),
                 auto_accept: session.auto_accept(),
-                session_ttl_seconds: s.session_ttl_seconds,
-                heartbeat_interval_seconds: s.heartbeat_interval().as_secs().max(1),
+                session_ttl_seconds: l.session_ttl_seconds,
+                heartbeat_interval_seconds: l.heartbeat_interval.as_secs().max(1),
                 agent: AgentRef {
                     tenant_guid: identity.tenant_guid.clone(),
                     agent_guid: identity.agent_guid.clone(),
@@ -221,9 +255,9 @@ impl Conn {
     }
 
     async fn serve(&mut self, session: &Arc<Session>, attachment: &Attachment, identity: &Identity) -> Option<Close> {
-        let settings = &self.shared.settings;
+        let limits = &self.cx.limits;
         let (ack_timeout, hb, max_pending) =
-            (settings.ack_timeout(), settings.heartbeat_interval(), settings.max_pending_actions);
+            (limits.ack_timeout, limits.heartbeat_interval, limits.max_pending_actions);
         // A validly signed `exp` may lie centuries ahead: past what an Instant can hold, no expiry timer fires.
         let token_expiry = Instant::now().checked_add(identity.remaining()).unwrap_or_else(far_future);
         let mut heartbeat = tokio::time::interval_at(Instant::now() + hb, hb);
@@ -233,10 +267,10 @@ impl Conn {
         let mut pending: VecDeque<PendingAction> = VecDeque::new();
         let mut due = Vec::new();
         let mut bucket =
-            TokenBucket::new(settings.action_rate_per_second, settings.action_burst, Instant::now().into_std());
+            TokenBucket::new(limits.action_rate_per_second, limits.action_burst, Instant::now().into_std());
         // Made once, not per turn of the loop: each turn is one notification or
         // ack at high rates, and re-arming timers and token waits showed in profiles.
-        let shutdown = self.shared.shutdown.clone();
+        let shutdown = self.cx.shutdown.clone();
         let stopping = shutdown.cancelled();
         let taken_over = attachment.taken_over.cancelled();
         let expiry = sleep_until(token_expiry);
@@ -312,8 +346,8 @@ impl Conn {
                     let sent = match msg {
                         ClientMessage::Ack { uuid } => {
                             if let Some(waited) = session.ack(&uuid, Instant::now().into_std()) {
-                                self.shared.metrics.acked.increment(1);
-                                self.shared.metrics.notification_ack_seconds.record(waited.as_secs_f64());
+                                self.cx.metrics.acked.increment(1);
+                                self.cx.metrics.notification_ack_seconds.record(waited.as_secs_f64());
                             }
                             Ok(())
                         }
@@ -334,7 +368,7 @@ impl Conn {
                             Ok(())
                         }
                         ClientMessage::EndSession { uuid } => {
-                            if let Err(e) = self.shared.sessions.end(session).await {
+                            if let Err(e) = self.cx.sessions.end(session).await {
                                 self.send_error(&uuid, ErrorCode::BackendUnavailable, &e.to_string(), None).await;
                                 continue;
                             }
@@ -365,7 +399,7 @@ impl Conn {
         if let Some(action) = in_flight {
             // Within part of the grace period: the store closes after it, and a
             // dedup key written then would be lost.
-            let bound = Duration::from_millis(self.shared.settings.shutdown_grace_ms * 3 / 4);
+            let bound = self.cx.limits.shutdown_grace * 3 / 4;
             match tokio::time::timeout(bound, action).await {
                 // A client that cannot be written to is closed next anyway.
                 Ok((uuid, result)) => {
@@ -391,8 +425,8 @@ impl Conn {
     }
 
     fn start_action(&self, session: &Session, p: PendingAction) -> ActionFuture {
-        let actions = self.shared.actions.clone();
-        let metrics = self.shared.metrics.clone();
+        let actions = self.cx.actions.clone();
+        let metrics = self.cx.metrics.clone();
         let who = session.agent.clone();
         Box::pin(async move {
             let started = Instant::now();
@@ -428,26 +462,26 @@ impl Conn {
         if due.is_empty() {
             return Ok(());
         }
-        let (ws, shared) = (&mut self.ws, &self.shared);
+        let (ws, cx) = (&mut self.ws, &self.cx);
         let write = async {
             for d in due.drain(..) {
                 if d.redelivery {
-                    shared.metrics.redelivered.increment(1);
+                    cx.metrics.redelivered.increment(1);
                 } else {
-                    shared.metrics.sent(d.n.ty);
+                    cx.metrics.sent(d.n.ty);
                 }
                 ws.feed(Message::Text(outgoing::notification(d.n.ty, &d.n.uuid, d.seq, &d.n.data).into())).await?;
             }
             ws.flush().await
         };
-        match tokio::time::timeout(shared.settings.write_timeout(), write).await {
+        match tokio::time::timeout(cx.limits.write_timeout, write).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(Close(close::GOING_AWAY, "client does not read")),
         }
     }
 
     async fn write(&mut self, msg: Message) -> Result<(), Close> {
-        match tokio::time::timeout(self.shared.settings.write_timeout(), self.ws.send(msg)).await {
+        match tokio::time::timeout(self.cx.limits.write_timeout, self.ws.send(msg)).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(Close(close::GOING_AWAY, "client does not read")),
         }
@@ -458,7 +492,7 @@ impl Conn {
     }
 
     async fn send_error(&mut self, uuid: &str, code: ErrorCode, message: &str, field: Option<&str>) {
-        self.shared.metrics.error(code);
+        self.cx.metrics.error(code);
         // A client that does not read its errors is closed by the next write that times out.
         let _ = self.send(outgoing::error(uuid, code, message, field)).await;
     }

@@ -19,7 +19,6 @@ pub mod reactions;
 pub mod schema;
 pub mod secret;
 pub mod session;
-pub mod shared;
 pub mod store;
 pub mod sync;
 

@@ -2,12 +2,12 @@
 //! load tests) post events and long-poll the actions the bridge published.
 
 use super::bearer;
-use crate::secret;
 use crate::bus::embedded::Page;
 use crate::bus::EmbeddedBus;
-use crate::notify::{Event, EventError, EventReader, NotifyError};
-use crate::shared::Shared;
-use crate::store::StoreError;
+use crate::metrics::Metrics;
+use crate::notify::{Dispatcher, Event, EventError, EventReader, NotifyError};
+use crate::secret;
+use crate::store::{Store, StoreError};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::StatusCode;
@@ -19,19 +19,35 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 const MAX_WAIT: Duration = Duration::from_secs(30);
 const MAX_RECORDS: usize = 10_000;
 
-#[derive(Clone)]
-struct Backend {
-    shared: Arc<Shared>,
-    bus: Arc<EmbeddedBus>,
+/// What the backend port is given, and all it is given: built once by `app`,
+/// for the embedded bus only.
+pub struct Port {
+    /// Validates and plans the posted events.
+    pub events: Arc<EventReader>,
+    /// Delivers them to the sessions and makes them durable.
+    pub dispatcher: Arc<Dispatcher>,
+    /// Asked only whether it can write: earlier writes not durable yet, the
+    /// port takes no more events.
+    pub store: Arc<dyn Store>,
+    /// The log the actions are read from, and its outage switch.
+    pub bus: Arc<EmbeddedBus>,
+    /// The bearer token every request must carry; none (or empty): every request is refused.
+    pub admin_token: Option<String>,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled once, on shutdown: long polls end early.
+    pub shutdown: CancellationToken,
 }
 
-pub fn router(shared: Arc<Shared>, bus: Arc<EmbeddedBus>) -> Router {
-    let limit = shared.settings.backend_max_body_bytes;
-    let state = Backend { shared, bus };
+pub fn router(port: Port) -> Router {
+    let limit = port.max_body_bytes;
+    let state = Arc::new(port);
     Router::new()
         .route("/backend/v1/events", post(post_events))
         .route("/backend/v1/actions", get(get_actions))
@@ -45,12 +61,10 @@ fn reject(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
-async fn admin_only(State(b): State<Backend>, req: Request, next: Next) -> Response {
-    let ok = match (&b.shared.settings.admin_token, bearer(req.headers())) {
+async fn admin_only(State(b): State<Arc<Port>>, req: Request, next: Next) -> Response {
+    let ok = match (&b.admin_token, bearer(req.headers())) {
         // An empty token configured means none (Settings::load says so; a library caller may not have).
-        (Some(expected), Some(given)) if !expected.is_empty() => {
-            secret::same(expected.as_bytes(), given.as_bytes())
-        }
+        (Some(expected), Some(given)) if !expected.is_empty() => secret::same(expected.as_bytes(), given.as_bytes()),
         _ => false,
     };
     if ok {
@@ -113,25 +127,25 @@ pub fn parse_events(reader: &EventReader, body: &[u8]) -> Result<Vec<Event>, Bod
 /// Validates the whole body first, so a batch is taken entirely or not at all;
 /// answers 202 only once every notification is in its session's mailbox and
 /// durable in the store.
-async fn post_events(State(b): State<Backend>, body: Bytes) -> Response {
+async fn post_events(State(b): State<Arc<Port>>, body: Bytes) -> Response {
     let started = Instant::now();
-    let metrics = &b.shared.metrics;
+    let metrics = &b.metrics;
     // Earlier writes are not durable yet: take nothing more until they are.
-    if !b.shared.store.ready() {
+    if !b.store.ready() {
         return reject(StatusCode::SERVICE_UNAVAILABLE, "the store cannot write; retry later");
     }
-    let events = match parse_events(&b.shared.events, &body) {
+    let events = match parse_events(&b.events, &body) {
         Ok(events) => events,
         Err(e) => {
             metrics.events_rejected.increment(1);
             return reject(StatusCode::BAD_REQUEST, e.to_string());
         }
     };
-    let notifications = match b.shared.dispatcher.ingest(&events).await {
+    let notifications = match b.dispatcher.ingest(&events).await {
         Ok(n) => n,
         Err(NotifyError::Store(e)) => return reject(store_status(&e), e.to_string()),
     };
-    if let Err(NotifyError::Store(e)) = b.shared.dispatcher.commit().await {
+    if let Err(NotifyError::Store(e)) = b.dispatcher.commit().await {
         return reject(store_status(&e), e.to_string());
     }
     metrics.events_accepted.increment(events.len() as u64);
@@ -159,12 +173,12 @@ struct ActionsQuery {
     limit: Option<usize>,
 }
 
-async fn get_actions(State(b): State<Backend>, Query(q): Query<ActionsQuery>) -> Response {
+async fn get_actions(State(b): State<Arc<Port>>, Query(q): Query<ActionsQuery>) -> Response {
     let wait = Duration::from_millis(q.wait_ms).min(MAX_WAIT);
     let limit = q.limit.unwrap_or(1000).clamp(1, MAX_RECORDS);
     let page = tokio::select! {
         page = b.bus.read_after(q.after, limit, wait) => page,
-        _ = b.shared.shutdown.cancelled() => Page { next: q.after, records: Vec::new() },
+        _ = b.shutdown.cancelled() => Page { next: q.after, records: Vec::new() },
     };
     Json(page).into_response()
 }
@@ -179,7 +193,7 @@ struct BusSwitch {
 
 /// Simulates a bus outage (or a slow broker) for the clients' benefit: while
 /// off, actions get `backend_unavailable`.
-async fn put_bus(State(b): State<Backend>, Json(s): Json<BusSwitch>) -> Response {
+async fn put_bus(State(b): State<Arc<Port>>, Json(s): Json<BusSwitch>) -> Response {
     b.bus.set_accepting(s.accepting);
     b.bus.set_delay(Duration::from_millis(s.delay_ms.min(MAX_WAIT.as_millis() as u64)));
     Json(json!({"accepting": s.accepting, "delay_ms": s.delay_ms})).into_response()

@@ -4,7 +4,10 @@
 pub mod backend;
 pub mod serve;
 
-use crate::shared::Shared;
+use crate::auth::Verifier;
+use crate::bus::Bus;
+use crate::metrics::Metrics;
+use crate::store::Store;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -13,6 +16,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Read chunk per connection; the protocol's messages are small, and
 /// tungstenite's 128 KiB default would dominate the memory of idle sessions.
@@ -22,31 +27,71 @@ const WS_WRITE_BUFFER: usize = 8 * 1024;
 /// seq) and the WebSocket header, with room to spare.
 const FRAME_ENVELOPE: usize = 1024;
 
-pub fn public(shared: Arc<Shared>) -> Router {
+/// What the public listener's routes are given, and all they are given:
+/// built once by `app`.
+pub struct Public {
+    /// Handed to every connection `/ws/v1` upgrades.
+    pub(crate) conn: Arc<crate::conn::Context>,
+    /// Frame and buffer bounds of an upgraded WebSocket.
+    pub frames: FrameLimits,
+    /// Checks the bearer token of `/v1/discovery`.
+    pub verifier: Arc<Verifier>,
+    /// What `/v1/discovery` answers.
+    pub discovery: Discovery,
+    /// Asked only whether it is ready (`/readyz`).
+    pub bus: Arc<dyn Bus>,
+    /// Asked only whether it is ready (`/readyz`).
+    pub store: Arc<dyn Store>,
+    /// Rendered by `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Cancelled once, on shutdown: no more upgrades, not ready.
+    pub shutdown: CancellationToken,
+    /// Every upgraded connection runs on it, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+}
+
+/// The bounds of an upgraded WebSocket (from the settings, by `app`).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameLimits {
+    /// Largest client frame and message.
+    pub max_frame_bytes: usize,
+    /// Largest notification `data`: its frame must always fit the write buffer.
+    pub max_notification_bytes: usize,
+}
+
+/// What `/v1/discovery` tells a client with a valid token.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    /// The `/ws/v1` URL to connect to.
+    pub ws_endpoint: String,
+    pub node_id: String,
+}
+
+pub fn public(public: Arc<Public>) -> Router {
     Router::new()
         .route("/ws/v1", get(upgrade))
         .route("/v1/discovery", get(discovery))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(shared)
+        .with_state(public)
 }
 
-async fn upgrade(State(shared): State<Arc<Shared>>, ws: WebSocketUpgrade) -> Response {
-    if shared.shutdown.is_cancelled() {
+async fn upgrade(State(public): State<Arc<Public>>, ws: WebSocketUpgrade) -> Response {
+    if public.shutdown.is_cancelled() {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
-    let max = shared.settings.max_frame_bytes;
+    let max = public.frames.max_frame_bytes;
     // The largest notification frame must always fit behind what the buffer
     // may already hold, or it could never be written and would block its session.
-    let max_write = shared.settings.max_notification_bytes + WS_WRITE_BUFFER + FRAME_ENVELOPE;
-    let tasks = shared.tasks.clone();
+    let max_write = public.frames.max_notification_bytes + WS_WRITE_BUFFER + FRAME_ENVELOPE;
+    let (tasks, conn) = (public.tasks.clone(), public.conn.clone());
     ws.read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_write_buffer_size(max_write)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tasks.track_future(crate::conn::run(socket, shared)))
+        .on_upgrade(move |socket| tasks.track_future(crate::conn::run(socket, conn)))
 }
 
 /// The bearer token of an `Authorization` header.
@@ -54,26 +99,29 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ").map(str::trim)
 }
 
-async fn discovery(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+async fn discovery(State(public): State<Arc<Public>>, headers: HeaderMap) -> Response {
     let refused = |message: String| {
         (StatusCode::UNAUTHORIZED, Json(json!({"code": "unauthorized", "message": message}))).into_response()
     };
     let Some(token) = bearer(&headers) else {
         return refused("an Authorization: Bearer <token> header is required".into());
     };
-    match shared.verifier.verify(token).await {
-        Ok(_) => Json(json!({"endpoint": shared.ws_endpoint(), "node_id": shared.settings.node_id})).into_response(),
+    match public.verifier.verify(token).await {
+        Ok(_) => {
+            let d = &public.discovery;
+            Json(json!({"endpoint": d.ws_endpoint, "node_id": d.node_id})).into_response()
+        }
         Err(e) => refused(e.to_string()),
     }
 }
 
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    let (bus, store) = (shared.bus.ready(), shared.store.ready());
+async fn readyz(State(public): State<Arc<Public>>) -> Response {
+    let (bus, store) = (public.bus.ready(), public.store.ready());
     let status =
-        if bus && store && !shared.shutdown.is_cancelled() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        if bus && store && !public.shutdown.is_cancelled() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({"bus": bus, "store": store}))).into_response()
 }
 
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], shared.metrics.render()).into_response()
+async fn metrics(State(public): State<Arc<Public>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], public.metrics.render()).into_response()
 }
