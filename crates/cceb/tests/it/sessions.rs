@@ -162,7 +162,7 @@ async fn a_long_lived_connection_has_at_most_max_unacked_in_flight_and_4004_only
 {
     let b = TestBridge::with(|s| {
         s.max_unacked = 2;
-        s.ack_timeout_ms = 1500;
+        s.ack_timeout_ms = 400;
     })
     .await;
     let mut c = b.connect().await;
@@ -437,8 +437,14 @@ async fn a_session_whose_ttl_passed_while_the_bridge_was_down_is_gone_after_the_
     let mut b = on_clock(&clock).await;
     let mut c = b.connect().await;
     let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
-    b.shutdown().await;
-    drop(c);
+    // Connected at shutdown: closed with 1012 (answered at once, so the bridge need not linger).
+    let closed = async {
+        let (code, _) = c.closed().await;
+        c.socket_closed().await;
+        code
+    };
+    let ((), code) = tokio::join!(b.shutdown(), closed);
+    assert_eq!(code, Some(1012));
     clock.advance(TTL);
     b.restart().await;
     let records = published_values(&b, "AgentChatAvailabilityEvent").await;
@@ -519,8 +525,8 @@ async fn a_slow_availability_publish_holds_up_no_other_hello() {
     if b.skip_on_kafka("the slow broker is the embedded bus's delay switch") {
         return;
     }
-    b.set_bus_delay(3000).await;
-    // The first long-lived hello publishes `available: true`, which takes 3 s.
+    b.set_bus_delay(1000).await;
+    // The first long-lived hello publishes `available: true`, which takes 1 s.
     let url = b.ws_url();
     let first = tokio::spawn(async move {
         let mut c = Client::connect(&url).await;
