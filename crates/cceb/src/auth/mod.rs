@@ -227,15 +227,16 @@ impl Verifier {
         Err(Miss::Refused(last))
     }
 
-    /// Whether the clock is within the token's lifetime (RFC 7519, no
-    /// leeway): before `exp`, and not before `nbf`. Expiry agrees with
-    /// [`Verifier::remaining`]: a token accepted has time left.
+    /// Whether the clock's second is within the token's lifetime, checked to
+    /// the second without leeway as jsonwebtoken checks it against the
+    /// system's clock: refused after its `exp` second or before its `nbf`.
+    /// (Accepted within its `exp` second, a connection has no time left: 4002.)
     fn in_time(&self, t: &Decoded) -> Result<(), AuthError> {
-        let now = Duration::from_millis(self.clock.now_ms());
-        if Duration::from_secs(t.claims.exp) <= now {
+        let now = self.clock.now_ms() / 1000;
+        if t.claims.exp < now {
             return Err(AuthError::Refused("the token expired".into()));
         }
-        if t.nbf.is_some_and(|nbf| nbf * 1000.0 > now.as_millis() as f64) {
+        if t.nbf.is_some_and(|nbf| nbf > now as f64) {
             return Err(AuthError::Refused("the token is not valid yet (`nbf`)".into()));
         }
         Ok(())
@@ -344,15 +345,15 @@ mod tests {
 
     /// The tokens here expire in 1970: only the injected clock finds them valid.
     #[tokio::test]
-    async fn a_token_is_valid_until_its_exp_by_the_injected_clock_and_refused_from_then() {
+    async fn a_token_is_valid_through_its_exp_second_by_the_injected_clock_and_refused_after() {
         let clock = Arc::new(ManualClock::new(1_000_000));
         let v = verifier_on(clock.clone()).await;
         let token = timed(1_060, None);
         let id = v.verify(&token).await.expect("valid at 1000 s");
         assert_eq!(id.exp, 1_060);
-        clock.set(1_059_999);
-        v.verify(&token).await.expect("valid until its exp");
-        clock.set(1_060_000);
+        clock.set(1_060_999);
+        v.verify(&token).await.expect("valid through its exp second");
+        clock.set(1_061_000);
         let Err(AuthError::Refused(why)) = v.verify(&token).await else { panic!("valid past its exp") };
         assert!(why.contains("expired"), "{why}");
     }

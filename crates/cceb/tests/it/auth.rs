@@ -249,8 +249,8 @@ async fn token_expiring_on_an_open_connection_closes_with_4002() {
     c.hello(&hs(&claims)).await;
     let (code, _) = c.closed().await;
     assert_eq!(code, Some(4002));
-    // By the bridge's clock the token is now past its `exp`: the same token is refused.
-    clock.advance(Duration::from_millis(200));
+    // By the bridge's clock the token is now past its `exp` second: the same token is refused.
+    clock.advance(Duration::from_millis(1200));
     refused(&b, &hs(&claims)).await;
     claims["exp"] = json!(exp + 1);
     c = b.connect().await;
