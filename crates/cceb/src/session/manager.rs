@@ -578,6 +578,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_disconnected_session_auto_accepts_within_its_ttl_and_not_once_it_passed_even_before_the_sweep() {
+        let f = fixture();
+        let opened = f.sessions.open(agent(), OpenRequest { auto_accept: true, ..long_lived(None) }).await;
+        drop(opened.expect("open"));
+        f.clock.advance(TTL - Duration::from_millis(1));
+        f.sessions.offered("t", "a", "i-1").await;
+        f.clock.advance(Duration::from_millis(1));
+        f.sessions.offered("t", "a", "i-2").await;
+        let accepted: Vec<_> =
+            published(&f, "interactionId").await.into_iter().filter(|(r, _)| r == "AcceptInteractionEvent").collect();
+        assert_eq!(accepted, [("AcceptInteractionEvent".to_owned(), "i-1".into())]);
+    }
+
+    #[tokio::test]
     async fn a_connection_task_killed_or_panicking_mid_flight_still_detaches_and_the_session_expires() {
         let f = fixture();
         for kill in ["abort", "panic"] {
