@@ -2,10 +2,10 @@
 //! load tests) post events and long-poll the actions the bridge published.
 
 use super::bearer;
+use crate::secret;
 use crate::bus::embedded::Page;
 use crate::bus::EmbeddedBus;
 use crate::notify::{Event, EventError, EventReader, NotifyError};
-use crate::secret;
 use crate::shared::Shared;
 use crate::store::StoreError;
 use axum::body::Bytes;
@@ -48,7 +48,9 @@ fn reject(status: StatusCode, message: impl Into<String>) -> Response {
 async fn admin_only(State(b): State<Backend>, req: Request, next: Next) -> Response {
     let ok = match (&b.shared.settings.admin_token, bearer(req.headers())) {
         // An empty token configured means none (Settings::load says so; a library caller may not have).
-        (Some(expected), Some(given)) if !expected.is_empty() => secret::same(expected.as_bytes(), given.as_bytes()),
+        (Some(expected), Some(given)) if !expected.is_empty() => {
+            secret::same(expected.as_bytes(), given.as_bytes())
+        }
         _ => false,
     };
     if ok {
