@@ -30,6 +30,11 @@ struct TestBridge {
 
 impl TestBridge {
     async fn start() -> TestBridge {
+        Self::start_with_clock(Arc::new(cceb::clock::SystemClock)).await
+    }
+
+    /// A bridge whose session TTLs and token expiry go by `clock`.
+    async fn start_with_clock(clock: Arc<dyn cceb::clock::Clock>) -> TestBridge {
         let data = tempfile::tempdir().expect("tempdir");
         let settings = Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -40,7 +45,7 @@ impl TestBridge {
             data_dir: data.path().to_owned(),
             ..Settings::default()
         };
-        let bridge = Bridge::start(settings.clone()).await.expect("bridge starts");
+        let bridge = Bridge::start_with_clock(settings.clone(), clock).await.expect("bridge starts");
         let (addr, backend) = (bridge.addr, bridge.backend_addr.expect("embedded bus"));
         // Later restarts bind the same ports, so the client finds the bridge where it was.
         let settings = Settings { listen: addr, backend_listen: backend, ..settings };
@@ -127,6 +132,19 @@ fn token_ttl(agent: &str, ttl: Duration) -> String {
         &TokenRequest { tenant_guid: "t1", agent_guid: agent, ir_instance: "ir-1", contact_id: None, ttl },
     )
     .expect("mint")
+}
+
+/// A token and its `exp` (seconds since the Unix epoch).
+fn token_and_exp(agent: &str, ttl: Duration) -> (String, u64) {
+    let secs = || cceb_token::now_since_epoch().as_secs();
+    loop {
+        // Minted within one second, its exp is that second plus the TTL.
+        let before = secs();
+        let token = token_ttl(agent, ttl);
+        if secs() == before {
+            return (token, before + ttl.as_secs());
+        }
+    }
 }
 
 fn token(agent: &str) -> String {
@@ -253,14 +271,23 @@ async fn an_action_resolves_on_ack_is_retried_after_backend_unavailable_and_refu
 
 #[tokio::test]
 async fn a_new_token_is_fetched_on_4002() {
-    let b = TestBridge::start().await;
+    let clock = Arc::new(cceb::clock::ManualClock::at_system_time());
+    let b = TestBridge::start_with_clock(clock.clone()).await;
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     let (client, mut events) = fast(b.ws_url())
         .token_provider(move || {
-            // The first token runs out within two seconds; the next lasts.
-            let ttl = if counter.fetch_add(1, Ordering::SeqCst) == 0 { 2 } else { 3600 };
-            async move { Ok::<_, String>(token_ttl("a1", Duration::from_secs(ttl))) }
+            let first = counter.fetch_add(1, Ordering::SeqCst) == 0;
+            let token = if first {
+                // The bridge's clock moves to 200 ms before the first token's expiry.
+                let (token, exp) = token_and_exp("a1", Duration::from_secs(3600));
+                clock.set(exp * 1000 - 200);
+                token
+            } else {
+                // The next one lasts.
+                token_ttl("a1", Duration::from_secs(7200))
+            };
+            async move { Ok::<_, String>(token) }
         })
         .build();
     let mut saw_4002 = false;

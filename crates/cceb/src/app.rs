@@ -5,6 +5,7 @@ use crate::actions::{ActionSettings, Actions};
 use crate::auth::{KeyError, Verifier};
 use crate::bus::embedded::LogLimits;
 use crate::bus::{Bus, BusError, EmbeddedBus, KafkaBus};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{BusKind, Settings};
 use crate::conn;
 use crate::http::backend::Port;
@@ -62,12 +63,19 @@ pub struct Bridge {
 
 impl Bridge {
     pub async fn start(settings: Settings) -> Result<Bridge, StartError> {
+        Self::start_with_clock(settings, Arc::new(SystemClock)).await
+    }
+
+    /// Starts with `clock` deciding session TTLs (disconnect times, the
+    /// sweep, expiry at restore) and tokens' `exp`/`nbf`: a test moves a
+    /// [`ManualClock`](crate::clock::ManualClock) instead of waiting.
+    pub async fn start_with_clock(settings: Settings, clock: Arc<dyn Clock>) -> Result<Bridge, StartError> {
         let schemas = Arc::new(SchemaSet::load(settings.schema_dir.as_deref())?);
         let metrics = Arc::new(Metrics::new(schemas.action_names()));
         let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
         // Tasks spawned before a later step fails must not outlive the failed start.
         let stop_on_error = shutdown.clone().drop_guard();
-        let verifier = Arc::new(Verifier::start(&settings, &metrics, &tasks, &shutdown).await?);
+        let verifier = Arc::new(Verifier::start(&settings, clock.clone(), &metrics, &tasks, &shutdown).await?);
         let listen = |addr: SocketAddr| async move { bind(addr).map_err(|source| StartError::Listen { addr, source }) };
         let public = listen(settings.listen).await?;
         let addr = public.local_addr().map_err(|source| StartError::Listen { addr: settings.listen, source })?;
@@ -135,7 +143,7 @@ impl Bridge {
                 max_unacked: settings.max_unacked,
                 mailbox_capacity: settings.mailbox_capacity,
                 max_sessions_per_agent: settings.max_sessions_per_agent,
-                clock: Arc::new(crate::clock::SystemClock),
+                clock,
             },
         ));
         let restored = sessions.restore().await?;

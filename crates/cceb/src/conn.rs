@@ -259,7 +259,7 @@ impl Conn {
         let (ack_timeout, hb, max_pending) =
             (limits.ack_timeout, limits.heartbeat_interval, limits.max_pending_actions);
         // A validly signed `exp` may lie centuries ahead: past what an Instant can hold, no expiry timer fires.
-        let token_expiry = Instant::now().checked_add(identity.remaining()).unwrap_or_else(far_future);
+        let token_expiry = Instant::now().checked_add(self.cx.verifier.remaining(identity)).unwrap_or_else(far_future);
         let mut heartbeat = tokio::time::interval_at(Instant::now() + hb, hb);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut redeliver_at: Option<Instant> = None;

@@ -5,6 +5,7 @@
 //! cannot be read, fetched or parsed leaves the keys already held in place.
 
 use super::{Key, KeyError, KeySet};
+use crate::clock::Clock;
 use crate::sync::{lock, read, write};
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, PublicKeyUse};
 use jsonwebtoken::DecodingKey;
@@ -221,6 +222,8 @@ pub(super) struct UrlSource {
     http: reqwest::Client,
     keys: Held,
     min_refresh: Duration,
+    /// Decides `min_refresh` (not the scheduled fetches, which run on tokio's clock).
+    clock: Arc<dyn Clock>,
     fetching: Mutex<Fetching>,
     /// Bumped when a fetch ends: the callers waiting for it watch this.
     ended: watch::Sender<u64>,
@@ -232,10 +235,10 @@ pub(super) struct UrlSource {
 struct Fetching {
     /// A fetch is under way: callers wait for it rather than start another.
     running: bool,
-    /// When the last fetch started: an unknown `kid` starts one only
-    /// `min_refresh` later, so tokens with made-up kids cannot make us hammer
-    /// the provider.
-    started: Instant,
+    /// When the last fetch started, by the injected clock (milliseconds since
+    /// the Unix epoch): an unknown `kid` starts one only `min_refresh` later,
+    /// so tokens with made-up kids cannot make us hammer the provider.
+    started_ms: u64,
     /// When the keys held are due for a scheduled fetch.
     due: Instant,
 }
@@ -246,20 +249,26 @@ impl UrlSource {
     pub(super) async fn start(
         url: &str,
         min_refresh: Duration,
+        clock: Arc<dyn Clock>,
         counters: Counters,
         tasks: &TaskTracker,
         stop: &CancellationToken,
     ) -> Result<Source, KeyError> {
         let error = |problem| KeyError::Jwks { origin: url.to_owned(), problem };
         let http = reqwest::Client::builder().timeout(FETCH_TIMEOUT).build().map_err(|e| error(e.into()))?;
-        let started = Instant::now();
+        let (started, started_ms) = (Instant::now(), clock.now_ms());
         let (keys, max_age) = fetch(&http, url).await.map_err(error)?;
         let source = Arc::new(UrlSource {
             url: url.to_owned(),
             http,
             keys: Held::new(keys),
             min_refresh,
-            fetching: Mutex::new(Fetching { running: false, started, due: started + lifetime(max_age, min_refresh) }),
+            fetching: Mutex::new(Fetching {
+                running: false,
+                started_ms,
+                due: started + lifetime(max_age, min_refresh),
+            }),
+            clock,
             ended: watch::channel(0).0,
             counters,
             tasks: tasks.clone(),
@@ -297,11 +306,14 @@ impl UrlSource {
         {
             let mut fetching = self.fetching();
             if !fetching.running {
-                if limited && fetching.started.elapsed() < self.min_refresh {
+                let now = self.clock.now_ms();
+                // A clock stepped back (below the last start) allows a fetch rather than none for that long.
+                let since = now.checked_sub(fetching.started_ms);
+                if limited && since.is_some_and(|ms| Duration::from_millis(ms) < self.min_refresh) {
                     return false;
                 }
                 fetching.running = true;
-                fetching.started = Instant::now();
+                fetching.started_ms = now;
                 // Its own task, not this caller's: a hello that goes away must
                 // not abandon the fetch others wait for. No lock is held across it.
                 self.tasks.spawn(self.clone().fetch_and_install());

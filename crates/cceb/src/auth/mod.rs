@@ -6,15 +6,20 @@
 //! by the token: an HS256 token is checked only against the HS256 secret, an
 //! RS256 one only against RSA keys, and `alg: none` does not parse at all.
 //! Keys from a JWKS file or URL change while the bridge runs (`jwks`).
+//!
+//! `exp` and `nbf` are checked against the injected [`Clock`], not by
+//! jsonwebtoken against the system's: tests move the clock past a token's
+//! expiry instead of waiting for it.
 
 mod jwks;
 
 pub use cceb_token::{mint_hs256, TokenRequest};
 pub use jwks::JwksError;
 
+use crate::clock::Clock;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use cceb_token::{now_since_epoch, Claims};
+use cceb_token::Claims;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,10 +38,20 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Time left before the token expires.
-    pub fn remaining(&self) -> Duration {
-        Duration::from_secs(self.exp).saturating_sub(now_since_epoch())
+    /// Time left before the token expires, at `now_ms` (milliseconds since the Unix epoch).
+    pub fn remaining_at(&self, now_ms: u64) -> Duration {
+        Duration::from_secs(self.exp).saturating_sub(Duration::from_millis(now_ms))
     }
+}
+
+/// What is decoded of a token: its claims, and `nbf`, which only verification reads.
+#[derive(serde::Deserialize)]
+struct Decoded {
+    #[serde(flatten)]
+    claims: Claims,
+    /// Not before, seconds since the Unix epoch (a JSON number).
+    #[serde(default)]
+    nbf: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +104,8 @@ pub struct Verifier {
     sources: Vec<jwks::Source>,
     issuer: Option<String>,
     audience: Option<String>,
+    /// Decides `exp` and `nbf`.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -111,9 +128,11 @@ enum Miss {
 
 impl Verifier {
     /// Reads the configured keys (fetching the JWKS URL), and starts their
-    /// refreshes on `tasks` until `stop`.
+    /// refreshes on `tasks` until `stop`. Tokens' `exp` and `nbf` are checked
+    /// against `clock`.
     pub async fn start(
         s: &Settings,
+        clock: Arc<dyn Clock>,
         metrics: &Metrics,
         tasks: &TaskTracker,
         stop: &CancellationToken,
@@ -131,6 +150,7 @@ impl Verifier {
             sources: Vec::new(),
             issuer: s.jwt_issuer.clone(),
             audience: s.jwt_audience.clone(),
+            clock,
         };
         if let Some(path) = &s.jwt_rs256_public_key_file {
             let key = DecodingKey::from_rsa_pem(&read(path)?).map_err(|e| bad(path, e))?;
@@ -148,7 +168,7 @@ impl Verifier {
         }
         if let Some(url) = &s.jwt_jwks_url {
             let min_refresh = Duration::from_secs(s.jwt_jwks_min_refresh_seconds);
-            v.sources.push(jwks::UrlSource::start(url, min_refresh, counters, tasks, stop).await?);
+            v.sources.push(jwks::UrlSource::start(url, min_refresh, v.clock.clone(), counters, tasks, stop).await?);
         }
         if v.hs256.is_none() && v.pem.is_empty() && v.sources.is_empty() {
             return Err(KeyError::NoKey);
@@ -194,18 +214,45 @@ impl Verifier {
         let validation = self.validation(alg);
         let mut last = AuthError::Refused("no key matched".into());
         for key in candidates {
-            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
-                Ok(data) => return identity(data.claims).map_err(Miss::Refused),
+            match jsonwebtoken::decode::<Decoded>(token, key, &validation) {
+                Ok(data) => {
+                    return self
+                        .in_time(&data.claims)
+                        .and_then(|()| identity(data.claims.claims))
+                        .map_err(Miss::Refused)
+                }
                 Err(e) => last = AuthError::Refused(e.to_string()),
             }
         }
         Err(Miss::Refused(last))
     }
 
+    /// Whether the clock's second is within the token's lifetime, checked to
+    /// the second without leeway as jsonwebtoken checks it against the
+    /// system's clock: refused after its `exp` second or before its `nbf`.
+    /// (Accepted within its `exp` second, a connection has no time left: 4002.)
+    fn in_time(&self, t: &Decoded) -> Result<(), AuthError> {
+        let now = self.clock.now_ms() / 1000;
+        if t.claims.exp < now {
+            return Err(AuthError::Refused("the token expired".into()));
+        }
+        if t.nbf.is_some_and(|nbf| nbf > now as f64) {
+            return Err(AuthError::Refused("the token is not valid yet (`nbf`)".into()));
+        }
+        Ok(())
+    }
+
+    /// Time left before `identity`'s token expires, by the verifier's clock.
+    pub fn remaining(&self, identity: &Identity) -> Duration {
+        identity.remaining_at(self.clock.now_ms())
+    }
+
     fn validation(&self, alg: Algorithm) -> Validation {
         let mut validation = Validation::new(alg);
         validation.leeway = 0;
-        validation.validate_nbf = true;
+        // `exp` must be there; it and `nbf` are checked against our clock (`in_time`).
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         validation.set_required_spec_claims(&["exp"]);
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
@@ -267,14 +314,83 @@ fn identity(c: Claims) -> Result<Identity, AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{ManualClock, SystemClock};
+    use jsonwebtoken::{EncodingKey, Header};
 
     async fn verifier() -> Verifier {
+        verifier_on(Arc::new(SystemClock)).await
+    }
+
+    async fn verifier_on(clock: Arc<dyn Clock>) -> Verifier {
         let s = Settings { jwt_hs256_secret: Some("secret".into()), ..Settings::default() };
-        start(&s).await.expect("keys")
+        Verifier::start(&s, clock, &Metrics::new([]), &TaskTracker::new(), &CancellationToken::new())
+            .await
+            .expect("keys")
     }
 
     async fn start(s: &Settings) -> Result<Verifier, KeyError> {
-        Verifier::start(s, &Metrics::new([]), &TaskTracker::new(), &CancellationToken::new()).await
+        Verifier::start(s, Arc::new(SystemClock), &Metrics::new([]), &TaskTracker::new(), &CancellationToken::new())
+            .await
+    }
+
+    /// An HS256 token (secret `secret`) with these time claims, seconds since the epoch.
+    fn timed(exp: u64, nbf: Option<u64>) -> String {
+        let mut claims = serde_json::json!({"sub": "a", "tenant_guid": "t", "ir_instance": "ir", "exp": exp});
+        if let Some(nbf) = nbf {
+            claims["nbf"] = nbf.into();
+        }
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"secret"))
+            .expect("sign")
+    }
+
+    /// The tokens here expire in 1970: only the injected clock finds them valid.
+    #[tokio::test]
+    async fn a_token_is_valid_through_its_exp_second_by_the_injected_clock_and_refused_after() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let v = verifier_on(clock.clone()).await;
+        let token = timed(1_060, None);
+        let id = v.verify(&token).await.expect("valid at 1000 s");
+        assert_eq!(id.exp, 1_060);
+        clock.set(1_060_999);
+        v.verify(&token).await.expect("valid through its exp second");
+        clock.set(1_061_000);
+        let Err(AuthError::Refused(why)) = v.verify(&token).await else { panic!("valid past its exp") };
+        assert!(why.contains("expired"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_token_is_refused_before_its_nbf_by_the_injected_clock() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let v = verifier_on(clock.clone()).await;
+        let token = timed(2_000, Some(1_010));
+        clock.set(1_009_999);
+        let Err(AuthError::Refused(why)) = v.verify(&token).await else { panic!("valid before its nbf") };
+        assert!(why.contains("nbf"), "{why}");
+        clock.advance(Duration::from_millis(1));
+        v.verify(&token).await.expect("valid from its nbf");
+    }
+
+    #[tokio::test]
+    async fn the_remaining_lifetime_shrinks_as_the_clock_moves_and_stops_at_zero() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let v = verifier_on(clock.clone()).await;
+        let id = v.verify(&timed(1_060, None)).await.expect("valid");
+        assert_eq!(v.remaining(&id), Duration::from_secs(60));
+        clock.advance(Duration::from_millis(59_750));
+        assert_eq!(v.remaining(&id), Duration::from_millis(250));
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(v.remaining(&id), Duration::ZERO);
+        let forever = Identity { exp: u64::MAX, ..id };
+        assert!(v.remaining(&forever) > Duration::from_secs(1 << 60), "no overflow");
+    }
+
+    #[tokio::test]
+    async fn a_token_the_system_clock_finds_expired_is_valid_by_a_clock_that_says_otherwise() {
+        // Its exp lies before the system's now: jsonwebtoken's own check would refuse it.
+        let past = crate::clock::now_ms() / 1000 - 3600;
+        let v = verifier_on(Arc::new(ManualClock::new((past - 60) * 1000))).await;
+        v.verify(&timed(past, None)).await.expect("the injected clock decides");
+        assert!(verifier().await.verify(&timed(past, None)).await.is_err(), "the system clock refuses it");
     }
 
     fn req(ttl: u64) -> TokenRequest<'static> {
@@ -295,7 +411,8 @@ mod tests {
             (id.tenant_guid.as_str(), id.agent_guid.as_str(), id.contact_id.as_deref()),
             ("t", "a", Some("1001"))
         );
-        assert!(id.remaining() > Duration::from_secs(50));
+        let v = verifier().await;
+        assert!(v.remaining(&id) > Duration::from_secs(50));
     }
 
     #[tokio::test]

@@ -350,7 +350,9 @@ mod tests {
     use crate::push::NoPush;
     use crate::reactions::{BridgeRecords, ReactionSettings};
     use crate::schema::SchemaSet;
+    use crate::session::Stalled;
     use crate::store::{DedupCapacity, EmbeddedStore};
+    use std::time::Instant;
 
     const TTL: Duration = Duration::from_secs(3600);
 
@@ -362,6 +364,11 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
+        fixture_with_window(10)
+    }
+
+    /// Sessions whose connections have at most `window` notifications unacked.
+    fn fixture_with_window(window: usize) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = EmbeddedStore::open(dir.path(), DedupCapacity { per_tenant: 100, total: 100 }).expect("store");
         let schemas = Arc::new(SchemaSet::load(None).expect("schemas"));
@@ -379,13 +386,33 @@ mod tests {
             metrics,
             SessionSettings {
                 ttl: TTL,
-                max_unacked: 10,
+                max_unacked: window,
                 mailbox_capacity: 10,
                 max_sessions_per_agent: 4,
                 clock: clock.clone(),
             },
         ));
         Fixture { sessions, clock, bus, _dir: dir }
+    }
+
+    /// How long a connection waits for an ack (redelivery, and the 4004 stall).
+    const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn note(uuid: &str) -> Arc<Notification> {
+        Arc::new(Notification { ty: cceb_protocol::NotificationType::Presence, uuid: uuid.into(), data: "{}".into() })
+    }
+
+    /// What the attached connection of `opened` is due to write at `now`: (seq, redelivery).
+    fn due(opened: &Opened, now: Instant) -> Result<Vec<(u64, bool)>, Stalled> {
+        let mut out = Vec::new();
+        opened.held.session.take_due(opened.held.attachment.generation, now, ACK_TIMEOUT, &mut out)?;
+        Ok(out.iter().map(|d| (d.seq, d.redelivery)).collect())
+    }
+
+    fn deliver(f: &Fixture, uuids: impl IntoIterator<Item = u32>) {
+        for i in uuids {
+            assert_eq!(f.sessions.deliver_to_agent("t", "a", &note(&format!("n{i}"))), 1);
+        }
     }
 
     fn agent() -> AgentId {
@@ -422,6 +449,80 @@ mod tests {
         let late = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("open");
         assert!(!late.resumed, "expired: a new session");
         assert_ne!(late.key.as_deref(), Some(key.as_str()));
+    }
+
+    #[tokio::test]
+    async fn a_resumed_session_replays_its_unacked_backlog_window_by_window_as_acks_free_it() {
+        let f = fixture_with_window(3);
+        let t0 = Instant::now();
+        let first = f.sessions.open(agent(), long_lived(None)).await.expect("open");
+        let key = first.key.clone().expect("key");
+        deliver(&f, [1]);
+        assert_eq!(due(&first, t0), Ok(vec![(1, false)]), "written, never acked");
+        drop(first);
+        deliver(&f, 2..=7);
+        let again = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("resume");
+        assert!(again.resumed);
+        let ack = |uuids: &[&str]| uuids.iter().for_each(|u| assert!(again.held.session.ack(u, t0).is_some()));
+        assert_eq!(due(&again, t0), Ok(vec![(1, true), (2, false), (3, false)]), "the first window, in seq order");
+        assert_eq!(due(&again, t0), Ok(vec![]), "no more than the window in flight");
+        ack(&["n1", "n2"]);
+        assert_eq!(due(&again, t0), Ok(vec![(4, false), (5, false)]));
+        ack(&["n3", "n4", "n5"]);
+        assert_eq!(due(&again, t0), Ok(vec![(6, false), (7, false)]));
+        ack(&["n6", "n7"]);
+        assert_eq!(again.held.session.mailbox_len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_window_unacked_for_the_ack_timeout_stalls_with_4004_and_a_resume_replays_it() {
+        let f = fixture_with_window(2);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let first = f.sessions.open(agent(), long_lived(None)).await.expect("open");
+        let key = first.key.clone().expect("key");
+        deliver(&f, 1..=3);
+        assert_eq!(due(&first, t0), Ok(vec![(1, false), (2, false)]));
+        let timeout_ms = ACK_TIMEOUT.as_millis() as u64;
+        // Just before the ack timeout: neither redelivered nor stalled.
+        assert_eq!(due(&first, at(timeout_ms - 1)), Ok(vec![]));
+        assert_eq!(due(&first, at(timeout_ms)), Err(Stalled), "the full window waited the ack timeout: 4004");
+        // The client reconnects with its key: nothing was lost, and the new
+        // connection starts with an empty window.
+        let again = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("resume");
+        assert!(again.resumed);
+        assert_eq!(due(&first, at(timeout_ms)), Ok(vec![]), "the stalled connection writes nothing more");
+        assert_eq!(due(&again, at(timeout_ms)), Ok(vec![(1, true), (2, true)]));
+        assert!(again.held.session.ack("n1", at(timeout_ms)).is_some(), "an ack restarts the stall clock");
+        assert_eq!(due(&again, at(2 * timeout_ms - 1)), Ok(vec![(3, false)]));
+        assert_eq!(due(&again, at(2 * timeout_ms)), Ok(vec![(2, true)]), "redelivered, not stalled: an ack came");
+    }
+
+    #[tokio::test]
+    async fn availability_goes_up_with_the_first_session_and_stays_through_disconnect_resume_and_takeover_until_the_ttl(
+    ) {
+        let f = fixture();
+        let available = || async { published(&f, "available").await.into_iter().map(|(_, v)| v).collect::<Vec<_>>() };
+        let first = f.sessions.open(agent(), long_lived(None)).await.expect("open");
+        let key = first.key.clone().expect("key");
+        assert_eq!(available().await, [true], "the first session: available");
+        drop(first);
+        f.clock.advance(TTL - Duration::from_millis(1));
+        f.sessions.sweep().await;
+        let resumed = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("resume");
+        let taken_over = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("takeover");
+        assert!(resumed.resumed && taken_over.resumed);
+        drop(resumed);
+        assert_eq!(available().await, [true], "disconnect, resume and takeover change nothing");
+        drop(taken_over);
+        f.clock.advance(TTL - Duration::from_millis(1));
+        f.sessions.sweep().await;
+        assert_eq!(available().await, [true], "valid until its TTL passed");
+        f.clock.advance(Duration::from_millis(1));
+        f.sessions.sweep().await;
+        assert_eq!(available().await, [true, false], "the TTL passed: the last session went");
+        let _again = f.sessions.open(agent(), long_lived(None)).await.expect("open");
+        assert_eq!(available().await, [true, false, true], "a first session again");
     }
 
     #[tokio::test]
@@ -474,6 +575,20 @@ mod tests {
             accepts,
             [("AcceptInteractionEvent".to_owned(), "i-1".into()), ("AcceptInteractionEvent".to_owned(), "i-2".into())]
         );
+    }
+
+    #[tokio::test]
+    async fn a_disconnected_session_auto_accepts_within_its_ttl_and_not_once_it_passed_even_before_the_sweep() {
+        let f = fixture();
+        let opened = f.sessions.open(agent(), OpenRequest { auto_accept: true, ..long_lived(None) }).await;
+        drop(opened.expect("open"));
+        f.clock.advance(TTL - Duration::from_millis(1));
+        f.sessions.offered("t", "a", "i-1").await;
+        f.clock.advance(Duration::from_millis(1));
+        f.sessions.offered("t", "a", "i-2").await;
+        let accepted: Vec<_> =
+            published(&f, "interactionId").await.into_iter().filter(|(r, _)| r == "AcceptInteractionEvent").collect();
+        assert_eq!(accepted, [("AcceptInteractionEvent".to_owned(), "i-1".into())]);
     }
 
     #[tokio::test]

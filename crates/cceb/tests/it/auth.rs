@@ -3,11 +3,13 @@
 mod jwks;
 
 use crate::support::*;
+use cceb::clock::ManualClock;
 use cceb_protocol::outgoing::ServerMessage;
 use cceb_protocol::ErrorCode;
 use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 fn now() -> u64 {
@@ -238,11 +240,21 @@ async fn tenant_guid_in_hello_must_match_the_token() {
 
 #[tokio::test]
 async fn token_expiring_on_an_open_connection_closes_with_4002() {
-    let b = TestBridge::start().await;
+    // The bridge's clock stands 200 ms before the token's `exp`.
+    let mut claims = claims();
+    let exp = claims["exp"].as_u64().expect("exp");
+    let clock = Arc::new(ManualClock::new(exp * 1000 - 200));
+    let b = TestBridge::with_clock(clock.clone(), |_| {}).await;
     let mut c = b.connect().await;
-    c.hello(&token_ttl("t", "a", Duration::from_secs(2))).await;
+    c.hello(&hs(&claims)).await;
     let (code, _) = c.closed().await;
     assert_eq!(code, Some(4002));
+    // By the bridge's clock the token is now past its `exp` second: the same token is refused.
+    clock.advance(Duration::from_millis(1200));
+    refused(&b, &hs(&claims)).await;
+    claims["exp"] = json!(exp + 1);
+    c = b.connect().await;
+    c.hello(&hs(&claims)).await;
 }
 
 #[tokio::test]

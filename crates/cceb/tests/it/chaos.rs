@@ -172,7 +172,7 @@ async fn chaos_kill_and_stop_under_load_lose_misroute_duplicate_and_reuse_nothin
     .expect("sessions open");
     let load = tokio::spawn(producer(current.clone(), load_stop));
     for cycle in 1..=CYCLES {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        flowing(&seen).await;
         let signal = if cycle % 2 == 1 { "-KILL" } else { "-TERM" };
         // Before a kill the disk stalls for a moment: notifications reach
         // clients but not the disk, the worst moment to die.
@@ -182,8 +182,8 @@ async fn chaos_kill_and_stop_under_load_lose_misroute_duplicate_and_reuse_nothin
             c
         });
         if stall.is_some() {
-            // Longer than the journal's lock wait (1 s): commits fail and are retried.
-            tokio::time::sleep(Duration::from_millis(1300)).await;
+            // Until a commit failed (past the journal's 1 s lock wait): it is being retried.
+            store_failing(&server).await;
         }
         tell.send_replace(None);
         server.signal(signal);
@@ -195,7 +195,7 @@ async fn chaos_kill_and_stop_under_load_lose_misroute_duplicate_and_reuse_nothin
         server = serve(data.path());
         tell.send_replace(Some((server.ws_url(), server.backend.clone())));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    flowing(&seen).await;
     // Stop the load, then give the clients time to drain their mailboxes.
     let _ = stop_load.send(true);
     let acked = load.await.expect("producer");
@@ -231,6 +231,39 @@ async fn chaos_kill_and_stop_under_load_lose_misroute_duplicate_and_reuse_nothin
     assert!(all_in.is_ok() || lost > 0, "waited for the clients");
     assert!(acked.len() > CYCLES * 50, "the load ran: {} events", acked.len());
     assert_eq!((lost, s.misrouted, duplicated, seq_reused, s.sessions_lost), (0, 0, 0, 0, 0));
+}
+
+/// Events the clients must receive between two restarts: the load reaches the
+/// bridge now up and its clients are back (a third of a second at `RATE`).
+const BETWEEN_RESTARTS: usize = (RATE / 3) as usize;
+
+/// Waits until the clients have received `BETWEEN_RESTARTS` more events.
+async fn flowing(seen: &Mutex<Seen>) {
+    let received = || seen.lock().expect("seen").events.len();
+    let from = received();
+    tokio::time::timeout(PATIENCE, async {
+        while received() < from + BETWEEN_RESTARTS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("notifications flow through the bridge");
+}
+
+/// Waits until the bridge's `/readyz` says its store cannot write.
+async fn store_failing(server: &Server) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let r = reqwest::get(format!("http://{}/readyz", server.addr)).await.expect("readyz");
+            let body: Value = r.json().await.expect("json");
+            if body["store"] == false {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a commit fails while the disk stalls");
 }
 
 async fn server_sessions(server: &Server) -> f64 {

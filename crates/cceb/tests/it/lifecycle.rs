@@ -47,7 +47,7 @@ async fn shutdown_lets_the_action_in_flight_finish_so_its_retry_after_the_restar
         return;
     }
     let (mut c, _) = b.agent("t", "a").await;
-    b.set_bus_delay(500).await;
+    b.set_bus_delay(250).await;
     c.send(serde_json::json!({"type":"action","uuid":"A1","data":{"action":"ChangeAgentStateEvent","action_details":{"state":"Away"}}}))
         .await;
     // The action was read, and is publishing, before the ping is answered.
@@ -57,6 +57,8 @@ async fn shutdown_lets_the_action_in_flight_finish_so_its_retry_after_the_restar
     let (code, before) = c.closed().await;
     assert!(matches!(before.as_slice(), [ServerMessage::Ack { uuid }] if uuid == "A1"), "{before:?}");
     assert_eq!(code, Some(1012));
+    // Answers the close, so the bridge need not linger for it.
+    c.socket_closed().await;
     stopping.await.expect("stopped");
     b.restart().await;
     let (mut c, _) = b.agent("t", "a").await;

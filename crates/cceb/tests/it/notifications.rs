@@ -104,7 +104,7 @@ async fn seq_starts_at_one_and_increases_per_session() {
 
 #[tokio::test]
 async fn unacked_notifications_are_redelivered_with_the_same_uuid_and_seq() {
-    let b = TestBridge::with(|s| s.ack_timeout_ms = 300).await;
+    let b = TestBridge::with(|s| s.ack_timeout_ms = 120).await;
     let (mut c, _) = b.agent("t", "a").await;
     b.event("AgentPresenceEvent", json!({"tenantGuid":"t","agentGuid":"a","state":"Away"})).await;
     let (_, uuid, seq, data) = c.notification().await;
@@ -113,10 +113,11 @@ async fn unacked_notifications_are_redelivered_with_the_same_uuid_and_seq() {
     c.ack(&uuid).await;
     c.ack(&uuid).await;
     // After the ack nothing comes again (and the repeated ack is ignored, not answered):
-    // the next thing read is the pong, well after another timeout.
-    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    // the next thing read is the pong, two timeouts later.
+    tokio::time::sleep(std::time::Duration::from_millis(2 * 120 + 50)).await;
     let before = c.round_trip("after-ack").await;
     assert!(before.is_empty(), "nothing is redelivered after the ack: {before:?}");
+    assert_eq!(b.metric("cceb_notifications_redelivered_total").await, 1.0);
 }
 
 #[tokio::test]

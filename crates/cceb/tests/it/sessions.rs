@@ -3,6 +3,7 @@
 //! (restarts of the binary are in `restart`).
 
 use crate::support::*;
+use cceb::clock::ManualClock;
 use cceb_protocol::outgoing::HelloReply;
 use cceb_protocol::{ErrorCode, NotificationType as N};
 use serde_json::{json, Value};
@@ -161,7 +162,7 @@ async fn a_long_lived_connection_has_at_most_max_unacked_in_flight_and_4004_only
 {
     let b = TestBridge::with(|s| {
         s.max_unacked = 2;
-        s.ack_timeout_ms = 1500;
+        s.ack_timeout_ms = 400;
     })
     .await;
     let mut c = b.connect().await;
@@ -207,23 +208,51 @@ async fn a_resume_with_a_backlog_larger_than_the_window_is_replayed_window_by_wi
     assert_eq!(got, want);
 }
 
+/// The session TTL of the tests that move a `ManualClock` past it.
+const TTL: Duration = Duration::from_secs(60);
+/// The sweep interval of those tests: sweeps run every few ms of real time.
+const SWEEP_MS: u64 = 20;
+
+/// A bridge whose session TTL is `TTL` by `clock`, swept every `SWEEP_MS`.
+async fn on_clock(clock: &Arc<ManualClock>) -> TestBridge {
+    TestBridge::with_clock(clock.clone(), |s| {
+        s.session_ttl_seconds = TTL.as_secs();
+        s.sweep_interval_ms = SWEEP_MS;
+    })
+    .await
+}
+
+/// Waits until the bridge holds no connection: a client's session is detached
+/// (and its TTL started) before its connection is uncounted.
+async fn all_disconnected(b: &TestBridge) {
+    tokio::time::timeout(PATIENCE, async {
+        while b.metric("cceb_connections").await > 0.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the bridge sees the clients go");
+}
+
 #[tokio::test]
 async fn the_ttl_counts_from_disconnect_and_the_sweeper_expires_the_session() {
-    let b = TestBridge::with(|s| {
-        s.session_ttl_seconds = 1;
-        s.sweep_interval_ms = 100;
-    })
-    .await;
+    let clock = Arc::new(ManualClock::at_system_time());
+    let b = on_clock(&clock).await;
     let mut c = b.connect().await;
     let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
-    // Connected for longer than the TTL: still valid.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Connected for longer than the TTL, with sweeps running: still valid.
+    clock.advance(TTL * 2);
+    tokio::time::sleep(Duration::from_millis(5 * SWEEP_MS)).await;
     assert!(c.round_trip("alive").await.is_empty());
+    assert_eq!(b.metric("cceb_sessions_expired_total").await, 0.0);
     drop(c);
+    all_disconnected(&b).await;
     let (c, r) = resume(&b.ws_url(), "t", "a", &key).await;
     assert!(r.resumed, "a connected session does not expire");
     drop(c);
-    // Nobody reconnects: the sweeper ends it and clears the availability.
+    all_disconnected(&b).await;
+    // Nobody reconnects within the TTL: the sweeper ends it and clears the availability.
+    clock.advance(TTL);
     let mut after = 0;
     let off = loop {
         let page = b.actions_after(after, 5000).await;
@@ -404,12 +433,19 @@ async fn the_other_sessions_of_the_agent_keep_their_own_mailboxes() {
 
 #[tokio::test]
 async fn a_session_whose_ttl_passed_while_the_bridge_was_down_is_gone_after_the_restart() {
-    let mut b = TestBridge::with(|s| s.session_ttl_seconds = 1).await;
+    let clock = Arc::new(ManualClock::at_system_time());
+    let mut b = on_clock(&clock).await;
     let mut c = b.connect().await;
     let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
-    b.shutdown().await;
-    drop(c);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Connected at shutdown: closed with 1012 (answered at once, so the bridge need not linger).
+    let closed = async {
+        let (code, _) = c.closed().await;
+        c.socket_closed().await;
+        code
+    };
+    let ((), code) = tokio::join!(b.shutdown(), closed);
+    assert_eq!(code, Some(1012));
+    clock.advance(TTL);
     b.restart().await;
     let records = published_values(&b, "AgentChatAvailabilityEvent").await;
     assert_eq!(records.len(), 1, "{records:?}");
@@ -489,8 +525,8 @@ async fn a_slow_availability_publish_holds_up_no_other_hello() {
     if b.skip_on_kafka("the slow broker is the embedded bus's delay switch") {
         return;
     }
-    b.set_bus_delay(3000).await;
-    // The first long-lived hello publishes `available: true`, which takes 3 s.
+    b.set_bus_delay(1000).await;
+    // The first long-lived hello publishes `available: true`, which takes 1 s.
     let url = b.ws_url();
     let first = tokio::spawn(async move {
         let mut c = Client::connect(&url).await;

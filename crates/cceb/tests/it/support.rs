@@ -1,6 +1,7 @@
 //! A real bridge on loopback, and clients that speak to it only over WebSocket
 //! and HTTP, as agent applications and backends do.
 
+use cceb::clock::{Clock, SystemClock};
 use cceb::{Bridge, Settings};
 use cceb_protocol::outgoing::{parse_server_message, HelloReply, ServerMessage};
 use cceb_protocol::{ErrorCode, NotificationType};
@@ -11,6 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -50,6 +52,8 @@ pub struct TestBridge {
     /// keeps them; the embedded log starts empty).
     published_mark: u64,
     settings: Settings,
+    /// Decides session TTLs and token expiry (a test's `ManualClock`, kept across restarts).
+    clock: Arc<dyn Clock>,
     /// The embedded store's directory, deleted with the bridge.
     _data: tempfile::TempDir,
 }
@@ -60,6 +64,12 @@ impl TestBridge {
     }
 
     pub async fn with(f: impl FnOnce(&mut Settings)) -> TestBridge {
+        Self::with_clock(Arc::new(SystemClock), f).await
+    }
+
+    /// A bridge whose session TTLs and token expiry go by `clock` (a
+    /// `ManualClock` the test moves instead of sleeping).
+    pub async fn with_clock(clock: Arc<dyn Clock>, f: impl FnOnce(&mut Settings)) -> TestBridge {
         let data = tempfile::tempdir().expect("tempdir");
         let mut s = Settings { data_dir: data.path().to_owned(), ..test_settings() };
         f(&mut s);
@@ -67,7 +77,7 @@ impl TestBridge {
             Some(brokers) => Some(crate::kafka_backend::KafkaBackend::create(&brokers, &mut s).await),
             None => None,
         };
-        let bridge = Bridge::start(s.clone()).await.expect("bridge starts");
+        let bridge = Bridge::start_with_clock(s.clone(), clock.clone()).await.expect("bridge starts");
         if let Some(k) = &kafka {
             k.wait_ready(bridge.addr).await;
         }
@@ -79,6 +89,7 @@ impl TestBridge {
             kafka,
             published_mark: 0,
             settings: s,
+            clock,
             _data: data,
         }
     }
@@ -97,7 +108,8 @@ impl TestBridge {
             self.published_mark = self.actions_after(0, 0).await["next"].as_u64().unwrap_or(0);
         }
         self.shutdown().await;
-        let bridge = Bridge::start(self.settings.clone()).await.expect("bridge restarts");
+        let bridge =
+            Bridge::start_with_clock(self.settings.clone(), self.clock.clone()).await.expect("bridge restarts");
         if let Some(k) = &self.kafka {
             k.wait_ready(bridge.addr).await;
         }
@@ -224,6 +236,7 @@ impl TestBridge {
             kafka: Some(kafka),
             published_mark: 0,
             settings: test_settings(),
+            clock: Arc::new(SystemClock),
             _data: tempfile::tempdir().expect("tempdir"),
         }
     }
