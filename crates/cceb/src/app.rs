@@ -94,6 +94,7 @@ impl Bridge {
         let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
             &settings.data_dir,
             DedupCapacity { per_tenant: settings.dedup_capacity_per_tenant, total: settings.dedup_capacity },
+            clock.clone(),
         )?);
         let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
             BusKind::Embedded => {

@@ -370,10 +370,11 @@ mod tests {
     /// Sessions whose connections have at most `window` notifications unacked.
     fn fixture_with_window(window: usize) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = EmbeddedStore::open(dir.path(), DedupCapacity { per_tenant: 100, total: 100 }).expect("store");
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let store = EmbeddedStore::open(dir.path(), DedupCapacity { per_tenant: 100, total: 100 }, clock.clone())
+            .expect("store");
         let schemas = Arc::new(SchemaSet::load(None).expect("schemas"));
         let bus = Arc::new(EmbeddedBus::new(LogLimits { records: 100, bytes: 1 << 20 }));
-        let clock = Arc::new(ManualClock::new(1_000_000));
         let store: Arc<dyn Store> = Arc::new(store);
         let metrics = Arc::new(Metrics::new(schemas.action_names()));
         let settings = ReactionSettings { source: "test".into(), claim_ttl: TTL };

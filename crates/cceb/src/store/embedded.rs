@@ -3,9 +3,8 @@
 
 use super::journal::{AfterCommit, Journal, Op, OpenError};
 use super::memory::{agent_key, Memory};
-use super::{
-    now_ms, AgentEntry, DedupCapacity, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession,
-};
+use super::{AgentEntry, DedupCapacity, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession};
+use crate::clock::Clock;
 use crate::fault::ErrorKind;
 use crate::model::{AgentId, Notification};
 use crate::sync::lock;
@@ -19,11 +18,13 @@ pub struct EmbeddedStore {
     journal: Journal,
     /// Read back at open; handed out once.
     loaded: Mutex<Vec<StoredSession>>,
+    /// Decides when dedup keys and auto-accept claims expire.
+    clock: Arc<dyn Clock>,
 }
 
 impl EmbeddedStore {
-    pub fn open(dir: &Path, dedup: DedupCapacity) -> Result<EmbeddedStore, OpenError> {
-        let now = now_ms();
+    pub fn open(dir: &Path, dedup: DedupCapacity, clock: Arc<dyn Clock>) -> Result<EmbeddedStore, OpenError> {
+        let now = clock.now_ms();
         let (journal, loaded) = Journal::open(dir, now)?;
         let mem = Memory::new(dedup);
         for (tenant, entry) in loaded.directory {
@@ -45,7 +46,7 @@ impl EmbeddedStore {
         }
         lock(&mem.published).extend(loaded.published.into_iter().map(|a| (agent_key(&a), a)));
         lock(&mem.accepted).extend(loaded.accepted.into_iter().map(|(a, i, expires)| ((agent_key(&a), i), expires)));
-        Ok(EmbeddedStore { mem, journal, loaded: Mutex::new(loaded.sessions) })
+        Ok(EmbeddedStore { mem, journal, loaded: Mutex::new(loaded.sessions), clock })
     }
 
     async fn durable(&self) -> Result<(), StoreError> {
@@ -81,11 +82,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn dedup_contains(&self, key: &DedupKey) -> Result<bool, StoreError> {
-        Ok(self.mem.dedup().contains(key, now_ms()))
+        Ok(self.mem.dedup().contains(key, self.clock.now_ms()))
     }
 
     async fn dedup_insert(&self, key: &DedupKey, window: Duration) -> Result<(), StoreError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut dedup = self.mem.dedup();
         let expires_ms = dedup.insert(key, now.saturating_add(window.as_millis() as u64), now);
         // Buffered, durable with the next group commit: a crash can lose only keys
@@ -154,11 +155,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn auto_accept_claim(&self, agent: &AgentId, interaction: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let expires_ms = now_ms() + ttl.as_millis() as u64;
+        let expires_ms = self.clock.now_ms() + ttl.as_millis() as u64;
         {
             let mut accepted = lock(&self.mem.accepted);
             let key = (agent_key(agent), interaction.to_owned());
-            if accepted.get(&key).is_some_and(|&e| e > now_ms()) {
+            if accepted.get(&key).is_some_and(|&e| e > self.clock.now_ms()) {
                 return Ok(false);
             }
             accepted.insert(key, expires_ms);
@@ -181,7 +182,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn expire(&self) -> Result<(), StoreError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         lock(&self.mem.accepted).retain(|_, &mut e| e > now);
         {
             let mut dedup = self.mem.dedup();
@@ -212,12 +213,39 @@ mod tests {
         AgentId { tenant_guid: "t".into(), agent_guid: "a".into(), ir_instance: "ir".into() }
     }
 
+    fn system() -> Arc<dyn Clock> {
+        Arc::new(crate::clock::SystemClock)
+    }
+
+    #[tokio::test]
+    async fn dedup_keys_and_auto_accept_claims_last_their_window_by_the_injected_clock_also_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(crate::clock::ManualClock::new(1_000_000));
+        let key = DedupKey::new("t".into(), "a", "action-1");
+        let window = Duration::from_secs(600);
+        {
+            let s = EmbeddedStore::open(dir.path(), CAPACITY, clock.clone()).expect("open");
+            s.dedup_insert(&key, window).await.expect("insert");
+            assert!(s.auto_accept_claim(&agent(), "i-1", window).await.expect("claim"));
+            clock.advance(window - Duration::from_millis(1));
+            assert!(s.dedup_contains(&key).await.expect("contains"), "within the window");
+            assert!(!s.auto_accept_claim(&agent(), "i-1", window).await.expect("claim"), "claimed once");
+            s.close().await;
+        }
+        let s = EmbeddedStore::open(dir.path(), CAPACITY, clock.clone()).expect("reopen");
+        assert!(s.dedup_contains(&key).await.expect("contains"), "within the window after a reopen");
+        assert!(!s.auto_accept_claim(&agent(), "i-1", window).await.expect("claim"));
+        clock.advance(Duration::from_millis(1));
+        assert!(!s.dedup_contains(&key).await.expect("contains"), "the window passed");
+        assert!(s.auto_accept_claim(&agent(), "i-1", window).await.expect("claim"), "the claim expired");
+    }
+
     #[tokio::test]
     async fn everything_written_is_read_back_after_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
         let id: Arc<str> = "s1".into();
         {
-            let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("open");
+            let s = EmbeddedStore::open(dir.path(), CAPACITY, system()).expect("open");
             let record = SessionRecord {
                 id: id.clone(),
                 key_hash: [7; 32],
@@ -244,7 +272,7 @@ mod tests {
             assert!(!s.auto_accept_claim(&agent(), "i1", Duration::from_secs(60)).await.expect("claim"));
             s.close().await;
         }
-        let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("reopen");
+        let s = EmbeddedStore::open(dir.path(), CAPACITY, system()).expect("reopen");
         let sessions = s.sessions().await.expect("sessions");
         assert_eq!(sessions.len(), 1);
         assert_eq!(sessions[0].record.push_token.as_deref(), Some("dev"));
@@ -260,7 +288,7 @@ mod tests {
         s.session_delete("s1");
         s.sync().await.expect("sync");
         drop(s);
-        let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("reopen");
+        let s = EmbeddedStore::open(dir.path(), CAPACITY, system()).expect("reopen");
         assert!(s.sessions().await.expect("sessions").is_empty());
     }
 
@@ -278,7 +306,7 @@ mod tests {
         let key = |tenant: &str, uuid: &str| DedupKey::new(tenant.into(), "a", uuid);
         let window = Duration::from_secs(60);
         {
-            let s = EmbeddedStore::open(dir.path(), capacity).expect("open");
+            let s = EmbeddedStore::open(dir.path(), capacity, system()).expect("open");
             s.dedup_insert(&key("A", "a0"), window).await.expect("dedup");
             for i in 0..5 {
                 // Each in its own millisecond: the journal drops by expiry.
@@ -289,7 +317,7 @@ mod tests {
             assert_eq!(dedup_rows(dir.path()), [("A".into(), 1), ("B".into(), 2)]);
             s.close().await;
         }
-        let s = EmbeddedStore::open(dir.path(), capacity).expect("reopen");
+        let s = EmbeddedStore::open(dir.path(), capacity, system()).expect("reopen");
         for (k, kept) in
             [(key("A", "a0"), true), (key("B", "b4"), true), (key("B", "b3"), true), (key("B", "b2"), false)]
         {
@@ -327,12 +355,12 @@ mod tests {
             let conn = rusqlite::Connection::open(dir.path().join("cceb.sqlite3")).expect("sqlite");
             conn.execute_batch(SCHEMA_V1).expect("v1 schema");
             let mut put = conn.prepare("INSERT INTO dedup(key, expires) VALUES (?1, ?2)").expect("insert");
-            put.execute(rusqlite::params![&live.hash.to_le_bytes()[..], now_ms() + 60_000]).expect("live key");
+            put.execute(rusqlite::params![&live.hash.to_le_bytes()[..], crate::clock::now_ms() + 60_000]).expect("live key");
             let expired = DedupKey::new("t".into(), "a", "u0");
             put.execute(rusqlite::params![&expired.hash.to_le_bytes()[..], 1]).expect("expired key");
             conn.execute("INSERT INTO directory VALUES ('t', 'a', '100', 0, NULL)", []).expect("directory");
         }
-        let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("migrated");
+        let s = EmbeddedStore::open(dir.path(), CAPACITY, system()).expect("migrated");
         assert!(s.dedup_contains(&live).await.expect("dedup"), "a retry across the upgrade is not published twice");
         assert!(!s.dedup_contains(&DedupKey::new("t".into(), "a", "u0")).await.expect("dedup"));
         assert_eq!(s.resolve_contact("t", "100").await.expect("directory").as_deref(), Some("a"));
@@ -345,7 +373,7 @@ mod tests {
         assert_eq!(version, 2);
         drop(conn);
         assert_eq!(dedup_rows(dir.path()), [(String::new(), 1), ("t".into(), 1)], "the expired key is gone");
-        let s = EmbeddedStore::open(dir.path(), CAPACITY).expect("reopened at version 2");
+        let s = EmbeddedStore::open(dir.path(), CAPACITY, system()).expect("reopened at version 2");
         assert!(s.dedup_contains(&live).await.expect("dedup"));
     }
 }

@@ -179,6 +179,3 @@ pub trait Store: Send + Sync + 'static {
     /// Makes every buffered write durable and stops; later writes are lost.
     async fn close(&self);
 }
-
-/// Wall-clock milliseconds since the Unix epoch: what persisted times are in.
-pub use crate::clock::now_ms;
