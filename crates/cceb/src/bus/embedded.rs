@@ -69,6 +69,24 @@ pub struct EmbeddedBus {
     accepting: AtomicBool,
     /// Milliseconds each publish waits before it is taken: a slow broker.
     delay_ms: AtomicU64,
+    /// While true, publishes wait (at most [`MAX_HOLD`]) until it is released.
+    hold: watch::Sender<bool>,
+    /// Publishes waiting out the delay or the hold now.
+    waiting: AtomicU64,
+}
+
+/// Longest a publish waits for a hold to be released: a switch left on must
+/// not wedge clients for good.
+const MAX_HOLD: Duration = Duration::from_secs(30);
+
+/// The test switches' state, as the backend port reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Switches {
+    pub accepting: bool,
+    pub delay_ms: u64,
+    pub hold: bool,
+    /// Publishes waiting out the delay or the hold now.
+    pub waiting: u64,
 }
 
 impl EmbeddedBus {
@@ -79,6 +97,8 @@ impl EmbeddedBus {
             last: watch::Sender::new(0),
             accepting: AtomicBool::new(true),
             delay_ms: AtomicU64::new(0),
+            hold: watch::Sender::new(false),
+            waiting: AtomicU64::new(0),
         }
     }
 
@@ -93,8 +113,37 @@ impl EmbeddedBus {
         self.delay_ms.store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// The backend port's hold switch: while on, publishes wait until it is
+    /// off, so a test (or a client developer) can hold an action in flight.
+    pub fn set_hold(&self, on: bool) {
+        self.hold.send_replace(on);
+    }
+
     pub fn accepting(&self) -> bool {
         self.accepting.load(Ordering::SeqCst)
+    }
+
+    pub fn switches(&self) -> Switches {
+        Switches {
+            accepting: self.accepting(),
+            delay_ms: self.delay_ms.load(Ordering::SeqCst),
+            hold: *self.hold.borrow(),
+            waiting: self.waiting.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Waits out the delay and the hold, counted in `waiting` meanwhile.
+    async fn wait_switches(&self) {
+        let delay = self.delay_ms.load(Ordering::SeqCst);
+        let mut hold = self.hold.subscribe();
+        if delay == 0 && !*hold.borrow_and_update() {
+            return;
+        }
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        // Counted down however the publish ends (its caller may give up on it).
+        let _counted = Waiting(&self.waiting);
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let _ = tokio::time::timeout(MAX_HOLD, hold.wait_for(|&on| !on)).await;
     }
 
     /// Records after `after`, at most `limit`, waiting up to `wait` for the first.
@@ -113,6 +162,14 @@ impl EmbeddedBus {
     }
 }
 
+struct Waiting<'a>(&'a AtomicU64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 #[async_trait]
 impl Bus for EmbeddedBus {
     async fn publish(&self, record: OutRecord) -> Result<(), BusError> {
@@ -120,10 +177,7 @@ impl Bus for EmbeddedBus {
             let outage = "the embedded bus is switched off on the backend port";
             return Err(BusError::new(ErrorKind::Unavailable, outage));
         }
-        let delay = self.delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-        }
+        self.wait_switches().await;
         let value = serde_json::value::to_raw_value(&to_json(&record.value, Keys::AsIs))
             .map_err(|e| BusError::new(ErrorKind::Rejected, format!("cannot serialise the record: {e}")))?;
         let mut log = lock(&self.log);

@@ -51,7 +51,7 @@ pub fn router(port: Port) -> Router {
     Router::new()
         .route("/backend/v1/events", post(post_events))
         .route("/backend/v1/actions", get(get_actions))
-        .route("/backend/v1/bus", put(put_bus))
+        .route("/backend/v1/bus", put(put_bus).get(get_bus))
         .layer(DefaultBodyLimit::max(limit))
         .route_layer(middleware::from_fn_with_state(state.clone(), admin_only))
         .with_state(state)
@@ -189,6 +189,9 @@ struct BusSwitch {
     /// Each publish waits this long first (a slow broker).
     #[serde(default)]
     delay_ms: u64,
+    /// Publishes wait until a later switch releases them (at most 30 s).
+    #[serde(default)]
+    hold: bool,
 }
 
 /// Simulates a bus outage (or a slow broker) for the clients' benefit: while
@@ -196,7 +199,12 @@ struct BusSwitch {
 async fn put_bus(State(b): State<Arc<Port>>, Json(s): Json<BusSwitch>) -> Response {
     b.bus.set_accepting(s.accepting);
     b.bus.set_delay(Duration::from_millis(s.delay_ms.min(MAX_WAIT.as_millis() as u64)));
-    Json(json!({"accepting": s.accepting, "delay_ms": s.delay_ms})).into_response()
+    b.bus.set_hold(s.hold);
+    Json(b.bus.switches()).into_response()
+}
+
+async fn get_bus(State(b): State<Arc<Port>>) -> Response {
+    Json(b.bus.switches()).into_response()
 }
 
 #[cfg(test)]

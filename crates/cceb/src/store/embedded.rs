@@ -355,7 +355,8 @@ mod tests {
             let conn = rusqlite::Connection::open(dir.path().join("cceb.sqlite3")).expect("sqlite");
             conn.execute_batch(SCHEMA_V1).expect("v1 schema");
             let mut put = conn.prepare("INSERT INTO dedup(key, expires) VALUES (?1, ?2)").expect("insert");
-            put.execute(rusqlite::params![&live.hash.to_le_bytes()[..], crate::clock::now_ms() + 60_000]).expect("live key");
+            put.execute(rusqlite::params![&live.hash.to_le_bytes()[..], crate::clock::now_ms() + 60_000])
+                .expect("live key");
             let expired = DedupKey::new("t".into(), "a", "u0");
             put.execute(rusqlite::params![&expired.hash.to_le_bytes()[..], 1]).expect("expired key");
             conn.execute("INSERT INTO directory VALUES ('t', 'a', '100', 0, NULL)", []).expect("directory");

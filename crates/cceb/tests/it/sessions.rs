@@ -162,7 +162,7 @@ async fn a_long_lived_connection_has_at_most_max_unacked_in_flight_and_4004_only
 {
     let b = TestBridge::with(|s| {
         s.max_unacked = 2;
-        s.ack_timeout_ms = 400;
+        s.ack_timeout_ms = 300;
     })
     .await;
     let mut c = b.connect().await;
@@ -525,27 +525,25 @@ async fn a_slow_availability_publish_holds_up_no_other_hello() {
     if b.skip_on_kafka("the slow broker is the embedded bus's delay switch") {
         return;
     }
-    b.set_bus_delay(1000).await;
-    // The first long-lived hello publishes `available: true`, which takes 1 s.
+    b.set_bus_hold(true).await;
+    // The first long-lived hello publishes `available: true`, which the bus holds.
     let url = b.ws_url();
     let first = tokio::spawn(async move {
         let mut c = Client::connect(&url).await;
         long_lived(&mut c, "t", "a", json!({})).await;
         c
     });
-    // Wait until that publish is under way: the count is taken before it starts.
     tokio::time::timeout(PATIENCE, async {
-        while b.metric("cceb_sessions").await < 1.0 {
+        while b.bus_switches().await["waiting"] != 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
-    .expect("the first hello is in");
-    // Its session is made; its key commit and the claim of the decision take a few ms more.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    .expect("the first hello's publish reaches the bus");
     let mut second = b.connect().await;
     long_lived(&mut second, "t", "a", json!({})).await;
     assert!(!first.is_finished(), "the second hello was answered while the first one's publish was still under way");
+    b.set_bus_hold(false).await;
     first.await.expect("first hello");
     assert_eq!(published_values(&b, "AgentChatAvailabilityEvent").await.len(), 1, "one transition, one record");
 }

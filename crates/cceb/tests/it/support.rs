@@ -206,6 +206,19 @@ impl TestBridge {
         self.switch_bus(json!({"accepting": true, "delay_ms": ms})).await;
     }
 
+    /// The embedded bus's hold switch: while on, every publish waits for its release.
+    pub async fn set_bus_hold(&self, on: bool) {
+        self.switch_bus(json!({"accepting": true, "hold": on})).await;
+    }
+
+    /// The embedded bus's switches, with how many publishes wait on them now.
+    pub async fn bus_switches(&self) -> Value {
+        let url = format!("http://{}/backend/v1/bus", self.backend);
+        let r = self.http.get(url).bearer_auth(ADMIN).send().await.expect("answers");
+        assert_eq!(r.status().as_u16(), 200);
+        r.json().await.expect("json")
+    }
+
     async fn switch_bus(&self, body: Value) {
         let url = format!("http://{}/backend/v1/bus", self.backend);
         let r = self.http.put(url).bearer_auth(ADMIN).json(&body).send().await.expect("answers");
