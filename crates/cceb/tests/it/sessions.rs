@@ -547,3 +547,29 @@ async fn a_slow_availability_publish_holds_up_no_other_hello() {
     first.await.expect("first hello");
     assert_eq!(published_values(&b, "AgentChatAvailabilityEvent").await.len(), 1, "one transition, one record");
 }
+
+#[tokio::test]
+async fn a_session_key_is_never_written_to_disk_only_its_hash() {
+    use base64::Engine;
+    let mut b = TestBridge::start().await;
+    if b.skip_on_kafka("the data directory is the same on both buses") {
+        return;
+    }
+    let mut c = b.connect().await;
+    let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");
+    drop(c);
+    // Everything the bridge keeps is on disk once it has stopped.
+    b.shutdown().await;
+    let (id, secret) = key.rsplit_once('.').expect("<id>.<secret>");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(secret).expect("base64 secret");
+    let mut files = 0;
+    let mut id_seen = false;
+    for entry in std::fs::read_dir(b.data_dir()).expect("data dir") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("readable");
+        files += 1;
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(secret.as_bytes()) && !has(&raw), "the key's secret is on disk");
+        id_seen |= has(id.as_bytes());
+    }
+    assert!(files > 0 && id_seen, "the session itself is on disk (else this test proves nothing)");
+}
