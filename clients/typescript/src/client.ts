@@ -181,6 +181,8 @@ export class CcebClient {
   private restored = false;
   private _sessionId: string | null = null;
   private endSessionUuid: string | null = null;
+  /** Set by `endSession()`: however this connection ends, the client stops (no new session behind the user's back). */
+  private ending = false;
   /** Set by `close()`: the reason reported when the client stops. */
   private stopInfo: CloseInfo | null = null;
 
@@ -301,13 +303,15 @@ export class CcebClient {
   /**
    * Ends a long-lived session at once (`end_session`): the bridge drops its
    * mailbox and closes with 1000, the stored key is forgotten, and the client
-   * stops. Resolves once the client is closed.
+   * stops. Resolves once the client is closed. Not connected: the key is
+   * forgotten and the client closes; the bridge ends the session at its TTL.
    */
   async endSession(): Promise<void> {
     await this.forgetSession();
     const c = this.conn;
-    if (c?.ready && c.ws.readyState === OPEN) {
+    if (c?.ready && c.ws.readyState === OPEN && !this.stopped) {
       const closed = this.once('closed');
+      this.ending = true;
       this.endSessionUuid = newUuid();
       c.ws.send(JSON.stringify({ type: 'end_session', uuid: this.endSessionUuid }));
       await closed;
@@ -342,7 +346,7 @@ export class CcebClient {
       this.setState('connecting', undefined);
       const ended = await this.attempt();
       last = this.stopInfo ?? { code: ended.code, reason: ended.reason };
-      const decision = ended.stop || this.stopped ? { kind: 'stop' as const } : afterClose(ended.code);
+      const decision = ended.stop || this.stopped || this.ending ? { kind: 'stop' as const } : afterClose(ended.code);
       if (decision.kind === 'stop') {
         this.setState('disconnected', { ...last, retryInMs: null });
         break;

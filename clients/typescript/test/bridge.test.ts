@@ -226,6 +226,25 @@ test('a drain (SIGTERM, 1012) sends the client back to discovery, which finds th
   await b2.stop('SIGTERM');
 });
 
+test('a node that died without draining (SIGKILL) is left for the one discovery names', { timeout: 60_000 }, async () => {
+  const b1 = await Bridge.start();
+  const front = await DiscoveryFront.start(b1.addr);
+  const c = client({ url: front.url, longLived: true });
+  const first = connected(c);
+  c.connect();
+  const s1 = await first;
+  const down = disconnected(c);
+  await b1.stop('SIGKILL');
+  assert.equal((await down).code, 1006, 'no 1012: the endpoint is simply gone');
+  // Another node on other ports; the old endpoint refuses connections.
+  const b2 = await Bridge.start({ dataDir: b1.dataDir });
+  front.target = b2.addr;
+  const s2 = await within(new Promise<ConnectedInfo>((r) => c.on('connected', r)), 'connected to the new node');
+  assert.equal(s2.endpoint, b2.wsUrl);
+  assert.equal(s2.resumed, true);
+  assert.equal(s2.sessionId, s1.sessionId);
+});
+
 test('actions resolve on ack, are retried after backend_unavailable, and refusals are typed', { timeout: 60_000 }, async () => {
   const b = await Bridge.start();
   const c = client({ url: b.wsUrl });
