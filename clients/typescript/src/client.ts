@@ -327,12 +327,13 @@ export class CcebClient {
     const c = this.conn;
     this.stopInfo = { code: c?.ws.readyState === OPEN ? 1000 : null, reason: 'closed by the client' };
     if (c) {
+      // Detached first: closing may report an error or a close synchronously.
+      c.end({ code: 1000, reason: 'closed by the client', stop: true });
       try {
         c.ws.close(1000, 'client closed');
       } catch {
         // Already closing.
       }
-      c.end({ code: 1000, reason: 'closed by the client', stop: true });
     }
     this.wake?.();
     if (!this.started) this.finish(this.stopInfo);
@@ -460,10 +461,10 @@ export class CcebClient {
     let refused = '';
     const helloUuid = newUuid();
     const handshake = setTimeout(() => {
+      end({ code: null, reason: opened ? 'no hello_reply in time' : `connect ${endpoint}: timed out`, unreachable: !opened });
       try {
         ws.close();
       } catch {}
-      end({ code: null, reason: opened ? 'no hello_reply in time' : `connect ${endpoint}: timed out`, unreachable: !opened });
     }, this.opts.connectTimeoutMs ?? 10_000);
     c.timers.push(handshake);
     ws.onopen = () => {
@@ -480,7 +481,18 @@ export class CcebClient {
       ws.send(JSON.stringify({ type: 'hello', uuid: helloUuid, data }));
     };
     ws.onerror = () => {
-      // The close event follows with the code; nothing to add here.
+      // Browsers and `ws` follow an error with the close event, which has the
+      // code. Not every implementation does: Node 20's experimental WebSocket
+      // reports a refused connection with an error alone, and stays CONNECTING.
+      if (!opened) {
+        // Detached first: closing may report another error, synchronously.
+        end({ code: null, reason: `could not connect to ${endpoint}`, unreachable: true });
+        try {
+          ws.close();
+        } catch {}
+      } else {
+        c.timers.push(setTimeout(() => end({ code: 1006, reason: 'the socket failed' }), 1000));
+      }
     };
     ws.onclose = (ev) => {
       const code = typeof ev?.code === 'number' ? ev.code : 1006;
@@ -595,12 +607,12 @@ export class CcebClient {
         return;
       }
       c.pongTimer = setTimeout(() => {
+        c.end({ code: null, reason: `no answer to ping within ${timeout} ms` });
         try {
           const t = (c.ws as { terminate?: () => void }).terminate;
           if (typeof t === 'function') t.call(c.ws);
           else c.ws.close(4000, 'liveness timeout');
         } catch {}
-        c.end({ code: null, reason: `no answer to ping within ${timeout} ms` });
       }, timeout);
     }, Math.max(10, Math.min(interval, timeout) / 2));
     c.timers.push(tick);

@@ -9,6 +9,19 @@ import { Bridge, cleanup, DiscoveryFront, PATIENCE, Proxy, sleep, token, track, 
 
 afterEach(cleanup);
 
+/**
+ * Which WebSocket the client uses: `ws` (the Node package, as on Node 20), or
+ * `global`: the WHATWG one of the runtime (Node's undici one with
+ * --experimental-websocket on Node 20), which behaves as a browser's does.
+ */
+const impl = process.env.CCEB_TEST_WEBSOCKET === 'global' ? 'global' : 'ws';
+const WebSocketImpl = impl === 'global' ? (globalThis as { WebSocket?: unknown }).WebSocket : WebSocket;
+if (typeof WebSocketImpl !== 'function') throw new Error('CCEB_TEST_WEBSOCKET=global needs a global WebSocket (Node 22+, or --experimental-websocket)');
+
+function it(name: string, fn: () => Promise<void>): void {
+  test(`${name} [${impl} WebSocket]`, { timeout: 60_000 }, fn);
+}
+
 /** Reconnects in milliseconds; actions give up only after `PATIENCE`. */
 function client(o: Partial<ClientOptions> & Pick<ClientOptions, 'url'>): CcebClient {
   const c = new CcebClient({
@@ -17,6 +30,7 @@ function client(o: Partial<ClientOptions> & Pick<ClientOptions, 'url'>): CcebCli
     actionRetryMinMs: 20,
     connectTimeoutMs: PATIENCE,
     actionDeadlineMs: PATIENCE,
+    WebSocket: WebSocketImpl as ClientOptions['WebSocket'],
     ...o,
   });
   return track(c, (x) => x.close());
@@ -46,7 +60,7 @@ async function publishedStates(b: Bridge, state: string): Promise<number> {
   return (await b.published()).filter((r) => r.record === 'ChangeAgentStateEvent' && r.value.state === state).length;
 }
 
-test('a resume after the bridge is killed (SIGKILL) delivers every notification once', { timeout: 60_000 }, async () => {
+it('a resume after the bridge is killed (SIGKILL) delivers every notification once', async () => {
   // Unacked notifications come again after 500 ms too, within the session.
   const env = { CCEB_ACK_TIMEOUT_MS: '500' };
   let b = await Bridge.start({ env });
@@ -113,7 +127,7 @@ test('a resume after the bridge is killed (SIGKILL) delivers every notification 
   await b.stop('SIGTERM');
 });
 
-test('an action in flight across a reconnect is published once', { timeout: 60_000 }, async () => {
+it('an action in flight across a reconnect is published once', async () => {
   // The network between client and bridge: discovery hands out the proxy.
   const proxy = await Proxy.start();
   const b = await Bridge.start({ env: { CCEB_PUBLIC_URL: `ws://127.0.0.1:${proxy.port}` } });
@@ -156,7 +170,7 @@ test('an action in flight across a reconnect is published once', { timeout: 60_0
   await b.stop('SIGTERM');
 });
 
-test('a new token is fetched on 4002 (short-lived token)', { timeout: 60_000 }, async () => {
+it('a new token is fetched on 4002 (short-lived token)', async () => {
   const b = await Bridge.start();
   let calls = 0;
   // The first token runs out within two seconds; the next ones last.
@@ -183,7 +197,7 @@ test('a new token is fetched on 4002 (short-lived token)', { timeout: 60_000 }, 
   await b.stop('SIGTERM');
 });
 
-test('a drain (SIGTERM, 1012) sends the client back to discovery, which finds the new bridge', { timeout: 60_000 }, async () => {
+it('a drain (SIGTERM, 1012) sends the client back to discovery, which finds the new bridge', async () => {
   const b1 = await Bridge.start();
   const front = await DiscoveryFront.start(b1.addr);
   const storage = new MemoryStorage();
@@ -226,7 +240,7 @@ test('a drain (SIGTERM, 1012) sends the client back to discovery, which finds th
   await b2.stop('SIGTERM');
 });
 
-test('a node that died without draining (SIGKILL) is left for the one discovery names', { timeout: 60_000 }, async () => {
+it('a node that died without draining (SIGKILL) is left for the one discovery names', async () => {
   const b1 = await Bridge.start();
   const front = await DiscoveryFront.start(b1.addr);
   const c = client({ url: front.url, longLived: true });
@@ -245,7 +259,7 @@ test('a node that died without draining (SIGKILL) is left for the one discovery 
   assert.equal(s2.sessionId, s1.sessionId);
 });
 
-test('actions resolve on ack, are retried after backend_unavailable, and refusals are typed', { timeout: 60_000 }, async () => {
+it('actions resolve on ack, are retried after backend_unavailable, and refusals are typed', async () => {
   const b = await Bridge.start();
   const c = client({ url: b.wsUrl });
   c.connect();
@@ -273,7 +287,7 @@ test('actions resolve on ack, are retried after backend_unavailable, and refusal
   await b.stop('SIGTERM');
 });
 
-test('a refused token stops the client with 4001 and fails what is pending', { timeout: 60_000 }, async () => {
+it('a refused token stops the client with 4001 and fails what is pending', async () => {
   const b = await Bridge.start();
   const c = client({ url: b.discoveryUrl.replace('/v1/discovery', '/ws/v1').replace('http', 'ws'), getToken: () => 'not-a-jwt' });
   const closed = within(c.once('closed'), 'closed');
@@ -293,7 +307,7 @@ test('a refused token stops the client with 4001 and fails what is pending', { t
   await b.stop('SIGTERM');
 });
 
-test('a silent connection is detected by app-level ping and replaced', { timeout: 60_000 }, async () => {
+it('a silent connection is detected by app-level ping and replaced', async () => {
   const proxy = await Proxy.start();
   const b = await Bridge.start();
   proxy.target = b.addr;
@@ -318,7 +332,7 @@ test('a silent connection is detected by app-level ping and replaced', { timeout
   await b.stop('SIGTERM');
 });
 
-test('end_session forgets the key, and a long-lived session resumes from storage after a "reload"', { timeout: 60_000 }, async () => {
+it('end_session forgets the key, and a long-lived session resumes from storage after a "reload"', async () => {
   const b = await Bridge.start();
   const storage = new MemoryStorage();
   const c1 = client({ url: b.discoveryUrl, longLived: true, storage });
