@@ -74,13 +74,14 @@ impl Connection {
                 }
                 Ok(ServerMessage::Error { error, .. }) => refused = Some(error),
                 Ok(_) | Err(Error::Protocol(_)) => {}
-                Err(Error::Closed { code, reason }) => {
-                    return Err(match refused {
-                        Some(error) => Error::Refused { code, error },
-                        None => Error::Closed { code, reason },
-                    })
+                Err(e) => {
+                    return Err(match (refused, e) {
+                        (Some(error), Error::Closed { code, .. }) => Error::Refused { code, error },
+                        // The socket broke instead of closing: the refusal is still the news.
+                        (Some(error), _) => Error::Refused { code: None, error },
+                        (None, e) => e,
+                    });
                 }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -119,9 +120,7 @@ impl Connection {
         loop {
             let frame = self.ws.next().await;
             return match frame {
-                Some(Ok(Message::Text(t))) => {
-                    parse_server_message(&t).map_err(|e| Error::Protocol(format!("{e}: {}", t.as_str())))
-                }
+                Some(Ok(Message::Text(t))) => parse_server_message(&t).map_err(|e| Error::Protocol(unreadable(&t, &e))),
                 Some(Ok(Message::Binary(_))) => Err(Error::Protocol("a binary frame".into())),
                 Some(Ok(Message::Close(f))) => {
                     self.close =
@@ -168,6 +167,15 @@ impl Connection {
             tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => self.closed(),
             e => Error::WebSocket(e),
         }
+    }
+}
+
+/// Why `text` could not be read, with its start (a frame may be megabytes).
+fn unreadable(text: &str, why: &str) -> String {
+    const SHOWN: usize = 200;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{why}: {}…", &text[..end]),
+        None => format!("{why}: {text}"),
     }
 }
 
@@ -244,5 +252,12 @@ mod tests {
             assert_eq!(parse_client_message(&text).as_ref(), Ok(&msg), "{text}");
         }
         assert_eq!(frame::<()>("ack", "u", None), r#"{"type":"ack","uuid":"u"}"#);
+    }
+
+    #[test]
+    fn an_unreadable_frame_is_shown_by_its_start() {
+        assert_eq!(unreadable("{}", "bad"), "bad: {}");
+        let long = unreadable(&"é".repeat(10_000), "bad");
+        assert_eq!(long.chars().count(), "bad: ".len() + 200 + 1);
     }
 }

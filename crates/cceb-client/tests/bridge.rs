@@ -318,10 +318,9 @@ async fn a_connection_speaks_the_contract_typed_both_ways() {
     let mut details = serde_json::Map::new();
     details.insert("state".into(), json!("Away"));
     conn.action("act-1", "ChangeAgentStateEvent", &details).await.expect("send");
-    let next = |c: &mut Connection| {
-        let read = c.next();
-        async move { tokio::time::timeout(PATIENCE, read).await.expect("an answer in time") }
-    };
+    async fn next(c: &mut Connection) -> Result<ServerMessage, Error> {
+        tokio::time::timeout(PATIENCE, c.next()).await.expect("an answer in time")
+    }
     assert!(matches!(next(&mut conn).await, Ok(ServerMessage::Ack { uuid }) if uuid == "act-1"));
     b.presence("a1", "e1").await;
     let Ok(ServerMessage::Notification { ty: NotificationType::Presence, uuid, seq: 1, .. }) = next(&mut conn).await
