@@ -4,20 +4,16 @@
 mod server;
 
 use anyhow::{bail, Context};
-use cceb_protocol::outgoing::{parse_server_message, HelloReply, ServerMessage};
+use cceb_client::cceb_protocol::incoming::Hello;
+use cceb_client::cceb_protocol::outgoing::{HelloReply, ServerMessage};
+use cceb_client::{Connection, Error};
 use clap::{Parser, ValueEnum};
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use server::Server;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -119,34 +115,25 @@ fn report(scenario: &str, rows: &[(&str, String)], json: Value) {
     println!("{}", json!({"scenario": scenario, "results": json}));
 }
 
-async fn connect_hello(url: &str, data: Value) -> anyhow::Result<(Ws, HelloReply)> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
-    ws.send(Message::text(json!({"type":"hello","uuid":"h","data": data}).to_string())).await?;
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => match parse_server_message(&t) {
-                Ok(ServerMessage::HelloReply { reply, .. }) => return Ok((ws, reply)),
-                other => bail!("hello refused: {other:?}"),
-            },
-            Some(Ok(_)) => continue,
-            other => bail!("closed during hello: {other:?}"),
-        }
-    }
+async fn connect_hello(url: &str, hello: Hello) -> anyhow::Result<(Connection, HelloReply)> {
+    let mut conn = Connection::connect(url).await?;
+    let reply = conn.hello(&hello).await?;
+    Ok((conn, reply))
 }
 
 /// Opens `n` sessions, `parallel` at a time; agent i is `agent-{i}`.
-async fn open_sessions(server: &Server, n: usize, parallel: usize) -> anyhow::Result<Vec<Ws>> {
-    let hellos = open_with(server, n, parallel, |_| json!({})).await?;
-    Ok(hellos.into_iter().map(|(ws, _)| ws).collect())
+async fn open_sessions(server: &Server, n: usize, parallel: usize) -> anyhow::Result<Vec<Connection>> {
+    let hellos = open_with(server, n, parallel, |_| Hello::default()).await?;
+    Ok(hellos.into_iter().map(|(conn, _)| conn).collect())
 }
 
-/// Opens `n` sessions with `hello` data `extra(i)` added to the token.
+/// Opens `n` sessions with `hello(i)`, its token set to agent i's.
 async fn open_with(
     server: &Server,
     n: usize,
     parallel: usize,
-    extra: impl Fn(usize) -> Value,
-) -> anyhow::Result<Vec<(Ws, HelloReply)>> {
+    hello: impl Fn(usize) -> Hello,
+) -> anyhow::Result<Vec<(Connection, HelloReply)>> {
     let url = server.ws_url();
     let mut out = Vec::with_capacity(n);
     let mut ids = (0..n).peekable();
@@ -155,10 +142,9 @@ async fn open_with(
         let tasks: Vec<_> = chunk
             .into_iter()
             .map(|i| {
-                let mut data = extra(i);
-                data["token"] = Value::String(server.token("tenant-1", &format!("agent-{i}")));
+                let hello = Hello { token: server.token("tenant-1", &format!("agent-{i}")), ..hello(i) };
                 let url = url.clone();
-                tokio::spawn(async move { connect_hello(&url, data).await })
+                tokio::spawn(async move { connect_hello(&url, hello).await })
             })
             .collect();
         for t in tasks {
@@ -203,23 +189,26 @@ fn now_micros() -> u64 {
 async fn fanout(a: &Args) -> anyhow::Result<()> {
     let server = Server::start(&a.cceb, &[]).await?;
     let long_lived = a.long_lived;
-    let sessions = open_with(&server, a.fanout_sessions, 256, |_| json!({"long_lived": long_lived})).await?;
-    let sessions = sessions.into_iter().map(|(ws, _)| ws);
+    let sessions = open_with(&server, a.fanout_sessions, 256, |_| Hello { long_lived, ..Hello::default() }).await?;
+    let sessions = sessions.into_iter().map(|(conn, _)| conn);
     let received = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
-    for mut ws in sessions {
+    for mut conn in sessions {
         let received = received.clone();
         readers.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-            while let Some(Ok(m)) = ws.next().await {
-                let Message::Text(t) = m else { continue };
-                if let Ok(ServerMessage::Notification { uuid, data, .. }) = parse_server_message(&t) {
-                    let sent: u64 = data["state"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
-                    let _ = h.record(now_micros().saturating_sub(sent).max(1));
-                    received.fetch_add(1, Ordering::Relaxed);
-                    if ws.send(Message::text(format!(r#"{{"type":"ack","uuid":"{uuid}"}}"#))).await.is_err() {
-                        break;
+            loop {
+                match conn.next().await {
+                    Ok(ServerMessage::Notification { uuid, data, .. }) => {
+                        let sent: u64 = data["state"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+                        let _ = h.record(now_micros().saturating_sub(sent).max(1));
+                        received.fetch_add(1, Ordering::Relaxed);
+                        if conn.ack(&uuid).await.is_err() {
+                            break;
+                        }
                     }
+                    Ok(_) | Err(Error::Protocol(_)) => {}
+                    Err(_) => break,
                 }
             }
             h
@@ -290,24 +279,24 @@ async fn actions(a: &Args) -> anyhow::Result<()> {
     let tasks: Vec<_> = sessions
         .into_iter()
         .enumerate()
-        .map(|(s, mut ws)| {
+        .map(|(s, mut conn)| {
             tokio::spawn(async move {
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
                 for n in 0..per_session {
                     let uuid = format!("s{s}-a{n}");
-                    let msg = json!({"type":"action","uuid": uuid,"data":{"action":"UpdateInteractionEvent",
-                        "action_details":{"interactionId": format!("i-{n}"),"state":"wrapup","channel":"VOICE"}}});
+                    let details = Map::from_iter([
+                        ("interactionId".to_owned(), Value::from(format!("i-{n}"))),
+                        ("state".to_owned(), Value::from("wrapup")),
+                        ("channel".to_owned(), Value::from("VOICE")),
+                    ]);
                     let t = Instant::now();
-                    ws.send(Message::text(msg.to_string())).await.context("send")?;
+                    conn.action(&uuid, "UpdateInteractionEvent", &details).await.context("send")?;
                     loop {
-                        match ws.next().await {
-                            Some(Ok(Message::Text(t2))) => match parse_server_message(&t2) {
-                                Ok(ServerMessage::Ack { uuid: u }) if u == uuid => break,
-                                Ok(ServerMessage::Error { error, .. }) => bail!("action refused: {}", error.message),
-                                _ => continue,
-                            },
-                            Some(Ok(_)) => continue,
-                            other => bail!("closed: {other:?}"),
+                        match conn.next().await {
+                            Ok(ServerMessage::Ack { uuid: u }) if u == uuid => break,
+                            Ok(ServerMessage::Error { error, .. }) => bail!("action refused: {}", error.message),
+                            Ok(_) | Err(Error::Protocol(_)) => continue,
+                            Err(e) => bail!("closed: {e}"),
                         }
                     }
                     let _ = h.record(t.elapsed().as_micros().max(1) as u64);
@@ -345,18 +334,16 @@ async fn actions(a: &Args) -> anyhow::Result<()> {
 }
 
 /// Reads notifications until `n` arrived, acking each.
-async fn drain(ws: &mut Ws, n: usize) -> anyhow::Result<()> {
+async fn drain(conn: &mut Connection, n: usize) -> anyhow::Result<()> {
     let mut got = 0;
     while got < n {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                if let Ok(ServerMessage::Notification { uuid, .. }) = parse_server_message(&t) {
-                    ws.send(Message::text(format!(r#"{{"type":"ack","uuid":"{uuid}"}}"#))).await?;
-                    got += 1;
-                }
+        match conn.next().await {
+            Ok(ServerMessage::Notification { uuid, .. }) => {
+                conn.ack(&uuid).await?;
+                got += 1;
             }
-            Some(Ok(_)) => continue,
-            other => bail!("closed while draining: {other:?}"),
+            Ok(_) | Err(Error::Protocol(_)) => continue,
+            Err(e) => bail!("closed while draining: {e}"),
         }
     }
     Ok(())
@@ -365,11 +352,11 @@ async fn drain(ws: &mut Ws, n: usize) -> anyhow::Result<()> {
 async fn resume(a: &Args) -> anyhow::Result<()> {
     let server = Server::start(&a.cceb, &[]).await?;
     let (k, waiting) = (a.resume_sessions, a.waiting);
-    let opened = open_with(&server, k, 256, |_| json!({"long_lived": true})).await?;
+    let opened = open_with(&server, k, 256, |_| Hello { long_lived: true, ..Hello::default() }).await?;
     let mut keys = Vec::with_capacity(k);
-    for (ws, reply) in opened {
+    for (conn, reply) in opened {
         keys.push(reply.session_key.context("no session key")?);
-        drop(ws);
+        drop(conn);
     }
     // Every mailbox gets `waiting` notifications while nobody is connected.
     for round in 0..waiting {
@@ -386,25 +373,30 @@ async fn resume(a: &Args) -> anyhow::Result<()> {
         .into_iter()
         .enumerate()
         .map(|(i, key)| {
-            let data = json!({"token": server.token("tenant-1", &format!("agent-{i}")), "session_key": key});
+            // The stored key: the session comes back with its mailbox.
+            let hello = Hello {
+                token: server.token("tenant-1", &format!("agent-{i}")),
+                session_key: Some(key),
+                ..Hello::default()
+            };
             let url = url.clone();
             tokio::spawn(async move {
-                let (mut ws, reply) = connect_hello(&url, data).await?;
+                let (mut conn, reply) = connect_hello(&url, hello).await?;
                 if !reply.resumed {
                     bail!("session {i} was not resumed");
                 }
                 let hello_at = started.elapsed();
-                drain(&mut ws, waiting).await?;
-                anyhow::Ok((hello_at, started.elapsed(), ws))
+                drain(&mut conn, waiting).await?;
+                anyhow::Ok((hello_at, started.elapsed(), conn))
             })
         })
         .collect();
     let (mut last_hello, mut last_drained) = (Duration::ZERO, Duration::ZERO);
     let mut conns = Vec::with_capacity(k);
     for t in tasks {
-        let (h, d, ws) = t.await??;
+        let (h, d, conn) = t.await??;
         (last_hello, last_drained) = (last_hello.max(h), last_drained.max(d));
-        conns.push(ws);
+        conns.push(conn);
     }
     let cpu = server.cpu_seconds()? - cpu0;
     drop(conns);

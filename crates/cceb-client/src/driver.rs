@@ -2,21 +2,13 @@
 //! from the handle, events to the application.
 
 use crate::policy::{after_close, retry_action, AfterClose, Backoff, Delivery, Seen};
-use crate::{AckOnDrop, ActionError, Config, Event, KeyStore, Notification, State, TokenFn};
-use cceb_protocol::incoming::{ClientInfo, Hello};
-use cceb_protocol::outgoing::{parse_server_message, ServerMessage};
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Map, Value};
+use crate::{AckOnDrop, ActionError, Config, Connection, Error, Event, KeyStore, Notification, State, TokenFn};
+use cceb_protocol::incoming::{ClientInfo, ClientMessage, Hello};
+use cceb_protocol::outgoing::ServerMessage;
+use serde_json::{Map, Value};
 use std::sync::Arc;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub(crate) enum Cmd {
     Action(PendingAction),
@@ -219,9 +211,9 @@ impl Driver {
                 Err(end) => return end,
             },
         };
-        let connect = tokio::time::timeout(self.cfg.connect_timeout, tokio_tungstenite::connect_async(&endpoint));
-        let mut ws = match connect.await {
-            Ok(Ok((ws, _))) => ws,
+        let connect = tokio::time::timeout(self.cfg.connect_timeout, Connection::connect(&endpoint));
+        let mut conn = match connect.await {
+            Ok(Ok(conn)) => conn,
             Ok(Err(e)) => return Ended::Closed { code: None, reason: format!("connect {endpoint}: {e}") },
             Err(_) => return Ended::Closed { code: None, reason: format!("connect {endpoint}: timed out") },
         };
@@ -234,14 +226,9 @@ impl Driver {
             push: None,
             client: Some(ClientInfo { name: self.cfg.client_name.clone(), version: self.cfg.client_version.clone() }),
         };
-        let hello_uuid = crate::new_uuid();
-        let frame = json!({"type": "hello", "uuid": hello_uuid, "data": hello}).to_string();
-        if let Err(e) = ws.send(Message::text(frame)).await {
-            return Ended::Closed { code: None, reason: format!("send hello: {e}") };
-        }
-        let reply = match tokio::time::timeout(self.cfg.connect_timeout, hello_reply(&mut ws)).await {
+        let reply = match tokio::time::timeout(self.cfg.connect_timeout, conn.hello(&hello)).await {
             Ok(Ok(r)) => r,
-            Ok(Err(end)) => return end,
+            Ok(Err(e)) => return ended(e),
             Err(_) => return Ended::Closed { code: None, reason: "no hello_reply in time".into() },
         };
         if reply.session_key.is_some() || !self.cfg.long_lived {
@@ -252,40 +239,39 @@ impl Driver {
         // Everything not yet acknowledged goes again, same uuids, in the order it was asked for.
         for i in 0..self.actions.len() {
             self.actions[i].retry_at = None;
-            if let Err(e) = send_action(&mut ws, &self.actions[i].a).await {
-                return Ended::Closed { code: None, reason: format!("send: {e}") };
+            if let Err(e) = send_action(&mut conn, &self.actions[i].a).await {
+                return ended(e);
             }
         }
-        self.serve(&mut ws).await
+        self.serve(&mut conn).await
     }
 
-    async fn serve(&mut self, ws: &mut Ws) -> Ended {
+    async fn serve(&mut self, conn: &mut Connection) -> Ended {
         loop {
             let retry = self.actions.iter().filter_map(|s| s.retry_at).min();
             tokio::select! {
-                frame = ws.next() => match frame {
-                    Some(Ok(Message::Text(t))) => {
-                        if let Err(end) = self.on_text(ws, &t).await {
+                msg = conn.next() => match msg {
+                    Ok(m) => {
+                        if let Err(end) = self.on_message(conn, m).await {
                             return end;
                         }
                     }
-                    Some(Ok(Message::Close(f))) => return closed(f),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Ended::Closed { code: None, reason: e.to_string() },
-                    None => return Ended::Closed { code: None, reason: "the socket closed".into() },
+                    // A newer bridge may send what this client does not know: ignore it.
+                    Err(Error::Protocol(_)) => {}
+                    Err(e) => return ended(e),
                 },
                 cmd = self.cmds.recv() => {
                     let sent = match cmd {
                         None => {
-                            let _ = ws.close(None).await;
+                            let _ = conn.close(1000, "client gone").await;
                             return Ended::Stop { code: None, reason: "every client handle was dropped".into() };
                         }
                         Some(Cmd::Ack(u)) => {
                             self.seen.finished(&u);
-                            ws.send(Message::text(cceb_protocol::outgoing::ack(&u))).await
+                            conn.ack(&u).await
                         }
                         Some(Cmd::Action(a)) => {
-                            let r = send_action(ws, &a).await;
+                            let r = send_action(conn, &a).await;
                             self.push_action(a);
                             r
                         }
@@ -295,17 +281,15 @@ impl Driver {
                         }
                         Some(Cmd::EndSession) => {
                             self.keys.store(None);
-                            let frame = json!({"type": "end_session", "uuid": crate::new_uuid()}).to_string();
-                            ws.send(Message::text(frame)).await
+                            conn.send(&ClientMessage::EndSession { uuid: crate::new_uuid() }).await
                         }
                         Some(Cmd::Close) => {
-                            let frame = CloseFrame { code: CloseCode::Normal, reason: "client closed".into() };
-                            let _ = ws.close(Some(frame)).await;
+                            let _ = conn.close(1000, "client closed").await;
                             return Ended::Stop { code: Some(1000), reason: "closed by the client".into() };
                         }
                     };
                     if let Err(e) = sent {
-                        return Ended::Closed { code: None, reason: format!("send: {e}") };
+                        return ended(e);
                     }
                 }
                 _ = sleep_until(retry) => {
@@ -313,8 +297,8 @@ impl Driver {
                     for i in 0..self.actions.len() {
                         if self.actions[i].retry_at.is_some_and(|t| t <= now) {
                             self.actions[i].retry_at = None;
-                            if let Err(e) = send_action(ws, &self.actions[i].a).await {
-                                return Ended::Closed { code: None, reason: format!("send: {e}") };
+                            if let Err(e) = send_action(conn, &self.actions[i].a).await {
+                                return ended(e);
                             }
                         }
                     }
@@ -323,11 +307,7 @@ impl Driver {
         }
     }
 
-    async fn on_text(&mut self, ws: &mut Ws, text: &str) -> Result<(), Ended> {
-        let Ok(msg) = parse_server_message(text) else {
-            // A newer bridge may send what this client does not know: ignore it.
-            return Ok(());
-        };
+    async fn on_message(&mut self, conn: &mut Connection, msg: ServerMessage) -> Result<(), Ended> {
         match msg {
             ServerMessage::Notification { ty, uuid, seq, data } => match self.seen.offer(&uuid) {
                 Delivery::Handle => {
@@ -339,12 +319,7 @@ impl Driver {
                     let _ =
                         self.events.send(Event::Notification(Notification { ty, uuid, seq, data, _ack: ack })).await;
                 }
-                Delivery::AckAgain => {
-                    let frame = cceb_protocol::outgoing::ack(&uuid);
-                    ws.send(Message::text(frame))
-                        .await
-                        .map_err(|e| Ended::Closed { code: None, reason: format!("send: {e}") })?;
-                }
+                Delivery::AckAgain => conn.ack(&uuid).await.map_err(ended)?,
                 Delivery::Ignore => {}
             },
             ServerMessage::Ack { uuid } => {
@@ -381,37 +356,20 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn closed(f: Option<CloseFrame>) -> Ended {
-    match f {
-        Some(f) => Ended::Closed { code: Some(u16::from(f.code)), reason: f.reason.to_string() },
-        None => Ended::Closed { code: None, reason: "closed without a code".into() },
-    }
-}
-
-async fn send_action(ws: &mut Ws, a: &PendingAction) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    let frame = json!({"type": "action", "uuid": a.uuid, "data": {"action": a.action, "action_details": a.details}});
-    ws.send(Message::text(frame.to_string())).await
-}
-
-/// Reads until `hello_reply`; an `error` before the close names the reason.
-async fn hello_reply(ws: &mut Ws) -> Result<cceb_protocol::outgoing::HelloReply, Ended> {
-    let mut refused: Option<String> = None;
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => match parse_server_message(&t) {
-                Ok(ServerMessage::HelloReply { reply, .. }) => return Ok(reply),
-                Ok(ServerMessage::Error { error, .. }) => refused = Some(format!("{}: {}", error.code, error.message)),
-                _ => {}
-            },
-            Some(Ok(Message::Close(f))) => {
-                return Err(match (closed(f), refused) {
-                    (Ended::Closed { code, .. }, Some(reason)) => Ended::Closed { code, reason },
-                    (end, _) => end,
-                })
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(Ended::Closed { code: None, reason: e.to_string() }),
-            None => return Err(Ended::Closed { code: None, reason: "closed during hello".into() }),
+/// How a connection that failed with `e` ended.
+fn ended(e: Error) -> Ended {
+    match e {
+        Error::Closed { code, reason } if reason.is_empty() => {
+            let reason = if code.is_some() { "closed without a reason" } else { "the socket closed" };
+            Ended::Closed { code, reason: reason.into() }
         }
+        Error::Closed { code, reason } => Ended::Closed { code, reason },
+        // The reason is the bridge's `error`: "unauthorized: …".
+        Error::Refused { code, error } => Ended::Closed { code, reason: format!("{}: {}", error.code, error.message) },
+        e => Ended::Closed { code: None, reason: e.to_string() },
     }
+}
+
+async fn send_action(conn: &mut Connection, a: &PendingAction) -> Result<(), Error> {
+    conn.action(&a.uuid, &a.action, &a.details).await
 }

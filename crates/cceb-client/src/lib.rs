@@ -8,6 +8,13 @@
 //! with jittered exponential backoff, a new token on 4002, and a stop on the
 //! close codes a retry cannot cure.
 //!
+//! Two layers, the upper built on the lower:
+//!
+//! - [`Client`]: all of the above on a task of its own, for applications;
+//! - [`Connection`]: one WebSocket and the contract's messages, typed both
+//!   ways (plus raw frames); no task, no timer, no retry. The `cceb` tests and
+//!   the benchmark drive the bridge through it, and [`Client`] runs on it.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use cceb_client::{Client, Event};
@@ -23,9 +30,26 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), cceb_client::Error> {
+//! use cceb_client::cceb_protocol::{incoming::Hello, outgoing::ServerMessage};
+//! use cceb_client::Connection;
+//! let mut conn = Connection::connect("ws://127.0.0.1:8080/ws/v1").await?;
+//! let reply = conn.hello(&Hello { token: "eyJ...".into(), long_lived: true, ..Hello::default() }).await?;
+//! println!("session {} (key {:?})", reply.session_id, reply.session_key);
+//! while let ServerMessage::Notification { uuid, data, .. } = conn.next().await? {
+//!     println!("{data}");
+//!     conn.ack(&uuid).await?;
+//! }
+//! # Ok(()) }
+//! ```
 
+mod connection;
 mod driver;
 pub mod policy;
+
+pub use connection::{Connection, Error, WebSocket};
 
 use cceb_protocol::{ErrorCode, NotificationType};
 use serde_json::{Map, Value};
@@ -36,6 +60,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use cceb_protocol;
+/// The WebSocket library under [`Connection`] (its `Message` for raw frames).
+pub use tokio_tungstenite::tungstenite;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type TokenFn = dyn Fn() -> BoxFuture<Result<String, String>> + Send + Sync;
@@ -362,12 +388,19 @@ where
 
 /// A random (version 4) UUID.
 pub fn new_uuid() -> String {
-    let b = rand::random::<u128>().to_be_bytes();
-    let mut b = b;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut b = rand::random::<u128>().to_be_bytes();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    let mut s = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            s.push('-');
+        }
+        s.push(char::from(HEX[usize::from(x >> 4)]));
+        s.push(char::from(HEX[usize::from(x & 0x0f)]));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -377,6 +410,10 @@ mod tests {
         let u = super::new_uuid();
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
+        let dashes: Vec<usize> = u.match_indices('-').map(|(i, _)| i).collect();
+        assert_eq!(dashes, [8, 13, 18, 23]);
+        assert!(u.chars().all(|c| c == '-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{u}");
+        assert!(matches!(&u[19..20], "8" | "9" | "a" | "b"), "{u}");
         assert_ne!(u, super::new_uuid());
     }
 }

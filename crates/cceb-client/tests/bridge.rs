@@ -321,3 +321,50 @@ async fn a_refused_token_stops_the_client_with_4001() {
     }
     assert_eq!(client.action("ChangeAgentStateEvent", json!({})).await, Err(ActionError::Closed));
 }
+
+#[tokio::test]
+async fn a_connection_speaks_the_contract_typed_both_ways() {
+    use cceb_client::cceb_protocol::incoming::Hello;
+    use cceb_client::cceb_protocol::outgoing::ServerMessage;
+    use cceb_client::cceb_protocol::ClientMessage;
+    use cceb_client::{Connection, Error};
+
+    let b = TestBridge::start().await;
+    // A refused token: the bridge's `error`, then its close, in one error.
+    let mut refused = Connection::connect(&b.ws_url()).await.expect("connects");
+    let bad = Hello { token: "not-a-jwt".into(), ..Hello::default() };
+    match tokio::time::timeout(PATIENCE, refused.hello(&bad)).await.expect("in time") {
+        Err(Error::Refused { code: Some(4001), error }) => assert_eq!(error.code, ErrorCode::Unauthorized),
+        other => panic!("expected a refusal with 4001, got {other:?}"),
+    }
+    assert_eq!(refused.close_code(), Some(4001));
+
+    let mut conn = Connection::connect(&b.ws_url()).await.expect("connects");
+    let reply = conn.hello(&Hello { token: token("a1"), long_lived: true, ..Hello::default() }).await.expect("hello");
+    assert!(reply.long_lived && !reply.resumed && reply.session_key.is_some());
+    let mut details = serde_json::Map::new();
+    details.insert("state".into(), json!("Away"));
+    conn.action("act-1", "ChangeAgentStateEvent", &details).await.expect("send");
+    async fn next(c: &mut Connection) -> Result<ServerMessage, Error> {
+        tokio::time::timeout(PATIENCE, c.next()).await.expect("an answer in time")
+    }
+    assert!(matches!(next(&mut conn).await, Ok(ServerMessage::Ack { uuid }) if uuid == "act-1"));
+    b.presence("a1", "e1").await;
+    let Ok(ServerMessage::Notification { ty: NotificationType::Presence, uuid, seq: 1, .. }) = next(&mut conn).await
+    else {
+        panic!("expected the presence notification")
+    };
+    conn.ack(&uuid).await.expect("send");
+    b.metric_reaches("cceb_notifications_acked_total", 1.0).await;
+    // Raw text, as it is: the bridge answers what it could not read, and the connection stays.
+    conn.send_text("{").await.expect("send");
+    assert!(
+        matches!(next(&mut conn).await, Ok(ServerMessage::Error { error, .. }) if error.code == ErrorCode::InvalidJson)
+    );
+    conn.send(&ClientMessage::EndSession { uuid: "bye".into() }).await.expect("send");
+    assert!(matches!(next(&mut conn).await, Ok(ServerMessage::Ack { uuid }) if uuid == "bye"));
+    assert!(matches!(next(&mut conn).await, Err(Error::Closed { code: Some(1000), .. })));
+    assert_eq!(conn.close_code(), Some(1000));
+    // Every read after the close says so again.
+    assert!(matches!(next(&mut conn).await, Err(Error::Closed { code: Some(1000), .. })));
+}

@@ -275,3 +275,33 @@ async fn deduplication_and_the_tenant_directory_survive_a_restart() {
     c.expect_ack_of_action("after", "BlindTransferEvent", transfer).await;
     assert_eq!(b.published().await[0]["value"]["destinationAgentGuid"], "a2", "the contact id still resolves");
 }
+
+/// `cceb-client` sends an action refused with `rate_limited` again under the
+/// same uuid: the refusal must not have taken the uuid, or the retry would be
+/// acked as a duplicate and never published.
+#[tokio::test]
+async fn an_action_refused_as_rate_limited_is_published_when_retried_with_the_same_uuid() {
+    let b = TestBridge::with(|s| {
+        s.action_burst = 1;
+        s.action_rate_per_second = 20.0;
+    })
+    .await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.expect_ack_of_action("first", "ChangeAgentStateEvent", json!({"state": "Away"})).await;
+    let mut refused = 0;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match c.action("again", "ChangeAgentStateEvent", json!({"state": "Available"})).await {
+            ServerMessage::Ack { uuid } if uuid == "again" => break,
+            ServerMessage::Error { uuid, error } if uuid == "again" && error.code == ErrorCode::RateLimited => {
+                refused += 1
+            }
+            other => panic!("expected ack or rate_limited, got {other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the bucket refills");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(refused > 0, "the burst of one was spent: the first try is refused");
+    let states: Vec<Value> = b.published().await.iter().map(|r| r["value"]["state"].clone()).collect();
+    assert_eq!(states, [json!("Away"), json!("Available")], "the retry is published, once");
+}

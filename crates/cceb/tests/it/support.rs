@@ -3,10 +3,12 @@
 
 use cceb::clock::{Clock, SystemClock};
 use cceb::{Bridge, Settings};
-use cceb_protocol::outgoing::{parse_server_message, HelloReply, ServerMessage};
-use cceb_protocol::{ErrorCode, NotificationType};
+use cceb_client::Connection;
+use cceb_protocol::incoming::Hello;
+use cceb_protocol::outgoing::{HelloReply, ServerMessage};
+use cceb_protocol::{ClientMessage, ErrorCode, NotificationType};
 use cceb_token::{mint_hs256, TokenRequest};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -14,10 +16,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// At least 32 bytes: shorter HS256 secrets are refused at start.
 pub const SECRET: &str = "cceb-test-secret-0123456789abcdef";
@@ -285,8 +284,10 @@ pub fn token_ttl(tenant: &str, agent: &str, ttl: Duration) -> String {
     .expect("mint")
 }
 
+/// A test's WebSocket client: [`cceb_client::Connection`] with assertions,
+/// every read bounded by `PATIENCE`, and a panic where a test expects success.
 pub struct Client {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    conn: Connection,
 }
 
 /// What a read gave: a protocol message or the close code.
@@ -298,12 +299,11 @@ pub enum Read {
 
 impl Client {
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
-        Client { ws }
+        Client { conn: Connection::connect(url).await.expect("websocket connects") }
     }
 
     pub async fn send_text(&mut self, text: &str) {
-        self.ws.send(Message::text(text)).await.expect("send");
+        self.conn.send_text(text).await.expect("send");
     }
 
     pub async fn send(&mut self, v: Value) {
@@ -311,48 +311,38 @@ impl Client {
     }
 
     pub async fn send_raw(&mut self, m: Message) {
-        self.ws.send(m).await.expect("send");
+        self.conn.send_frame(m).await.expect("send");
     }
 
     pub async fn hello(&mut self, token: &str) -> HelloReply {
         self.hello_with(json!({"token": token})).await
     }
 
-    /// `hello` with the given `data`; expects `hello_reply`.
+    /// `hello` with the given `data`; expects `hello_reply` (to its uuid).
     pub async fn hello_with(&mut self, data: Value) -> HelloReply {
-        self.send(json!({"type":"hello","uuid":"hello-1","data": data})).await;
-        match self.next().await {
-            ServerMessage::HelloReply { uuid, reply } => {
-                assert_eq!(uuid, "hello-1");
-                reply
-            }
-            other => panic!("expected hello_reply, got {other:?}"),
-        }
+        let hello: Hello = serde_json::from_value(data).expect("hello data");
+        let reply = tokio::time::timeout(PATIENCE, self.conn.hello(&hello)).await.expect("the bridge answers in time");
+        reply.unwrap_or_else(|e| panic!("expected hello_reply, got {e}"))
     }
 
     /// The next protocol message or close, skipping WebSocket control frames.
     pub async fn read(&mut self) -> Read {
-        loop {
-            let frame = tokio::time::timeout(PATIENCE, self.ws.next()).await.expect("the bridge answers in time");
-            match frame {
-                Some(Ok(Message::Text(t))) => {
-                    return Read::Msg(parse_server_message(&t).unwrap_or_else(|e| panic!("bad frame {t}: {e}")))
-                }
-                Some(Ok(Message::Close(f))) => return Read::Closed(f.map(|f: CloseFrame| u16::from(f.code))),
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Ok(Message::Binary(_))) => panic!("the bridge sent a binary frame"),
-                Some(Err(_)) | None => return Read::Closed(None),
-            }
+        let read = tokio::time::timeout(PATIENCE, self.conn.next()).await.expect("the bridge answers in time");
+        match read {
+            Ok(m) => Read::Msg(m),
+            Err(cceb_client::Error::Closed { code, .. }) => Read::Closed(code),
+            Err(cceb_client::Error::Protocol(e)) => panic!("bad frame from the bridge: {e}"),
+            Err(_) => Read::Closed(None),
         }
     }
 
     /// After the close frame: reads until the bridge has closed the socket.
     pub async fn socket_closed(&mut self) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
-        while let Some(Ok(_)) =
-            tokio::time::timeout_at(deadline, self.ws.next()).await.expect("the bridge closes the socket in time")
-        {
-        }
+        while let Some(Ok(_)) = tokio::time::timeout_at(deadline, self.conn.get_mut().next())
+            .await
+            .expect("the bridge closes the socket in time")
+        {}
     }
 
     pub async fn next(&mut self) -> ServerMessage {
@@ -383,8 +373,15 @@ impl Client {
         }
     }
 
+    /// Sends an action (`details` as given: typed when an object, as is
+    /// otherwise) and returns the next message.
     pub async fn action(&mut self, uuid: &str, action: &str, details: Value) -> ServerMessage {
-        self.send(json!({"type":"action","uuid": uuid,"data":{"action": action,"action_details": details}})).await;
+        match details {
+            Value::Object(details) => self.conn.action(uuid, action, &details).await.expect("send"),
+            other => {
+                self.send(json!({"type":"action","uuid": uuid,"data":{"action": action,"action_details": other}})).await
+            }
+        }
         self.next().await
     }
 
@@ -404,12 +401,12 @@ impl Client {
     }
 
     pub async fn ack(&mut self, uuid: &str) {
-        self.send(json!({"type":"ack","uuid": uuid})).await;
+        self.conn.ack(uuid).await.expect("send");
     }
 
     /// Proves the connection is open and everything before was read: ping → pong.
     pub async fn round_trip(&mut self, tag: &str) -> Vec<ServerMessage> {
-        self.send(json!({"type":"ping","uuid": tag})).await;
+        self.conn.send(&ClientMessage::Ping { uuid: tag.to_owned() }).await.expect("send");
         let mut before = Vec::new();
         loop {
             match self.next().await {
@@ -418,11 +415,10 @@ impl Client {
             }
         }
     }
-}
 
-impl Client {
-    pub fn ws_mut(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
-        &mut self.ws
+    /// The socket underneath, for frames the contract does not cover.
+    pub fn ws_mut(&mut self) -> &mut cceb_client::WebSocket {
+        self.conn.get_mut()
     }
 
     /// An error whose uuid the bridge had to make up (the frame had none).
@@ -435,9 +431,7 @@ impl Client {
             other => panic!("expected error {code}, got {other:?}"),
         }
     }
-}
 
-impl Client {
     /// Sends an action and expects its ack.
     pub async fn expect_ack_of_action(&mut self, uuid: &str, action: &str, details: Value) {
         match self.action(uuid, action, details).await {
