@@ -6,13 +6,15 @@
 //! seq-reused notifications — and requires zero of each.
 
 use crate::support::*;
-use futures_util::{SinkExt, StreamExt};
+use cceb_client::cceb_protocol::incoming::Hello;
+use cceb_client::cceb_protocol::outgoing::ServerMessage;
+use cceb_client::cceb_protocol::NotificationType;
+use cceb_client::Connection;
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
 
 const AGENTS: usize = 4;
 /// Kill/stop cycles; odd ones SIGKILL, even ones SIGTERM.
@@ -55,46 +57,31 @@ async fn client(agent: usize, mut current: Current, seen: Arc<Mutex<Seen>>, stop
             let _ = tokio::time::timeout(Duration::from_millis(200), current.changed()).await;
             continue;
         };
-        let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await else {
+        let Ok(mut c) = Connection::connect(&url).await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let mut data = json!({"token": token("t", &name), "long_lived": true});
-        if let Some(k) = &key {
-            data["session_key"] = json!(k);
+        let hello = Hello { token: token("t", &name), long_lived: true, session_key: key.clone(), ..Hello::default() };
+        let Ok(reply) = c.hello(&hello).await else { continue };
+        if key.is_some() && !reply.resumed {
+            seen.lock().expect("seen").sessions_lost += 1;
         }
-        if ws.send(Message::text(json!({"type":"hello","uuid":"h","data": data}).to_string())).await.is_err() {
-            continue;
-        }
-        while let Ok(Some(Ok(frame))) = tokio::time::timeout(Duration::from_millis(500), ws.next()).await {
-            let Message::Text(text) = frame else { continue };
-            let Ok(m) = serde_json::from_str::<Value>(&text) else { continue };
-            match m["type"].as_str() {
-                Some("hello_reply") => {
-                    let d = &m["data"];
-                    if key.is_some() && d["resumed"] != true {
-                        seen.lock().expect("seen").sessions_lost += 1;
+        key = reply.session_key;
+        // Silence means the bridge is gone (killed, or its socket half-open): look again.
+        while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(500), c.next()).await {
+            if let ServerMessage::Notification { ty: NotificationType::Presence, uuid, seq, data } = m {
+                {
+                    let mut s = seen.lock().expect("seen");
+                    if data["agent_guid"] != name.as_str() {
+                        s.misrouted += 1;
                     }
-                    key = d["session_key"].as_str().map(str::to_owned);
+                    let id = data["state"].as_str().unwrap_or_default().to_owned();
+                    s.events.entry((agent, id)).or_default().insert(uuid.clone());
+                    s.seqs.entry((agent, seq)).or_default().insert(uuid.clone());
                 }
-                Some("presence") => {
-                    let uuid = m["uuid"].as_str().unwrap_or_default().to_owned();
-                    let seq = m["seq"].as_u64().unwrap_or(0);
-                    let d = &m["data"];
-                    {
-                        let mut s = seen.lock().expect("seen");
-                        if d["agent_guid"] != name.as_str() {
-                            s.misrouted += 1;
-                        }
-                        let id = d["state"].as_str().unwrap_or_default().to_owned();
-                        s.events.entry((agent, id)).or_default().insert(uuid.clone());
-                        s.seqs.entry((agent, seq)).or_default().insert(uuid.clone());
-                    }
-                    if ws.send(Message::text(json!({"type":"ack","uuid": uuid}).to_string())).await.is_err() {
-                        break;
-                    }
+                if c.ack(&uuid).await.is_err() {
+                    break;
                 }
-                _ => {}
             }
             if *stop.borrow() {
                 return;
