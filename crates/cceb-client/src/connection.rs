@@ -5,6 +5,7 @@
 
 use cceb_protocol::incoming::{ClientMessage, Hello};
 use cceb_protocol::outgoing::{parse_server_message, ErrorData, HelloReply, ServerMessage};
+use cceb_protocol::TraceParent;
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -99,7 +100,7 @@ impl Connection {
     /// Sends the action `action` with `details` (the record's fields,
     /// camelCase) under `uuid`; its `ack` or `error` comes through [`Connection::next`].
     pub async fn action(&mut self, uuid: &str, action: &str, details: &Map<String, Value>) -> Result<(), Error> {
-        self.send_text(action_frame(uuid, action, details)).await
+        self.send_text(action_frame(uuid, action, details, None)).await
     }
 
     /// Sends one text frame as it is, valid or not.
@@ -189,7 +190,9 @@ impl From<WebSocket> for Connection {
 fn encode(msg: &ClientMessage) -> String {
     match msg {
         ClientMessage::Hello { uuid, hello } => frame("hello", uuid, Some(hello)),
-        ClientMessage::Action { uuid, action, details } => action_frame(uuid, action, details),
+        ClientMessage::Action { uuid, action, details, traceparent } => {
+            action_frame(uuid, action, details, traceparent.as_ref())
+        }
         ClientMessage::Ack { uuid } => bare("ack", uuid),
         ClientMessage::Ping { uuid } => bare("ping", uuid),
         ClientMessage::EndSession { uuid } => bare("end_session", uuid),
@@ -224,6 +227,8 @@ struct Envelope<'a, T> {
 struct ActionData<'a> {
     action: &'a str,
     action_details: &'a Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
 }
 
 /// `{"type":…,"uuid":…,"data":…}`, written once, borrowing everything.
@@ -232,8 +237,9 @@ fn frame<T: Serialize>(ty: &str, uuid: &str, data: Option<&T>) -> String {
     serde_json::to_string(&Envelope { ty, uuid, data }).unwrap_or_default()
 }
 
-fn action_frame(uuid: &str, action: &str, details: &Map<String, Value>) -> String {
-    frame("action", uuid, Some(&ActionData { action, action_details: details }))
+fn action_frame(uuid: &str, action: &str, details: &Map<String, Value>, traceparent: Option<&TraceParent>) -> String {
+    let traceparent = traceparent.map(TraceParent::to_string);
+    frame("action", uuid, Some(&ActionData { action, action_details: details, traceparent }))
 }
 
 #[cfg(test)]
@@ -257,8 +263,19 @@ mod tests {
         };
         for msg in [
             ClientMessage::Hello { uuid: "h".into(), hello },
-            ClientMessage::Action { uuid: "a".into(), action: "BlindTransferEvent".into(), details: details.clone() },
-            ClientMessage::Action { uuid: "e".into(), action: "X".into(), details: Map::new() },
+            ClientMessage::Action {
+                uuid: "a".into(),
+                action: "BlindTransferEvent".into(),
+                details: details.clone(),
+                traceparent: None,
+            },
+            ClientMessage::Action { uuid: "e".into(), action: "X".into(), details: Map::new(), traceparent: None },
+            ClientMessage::Action {
+                uuid: "t".into(),
+                action: "X".into(),
+                details: Map::new(),
+                traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().ok(),
+            },
             ClientMessage::Ack { uuid: "n-\\1".into() },
             ClientMessage::Ping { uuid: "p".into() },
             ClientMessage::EndSession { uuid: "bye".into() },

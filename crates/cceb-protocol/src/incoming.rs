@@ -1,5 +1,6 @@
 //! Messages a client sends, and the one parser every client frame goes through.
 
+use crate::trace::TraceParent;
 use crate::ErrorCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -10,11 +11,27 @@ pub const MAX_UUID_LEN: usize = 128;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientMessage {
-    Hello { uuid: String, hello: Hello },
-    Action { uuid: String, action: String, details: Map<String, Value> },
-    Ack { uuid: String },
-    Ping { uuid: String },
-    EndSession { uuid: String },
+    Hello {
+        uuid: String,
+        hello: Hello,
+    },
+    /// `traceparent`: the optional W3C trace context in `data`, carried to
+    /// the bus record (not part of it).
+    Action {
+        uuid: String,
+        action: String,
+        details: Map<String, Value>,
+        traceparent: Option<TraceParent>,
+    },
+    Ack {
+        uuid: String,
+    },
+    Ping {
+        uuid: String,
+    },
+    EndSession {
+        uuid: String,
+    },
 }
 
 impl ClientMessage {
@@ -153,7 +170,21 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
                     ))
                 }
             };
-            Ok(ClientMessage::Action { uuid, action, details })
+            let traceparent = match data.remove("traceparent") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t)) => Some(TraceParent::parse(&t).map_err(|e| {
+                    ParseError::new(ErrorCode::InvalidActionDetails, u, e.to_string(), Some("data.traceparent"))
+                })?),
+                Some(_) => {
+                    return Err(ParseError::new(
+                        ErrorCode::InvalidActionDetails,
+                        u,
+                        "`traceparent` must be a string",
+                        Some("data.traceparent"),
+                    ))
+                }
+            };
+            Ok(ClientMessage::Action { uuid, action, details, traceparent })
         }
         "ack" => Ok(ClientMessage::Ack { uuid }),
         "ping" => Ok(ClientMessage::Ping { uuid }),
@@ -253,9 +284,10 @@ mod tests {
         )
         .expect("valid");
         match m {
-            ClientMessage::Action { uuid, action, details } => {
+            ClientMessage::Action { uuid, action, details, traceparent } => {
                 assert_eq!((uuid.as_str(), action.as_str()), ("A1", "X"));
                 assert_eq!(details["interactionId"], "i");
+                assert_eq!(traceparent, None);
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -266,7 +298,50 @@ mod tests {
         assert_eq!(parse_client_message(r#"{"type":"ack","uuid":"N"}"#), Ok(ClientMessage::Ack { uuid: "N".into() }));
     }
 
+    #[test]
+    fn an_actions_traceparent_is_read_and_a_bad_one_refused_naming_it() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let frame = |t: Value| {
+            serde_json::json!({"type":"action","uuid":"A","data":{"action":"X","traceparent":t,"action_details":{}}})
+                .to_string()
+        };
+        match parse_client_message(&frame(tp.into())).expect("valid") {
+            ClientMessage::Action { traceparent: Some(t), details, .. } => {
+                assert_eq!(t.to_string(), tp);
+                assert!(details.is_empty(), "not an action detail");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(
+            parse_client_message(&frame(Value::Null)),
+            Ok(ClientMessage::Action { traceparent: None, .. })
+        ));
+        for bad in [Value::from("00-abc"), Value::from(tp.to_uppercase()), Value::from(7)] {
+            let e = parse_client_message(&frame(bad.clone())).expect_err("refused");
+            assert_eq!(
+                (e.code, e.field.as_deref(), e.uuid.as_deref()),
+                (ErrorCode::InvalidActionDetails, Some("data.traceparent"), Some("A")),
+                "{bad}"
+            );
+        }
+    }
+
     proptest! {
+        #[test]
+        fn an_actions_traceparent_never_panics_and_is_carried_or_refused(
+            t in prop_oneof!["\\PC{0,70}", "[0-9a-fA-F]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[a-z]{0,3})?"],
+        ) {
+            let text = serde_json::json!({"type":"action","uuid":"A","data":{"action":"X","traceparent":t}}).to_string();
+            match parse_client_message(&text) {
+                Ok(ClientMessage::Action { traceparent, .. }) => prop_assert_eq!(traceparent, TraceParent::parse(&t).ok()),
+                Ok(other) => prop_assert!(false, "not an action: {:?}", other),
+                Err(e) => {
+                    prop_assert!(TraceParent::parse(&t).is_err());
+                    prop_assert_eq!(e.field.as_deref(), Some("data.traceparent"));
+                }
+            }
+        }
+
         #[test]
         fn never_panics_on_arbitrary_text(s in "\\PC*") {
             let _ = parse_client_message(&s);

@@ -8,7 +8,9 @@ mod error;
 pub mod incoming;
 mod notification;
 pub mod outgoing;
+pub mod trace;
 
 pub use error::ErrorCode;
 pub use incoming::{parse_client_message, ClientMessage, ParseError};
 pub use notification::NotificationType;
+pub use trace::{TraceParent, TraceParentError};

@@ -10,7 +10,7 @@ use crate::reactions::inject_identity;
 use crate::schema::{FieldError, SchemaSet};
 use crate::session::AgentId;
 use crate::store::{DedupKey, Store, StoreError};
-use cceb_protocol::{ErrorCode, NotificationType};
+use cceb_protocol::{ErrorCode, NotificationType, TraceParent};
 use serde_json::{json, Map, Value as Json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -124,8 +124,9 @@ impl Actions {
         uuid: &str,
         action: &str,
         details: Map<String, Json>,
+        traceparent: Option<TraceParent>,
     ) -> Result<Done, ActionError> {
-        let result = self.perform_inner(who, uuid, action, details).await;
+        let result = self.perform_inner(who, uuid, action, details, traceparent).await;
         let outcome = match &result {
             Ok(Done::Published) => ActionOutcome::Published,
             Ok(Done::Duplicate) => ActionOutcome::Duplicate,
@@ -141,6 +142,7 @@ impl Actions {
         uuid: &str,
         action: &str,
         mut details: Map<String, Json>,
+        traceparent: Option<TraceParent>,
     ) -> Result<Done, ActionError> {
         let record = self.schemas.action(action).ok_or_else(|| ActionError::UnknownAction(action.to_owned()))?;
         // Its dedup key could not be made durable: publishing now could not be
@@ -151,6 +153,8 @@ impl Actions {
         if let Some(f) = RESERVED_FIELDS.iter().find(|f| details.contains_key(**f)) {
             return Err(ActionError::ReservedField((*f).to_owned()));
         }
+        // The trace context is not part of the action: a retry under the same
+        // uuid is the same action whatever trace it carries.
         let dedup = DedupKey::new(who.tenant_guid.clone(), &who.agent_guid, uuid);
         if self.store.dedup_contains(&dedup).await? {
             return Ok(Done::Duplicate);
@@ -158,7 +162,8 @@ impl Actions {
         self.resolve_agents(who, &mut details).await?;
         inject_identity(record, &mut details, who, false, &self.settings.source);
         let value = self.schemas.build(record, &details).map_err(ActionError::InvalidDetails)?;
-        self.bus.publish(OutRecord { record: action.to_owned(), key: who.agent_guid.to_string(), value }).await?;
+        let out = OutRecord { record: action.to_owned(), key: who.agent_guid.to_string(), value, traceparent };
+        self.bus.publish(out).await?;
         self.store.dedup_insert(&dedup, self.settings.dedup_window).await?;
         if action == "ChangeAgentStateEvent" && details.get("state").and_then(Json::as_str) == Some("Available") {
             self.offer_off_hook(who).await?;

@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 use crate::session::{AgentId, Attachment, Due, Held, OpenError, OpenRequest, Session, Sessions, TokenBucket};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use cceb_protocol::outgoing::{self, AgentRef, HelloReply};
-use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError};
+use cceb_protocol::{close, parse_client_message, ClientMessage, ErrorCode, ParseError, TraceParent};
 use futures_util::future::BoxFuture;
 use futures_util::SinkExt;
 use serde_json::{Map, Value as Json};
@@ -99,6 +99,7 @@ struct PendingAction {
     uuid: String,
     action: String,
     details: Map<String, Json>,
+    traceparent: Option<TraceParent>,
 }
 
 /// Counts a connection in the gauge for as long as its task lives, however it ends.
@@ -352,8 +353,8 @@ impl Conn {
                             Ok(())
                         }
                         ClientMessage::Ping { uuid } => self.send(outgoing::pong(&uuid)).await,
-                        ClientMessage::Action { uuid, action, details } => {
-                            let p = PendingAction { uuid, action, details };
+                        ClientMessage::Action { uuid, action, details, traceparent } => {
+                            let p = PendingAction { uuid, action, details, traceparent };
                             if !bucket.try_take(Instant::now().into_std()) {
                                 self.send_error(&p.uuid, ErrorCode::RateLimited, "too many actions; retry later", None)
                                     .await;
@@ -430,7 +431,7 @@ impl Conn {
         let who = session.agent.clone();
         Box::pin(async move {
             let started = Instant::now();
-            let r = actions.perform(&who, &p.uuid, &p.action, p.details).await;
+            let r = actions.perform(&who, &p.uuid, &p.action, p.details, p.traceparent).await;
             metrics.action_seconds.record(started.elapsed().as_secs_f64());
             (p.uuid, r)
         })

@@ -12,7 +12,7 @@ use crate::session::{Notification, Sessions};
 use crate::store::{AgentEntry, AgentPatch, DirectoryOp, Store, StoreError};
 use crate::sync::lock;
 use apache_avro::types::Value as Avro;
-use cceb_protocol::NotificationType;
+use cceb_protocol::{NotificationType, TraceParent};
 use serde_json::{json, Map, Value as Json};
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -45,6 +45,21 @@ pub struct Event {
     /// `id`): its notifications' uuids derive from it, so a source delivered
     /// again yields the same uuids.
     source: Option<String>,
+    /// The W3C trace context the event came with (a Kafka record's
+    /// `traceparent` header, a backend-port event's `traceparent`): in the
+    /// log lines of its notifications.
+    traceparent: Option<TraceParent>,
+}
+
+impl Event {
+    /// The event with the trace context its source carried.
+    pub fn traced(self, traceparent: Option<TraceParent>) -> Event {
+        Event { traceparent, ..self }
+    }
+
+    pub fn traceparent(&self) -> Option<&TraceParent> {
+        self.traceparent.as_ref()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -115,6 +130,7 @@ impl EventReader {
             directory: mapping.directory,
             auto_accept: mapping.auto_accept.clone(),
             source,
+            traceparent: None,
         })
     }
 }
@@ -232,13 +248,13 @@ impl Dispatcher {
         }
         let mut queued = 0;
         for ((event, extra), _) in events.iter().zip(extra).zip(&fresh).filter(|(_, &f)| f) {
-            let source = event.source.as_deref();
+            let (source, trace) = (event.source.as_deref(), event.traceparent.as_ref());
             for (i, o) in event.out.iter().enumerate() {
-                queued += self.deliver(&o.to, o.ty, o.data.clone(), notification_uuid(source, i));
+                queued += self.deliver(&o.to, o.ty, o.data.clone(), notification_uuid(source, i), trace);
             }
             if let Some(p) = extra {
                 let uuid = notification_uuid(source, event.out.len());
-                queued += self.deliver(&p.to, p.ty, p.data.to_string().into(), uuid);
+                queued += self.deliver(&p.to, p.ty, p.data.to_string().into(), uuid, trace);
             }
         }
         // Also for skipped sources: the claim in the store makes it once, and
@@ -271,15 +287,32 @@ impl Dispatcher {
     /// Sends one notification the bridge makes itself (e.g. the synthesised
     /// off-hook offering); returns how many sessions got it.
     pub fn send(&self, to: &Target, ty: NotificationType, data: &Json) -> usize {
-        self.deliver(to, ty, data.to_string().into(), notification_uuid(None, 0))
+        self.deliver(to, ty, data.to_string().into(), notification_uuid(None, 0), None)
     }
 
-    fn deliver(&self, to: &Target, ty: NotificationType, data: Box<str>, uuid: String) -> usize {
+    /// Queues one notification in every addressed session's mailbox; the
+    /// debug line names it with the event's trace context, so an operator can
+    /// follow a trace from the backend's event to the notification's uuid.
+    fn deliver(
+        &self,
+        to: &Target,
+        ty: NotificationType,
+        data: Box<str>,
+        uuid: String,
+        trace: Option<&TraceParent>,
+    ) -> usize {
         let n = Arc::new(Notification { ty, uuid, data });
         let count = match to {
             Target::Agent { tenant, agent } => self.sessions.deliver_to_agent(tenant, agent, &n),
             Target::Tenant { tenant } => self.sessions.deliver_to_tenant(tenant, &n),
         };
+        tracing::debug!(
+            uuid = %n.uuid,
+            r#type = %ty,
+            sessions = count,
+            traceparent = trace.map(tracing::field::display),
+            "notification queued"
+        );
         if count == 0 {
             self.metrics.undeliverable.increment(1);
         }

@@ -180,7 +180,9 @@ impl BridgeRecords {
         let record = self.schemas.record(name).ok_or_else(|| PublishError::NoSchema(name.to_owned()))?;
         inject_identity(record, &mut fields, who, true, &self.settings.source);
         let value = self.schemas.build(record, &fields).map_err(|e| PublishError::Schema(e.to_string()))?;
-        self.bus.publish(OutRecord { record: name.to_owned(), key: who.agent_guid.to_string(), value }).await?;
+        self.bus
+            .publish(OutRecord { record: name.to_owned(), key: who.agent_guid.to_string(), value, traceparent: None })
+            .await?;
         Ok(())
     }
 }

@@ -23,6 +23,10 @@ pub struct LoggedRecord {
     key: String,
     offset: u64,
     record: String,
+    /// The action's trace context, when its client gave one: beside the
+    /// record, as a Kafka header is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
     /// Serialised once, when published; a page copies it as it is.
     value: Box<RawValue>,
 }
@@ -32,7 +36,8 @@ impl LoggedRecord {
     /// holds it (the `Arc`'s allocation and the log's slot).
     fn size(&self) -> usize {
         const HELD: usize = size_of::<LoggedRecord>() + 2 * size_of::<usize>() + size_of::<Arc<LoggedRecord>>();
-        self.key.len() + self.record.len() + self.value.get().len() + HELD
+        let trace = self.traceparent.as_ref().map_or(0, String::len);
+        self.key.len() + self.record.len() + trace + self.value.get().len() + HELD
     }
 }
 
@@ -182,7 +187,8 @@ impl Bus for EmbeddedBus {
             .map_err(|e| BusError::new(ErrorKind::Rejected, format!("cannot serialise the record: {e}")))?;
         let mut log = lock(&self.log);
         let offset = *self.last.borrow() + 1;
-        let logged = Arc::new(LoggedRecord { key: record.key, offset, record: record.record, value });
+        let traceparent = record.traceparent.map(|t| t.to_string());
+        let logged = Arc::new(LoggedRecord { key: record.key, offset, record: record.record, traceparent, value });
         log.bytes += logged.size();
         log.records.push_back(logged);
         while log.records.len() > 1 && (log.records.len() > self.limits.records || log.bytes > self.limits.bytes) {
@@ -209,7 +215,7 @@ mod tests {
 
     fn action(text: &str) -> OutRecord {
         let value = Avro::Record(vec![("interactionId".into(), Avro::String(text.into()))]);
-        OutRecord { record: "AcceptInteractionEvent".into(), key: "a1".into(), value }
+        OutRecord { record: "AcceptInteractionEvent".into(), key: "a1".into(), value, traceparent: None }
     }
 
     fn offsets(page: &Page) -> Vec<u64> {
@@ -265,5 +271,20 @@ mod tests {
             "offset": 1, "record": "AcceptInteractionEvent", "key": "a1", "value": {"interactionId": "i-\"1\""},
         }]});
         assert_eq!(serde_json::to_string(&page).expect("json"), before.to_string());
+    }
+
+    #[tokio::test]
+    async fn a_records_traceparent_is_kept_beside_its_value() {
+        let bus = EmbeddedBus::new(LogLimits { records: 10, bytes: 1 << 20 });
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        bus.publish(OutRecord { traceparent: tp.parse().ok(), ..action("i") }).await.expect("published");
+        let page = bus.read_after(0, 10, Duration::ZERO).await;
+        let want = json!({"next": 1, "records": [{
+            "offset": 1, "record": "AcceptInteractionEvent", "key": "a1", "traceparent": tp,
+            "value": {"interactionId": "i"},
+        }]});
+        assert_eq!(serde_json::to_value(&page).expect("json"), want);
+        let log = bus.log.lock().expect("log");
+        assert_eq!(log.bytes, log.records.iter().map(|r| r.size()).sum::<usize>());
     }
 }

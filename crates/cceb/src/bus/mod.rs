@@ -23,6 +23,7 @@ pub use no_kafka::{KafkaBus, KafkaSettings};
 use crate::fault::{Cause, ErrorKind};
 use apache_avro::types::Value as Avro;
 use async_trait::async_trait;
+use cceb_protocol::TraceParent;
 
 /// Why `bus = "kafka"` is refused by a build without the `kafka` feature.
 pub use crate::config::NO_KAFKA;
@@ -33,6 +34,9 @@ pub struct OutRecord {
     pub record: String,
     pub key: String,
     pub value: Avro,
+    /// The client's trace context: beside the record (a Kafka header, a field
+    /// of the embedded log's entry), never in it.
+    pub traceparent: Option<TraceParent>,
 }
 
 /// A bus operation that failed: its kind says whether a retry can help.

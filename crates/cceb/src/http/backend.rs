@@ -15,6 +15,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use cceb_protocol::{TraceParent, TraceParentError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -82,6 +83,10 @@ pub struct EventIn {
     pub id: Option<String>,
     pub record: String,
     pub value: Value,
+    /// The W3C trace context of the event (what a Kafka record carries as its
+    /// `traceparent` header): in the log lines of its notifications.
+    #[serde(default)]
+    pub traceparent: Option<String>,
 }
 
 /// A body the backend port refuses (400), with the item index for arrays.
@@ -89,8 +94,10 @@ pub struct EventIn {
 pub enum BodyError {
     #[error("body is not JSON: {0}")]
     NotJson(serde_json::Error),
-    #[error("{at}expected {{\"record\", \"value\"}} (and an optional string \"id\"): {source}")]
+    #[error("{at}expected {{\"record\", \"value\"}} (and optional strings \"id\", \"traceparent\"): {source}")]
     Shape { at: String, source: serde_json::Error },
+    #[error("{at}`traceparent`: {source}")]
+    TraceParent { at: String, source: TraceParentError },
     #[error("{at}`value` must be an object")]
     NotObject { at: String },
     #[error("{at}{record}: {source}")]
@@ -113,11 +120,15 @@ pub fn parse_events(reader: &EventReader, body: &[u8]) -> Result<Vec<Event>, Bod
             Err(source) => return Err(BodyError::Shape { at, source }),
         };
         let Value::Object(value) = &item.value else { return Err(BodyError::NotObject { at }) };
+        let traceparent = match item.traceparent.as_deref().map(TraceParent::parse).transpose() {
+            Ok(t) => t,
+            Err(source) => return Err(BodyError::TraceParent { at, source }),
+        };
         // Ids need be unique only within a tenant.
         let tenant = value.get("tenantGuid").and_then(Value::as_str).unwrap_or_default();
         let source = item.id.map(|id| format!("backend:{tenant}:{id}"));
         match reader.from_json(&item.record, value, source) {
-            Ok(ev) => events.push(ev),
+            Ok(ev) => events.push(ev.traced(traceparent)),
             Err(source) => return Err(BodyError::Event { at, record: item.record, source }),
         }
     }

@@ -410,3 +410,45 @@ async fn a_record_whose_notification_is_over_the_size_limit_is_dead_lettered_and
         headers.into_iter().find(|(k, _)| k == "cceb-error").map(|(_, v)| String::from_utf8_lossy(&v).into_owned());
     assert!(reason.is_some_and(|r| r.contains("CCEB_MAX_NOTIFICATION_BYTES")), "the reason names the limit");
 }
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[tokio::test]
+async fn an_actions_traceparent_is_its_records_header_not_part_of_its_avro_value() {
+    let routed = format!("routed-{}", uuid::Uuid::new_v4().simple());
+    let Some(brokers) = skip_without_broker() else { return };
+    crate::kafka_backend::create_topics(&brokers, &[&routed]).await;
+    let b = TestBridge::with(|s| {
+        s.kafka_action_topics.insert("AcceptInteractionEvent".into(), routed.clone());
+    })
+    .await;
+    let (mut c, _) = b.agent("t", "a").await;
+    c.send(json!({"type": "action", "uuid": "T1", "data": {
+        "action": "AcceptInteractionEvent", "action_details": {"interactionId": "i-1"}, "traceparent": TRACEPARENT,
+    }}))
+    .await;
+    c.expect_ack("T1").await;
+    let (_, headers) = first_record(&brokers, &routed).await;
+    assert_eq!(headers, [("traceparent".to_owned(), TRACEPARENT.as_bytes().to_vec())]);
+    let page = kafka(&b).records_after(&routed, 0, 5000).await;
+    let value = &page["records"][0]["value"];
+    assert_eq!(value["interactionId"], "i-1");
+    assert!(value.get("traceparent").is_none(), "{value}");
+}
+
+#[tokio::test]
+async fn a_dead_lettered_record_keeps_its_traceparent_header() {
+    let dlq = format!("dlq-{}", uuid::Uuid::new_v4().simple());
+    let Some(brokers) = skip_without_broker() else { return };
+    crate::kafka_backend::create_topics(&brokers, &[&dlq]).await;
+    let b = TestBridge::with(|s| s.kafka_dead_letter_topic = dlq.clone()).await;
+    let k = kafka(&b);
+    let (mut c, _) = b.agent("t", "a").await;
+    k.produce_traced(&k.events_topic, "a", b"not avro", Some(TRACEPARENT)).await;
+    presence(&b, "after").await;
+    assert_eq!(c.notification().await.3["state"], "after");
+    let (payload, headers) = first_record(&brokers, &dlq).await;
+    assert_eq!(payload, b"not avro");
+    let trace = headers.into_iter().find(|(k, _)| k == "traceparent").map(|(_, v)| v);
+    assert_eq!(trace.as_deref(), Some(TRACEPARENT.as_bytes()));
+}

@@ -11,6 +11,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -108,8 +109,24 @@ impl KafkaBackend {
 
     /// Produces raw bytes to a topic; returns (partition, offset).
     pub async fn produce(&self, topic: &str, key: &str, payload: &[u8]) -> (i32, i64) {
+        self.produce_traced(topic, key, payload, None).await
+    }
+
+    /// Produces raw bytes to a topic with a `traceparent` header when given;
+    /// returns (partition, offset).
+    pub async fn produce_traced(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        traceparent: Option<&str>,
+    ) -> (i32, i64) {
+        let mut r = FutureRecord::to(topic).key(key).payload(payload);
+        if let Some(t) = traceparent {
+            r = r.headers(OwnedHeaders::new().insert(Header { key: "traceparent", value: Some(t) }));
+        }
         self.producer
-            .send(FutureRecord::to(topic).key(key).payload(payload), Timeout::After(PATIENCE))
+            .send(r, Timeout::After(PATIENCE))
             .await
             .map(|d| (d.partition, d.offset))
             .expect("the broker takes the record")
@@ -141,7 +158,8 @@ impl KafkaBackend {
             // One topic keeps the order the events were posted in (contract section 5).
             let topic = &self.events_topic;
             let key = item["value"]["agentGuid"].as_str().unwrap_or_default();
-            let (partition, offset) = self.produce(topic, key, &bytes).await;
+            // The backend port's `traceparent` is a Kafka record's header.
+            let (partition, offset) = self.produce_traced(topic, key, &bytes, item["traceparent"].as_str()).await;
             last.retain(|(t, _, _): &(String, i32, i64)| t != topic);
             last.push((topic.clone(), partition, offset));
         }
@@ -212,7 +230,13 @@ impl KafkaBackend {
                     let m = m.expect("record");
                     let (record, value) = schemas.wire().decode(m.payload().unwrap_or_default()).expect("an Avro record");
                     let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-                    records.push(json!({"offset": m.offset() + 1, "record": record, "key": key, "value": to_json(&value, Keys::AsIs)}));
+                    let mut r = json!({"offset": m.offset() + 1, "record": record, "key": key, "value": to_json(&value, Keys::AsIs)});
+                    // The header, where the backend port shows an action's `traceparent`.
+                    let trace = m.headers().and_then(|h| h.iter().find(|h| h.key == "traceparent")?.value);
+                    if let Some(t) = trace {
+                        r["traceparent"] = Value::from(String::from_utf8_lossy(t).into_owned());
+                    }
+                    records.push(r);
                 }
             }
             json!({"next": records.last().map_or(after, |r| r["offset"].as_u64().unwrap_or(after)), "records": records})

@@ -24,4 +24,5 @@ mod notifications;
 mod restart;
 mod schemas;
 mod sessions;
+mod trace;
 mod transport;

@@ -3,7 +3,7 @@
 //! notification the records made is in the session mailboxes and durable.
 
 use super::codec::DecodeError;
-use super::{at, retry_later, Ingest, KafkaSettings};
+use super::{at, retry_later, traceparent, Ingest, KafkaSettings};
 use crate::bus::BusError;
 use crate::fault::ErrorKind;
 use futures_util::FutureExt;
@@ -85,9 +85,11 @@ impl Ingest {
         };
         let event = match decoded {
             // Its position names the record: read again after a crash, it makes the same uuids.
-            Ok((record, value)) => {
-                self.events.from_avro(&record, value, Some(format!("kafka:{}", at(m)))).map_err(|e| e.to_string())
-            }
+            Ok((record, value)) => self
+                .events
+                .from_avro(&record, value, Some(format!("kafka:{}", at(m))))
+                .map(|ev| ev.traced(traceparent(m)))
+                .map_err(|e| e.to_string()),
             Err(DecodeError::Skip(e) | DecodeError::Retry(e)) => Err(e),
         };
         let ev = match event {
@@ -99,7 +101,7 @@ impl Ingest {
         };
         // A store failure must not skip the record: retry until it is taken.
         while let Err(e) = self.dispatcher.ingest(std::slice::from_ref(&ev)).await {
-            tracing::error!(error = %e, at = %at(m), "cannot ingest; retrying");
+            tracing::error!(error = %e, at = %at(m), traceparent = ev.traceparent().map(tracing::field::display), "cannot ingest; retrying");
             if !retry_later(stop).await {
                 return false;
             }

@@ -17,9 +17,10 @@ use crate::metrics::Metrics;
 use crate::notify::{Dispatcher, EventReader};
 use crate::schema::SchemaSet;
 use async_trait::async_trait;
+use cceb_protocol::TraceParent;
 use producer::ActionProducer;
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::producer::Producer as _;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -219,4 +220,20 @@ struct Ingest {
 /// Where a record came from, for logs and dead letters.
 fn at(m: &BorrowedMessage<'_>) -> String {
     format!("{}/{}/{}", m.topic(), m.partition(), m.offset())
+}
+
+/// The record header of the W3C trace context: set on the actions the
+/// bridge produces, read from the events it consumes.
+const TRACEPARENT: &str = "traceparent";
+
+/// An event record's trace context: its one `traceparent` header, when
+/// valid. A missing, repeated or invalid one is no trace context (what the
+/// W3C specification asks of a receiver); the record is used all the same.
+fn traceparent(m: &BorrowedMessage<'_>) -> Option<TraceParent> {
+    let mut found = m.headers()?.iter().filter(|h| h.key == TRACEPARENT);
+    let one = found.next()?;
+    if found.next().is_some() {
+        return None;
+    }
+    TraceParent::parse(std::str::from_utf8(one.value?).ok()?).ok()
 }

@@ -2,11 +2,12 @@
 //! table, the publish bound (librdkafka's timing derived from it, the bound as
 //! backstop, a record given up on purged) and a failed delivery's kind.
 
-use super::{KafkaBus, KafkaSettings};
+use super::{KafkaBus, KafkaSettings, TRACEPARENT};
 use crate::bus::{BusError, OutRecord};
 use crate::fault::ErrorKind;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig};
 use rdkafka::util::Timeout;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,7 +30,13 @@ impl KafkaBus {
         };
         let bytes = bytes?;
         let producer = self.producer();
-        let r = FutureRecord::to(topic).key(&record.key).payload(&bytes);
+        let mut r = FutureRecord::to(topic).key(&record.key).payload(&bytes);
+        // Beside the Avro value, never in it: consumers that know nothing of
+        // tracing read the same record.
+        let traceparent = record.traceparent.map(|t| t.to_string());
+        if let Some(t) = &traceparent {
+            r = r.headers(OwnedHeaders::new().insert(Header { key: TRACEPARENT, value: Some(t.as_str()) }));
+        }
         let queue_timeout = Timeout::After(self.settings.publish_timeout);
         let err = match timeout_at(give_up, producer.inner.send(r, queue_timeout)).await {
             Ok(Ok(_)) => return Ok(()),
