@@ -79,6 +79,9 @@ pub struct Metrics {
     /// Renders this bridge's series for `/metrics`.
     handle: PrometheusHandle,
     pub connections: Gauge,
+    /// 1 while `/readyz` would answer 200 (bus and store ready, not shutting
+    /// down), else 0; set at each scrape and each `/readyz`.
+    pub ready: Gauge,
     /// By `Listener`: connections closed unserved because the listener was full.
     connections_refused: [Counter; Listener::ALL.len()],
     pub sessions: Gauge,
@@ -133,6 +136,7 @@ impl Metrics {
         Metrics {
             handle,
             connections: gauge!("cceb_connections"),
+            ready: gauge!("cceb_ready"),
             connections_refused: Listener::ALL
                 .map(|l| counter!("cceb_connections_refused_total", "listener" => l.label())),
             sessions: gauge!("cceb_sessions"),

@@ -115,13 +115,22 @@ async fn discovery(State(public): State<Arc<Public>>, headers: HeaderMap) -> Res
     }
 }
 
-async fn readyz(State(public): State<Arc<Public>>) -> Response {
+/// Whether the bus and the store are ready, and the bridge with them (not
+/// shutting down); also kept in `cceb_ready` for alerting.
+fn readiness(public: &Public) -> (bool, bool, bool) {
     let (bus, store) = (public.bus.ready(), public.store.ready());
-    let status =
-        if bus && store && !public.shutdown.is_cancelled() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let ready = bus && store && !public.shutdown.is_cancelled();
+    public.metrics.ready.set(if ready { 1.0 } else { 0.0 });
+    (bus, store, ready)
+}
+
+async fn readyz(State(public): State<Arc<Public>>) -> Response {
+    let (bus, store, ready) = readiness(&public);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(json!({"bus": bus, "store": store}))).into_response()
 }
 
 async fn metrics(State(public): State<Arc<Public>>) -> Response {
+    readiness(&public);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], public.metrics.render()).into_response()
 }
