@@ -20,7 +20,7 @@ pub const RESERVED_FIELDS: [&str; 6] =
     ["irInstance", "tenantGuid", "agentGuid", "isSystemAction", "isRelocate", "source"];
 
 /// Contact-id fields the bridge replaces by the agent GUID they resolve to.
-const CONTACT_FIELDS: [(&str, &str); 2] =
+pub const CONTACT_FIELDS: [(&str, &str); 2] =
     [("destinationAgentContactId", "destinationAgentGuid"), ("secondAgentContactId", "secondAgentGuid")];
 
 #[derive(Debug, thiserror::Error)]

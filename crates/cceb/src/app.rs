@@ -207,6 +207,7 @@ impl Bridge {
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
+            documents: crate::http::docs::Documents::new(&schemas),
         });
         serve(public, Listener::Public, crate::http::public(routes), settings.max_connections);
         if let (Some(tcp), Some(embedded)) = (backend, embedded) {

@@ -4,6 +4,7 @@
 
 pub mod actions;
 pub mod app;
+pub mod asyncapi;
 pub mod auth;
 pub mod bus;
 pub mod clock;

@@ -1,5 +1,6 @@
 //! The `cceb` binary: `serve` runs the bridge, `token` mints a client token,
-//! `client` speaks to a bridge from a terminal or a script (JSON lines).
+//! `client` speaks to a bridge from a terminal or a script (JSON lines),
+//! `asyncapi` prints the AsyncAPI document of the client WebSocket.
 
 use anyhow::Context;
 use cceb::config::{LogFormat, Settings};
@@ -58,6 +59,10 @@ enum Command {
         #[arg(long)]
         long_lived: bool,
     },
+    /// Print the AsyncAPI 3.0 document of the client WebSocket for the
+    /// configured schema set (CCEB_SCHEMA_DIR, else the built-in one): what
+    /// `GET /v1/asyncapi.json` serves, and `docs/asyncapi.json`.
+    Asyncapi,
 }
 
 fn main() -> ExitCode {
@@ -73,6 +78,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { dev } => serve(settings, dev),
         Command::Client { url, token, long_lived } => client(url, token, long_lived),
+        Command::Asyncapi => asyncapi(&settings),
         Command::Token { agent, tenant, ir, contact_id, ttl } => token(
             &settings,
             TokenRequest {
@@ -91,6 +97,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn asyncapi(settings: &Settings) -> anyhow::Result<()> {
+    let set = cceb::schema::SchemaSet::load(settings.schema_dir.as_deref())?;
+    println!("{}", serde_json::to_string_pretty(&cceb::asyncapi::document(&set))?);
+    Ok(())
 }
 
 fn token(settings: &Settings, req: TokenRequest<'_>) -> anyhow::Result<()> {

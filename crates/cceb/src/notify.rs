@@ -444,7 +444,7 @@ fn off_hook(value: &Avro, data: &mut Json) -> Result<(), EventError> {
     Ok(())
 }
 
-const PHONE_VALIDATION_STATES: [&str; 6] = ["offering", "answered", "verified", "invalid", "rejected", "dropped"];
+pub const PHONE_VALIDATION_STATES: [&str; 6] = ["offering", "answered", "verified", "invalid", "rejected", "dropped"];
 
 fn phone_validation(value: &Avro, data: &mut Json) -> Result<(), EventError> {
     let state = field_str(value, "state").unwrap_or_default();

@@ -2,6 +2,7 @@
 //! and the embedded bus's backend port; `serve` accepts their connections.
 
 pub mod backend;
+pub mod docs;
 pub mod serve;
 
 use crate::auth::Verifier;
@@ -48,6 +49,8 @@ pub struct Public {
     pub shutdown: CancellationToken,
     /// Every upgraded connection runs on it, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// `/v1/asyncapi.json` and `/v1/schemas`.
+    pub documents: docs::Documents,
 }
 
 /// The bounds of an upgraded WebSocket (from the settings, by `app`).
@@ -74,6 +77,8 @@ pub fn public(public: Arc<Public>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/asyncapi.json", get(docs::asyncapi))
+        .route("/v1/schemas", get(docs::schemas))
         .with_state(public)
 }
 

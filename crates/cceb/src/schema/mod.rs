@@ -52,6 +52,8 @@ pub struct Record {
     pub schema: RecordSchema,
     /// Where it was loaded from, for messages.
     pub file: String,
+    /// The schema as written in its file (`GET /v1/schemas`).
+    pub source: serde_json::Value,
 }
 
 impl Record {
@@ -98,9 +100,11 @@ impl SchemaSet {
     fn from_sources(sources: Sources, origin: String) -> Result<Self, SchemaError> {
         let mapping_file = sources.mapping.ok_or_else(|| file_error(&format!("{origin}/mapping.toml"), "missing"))?;
         let avsc: Vec<&SourceFile> = sources.avsc.iter().map(|(_, f)| f).collect();
+        let mut json = Vec::with_capacity(avsc.len());
         for f in &avsc {
-            if let Err(e) = serde_json::from_str::<serde_json::Value>(&f.text) {
-                return Err(file_error(&f.path, format!("not valid JSON: {e}")));
+            match serde_json::from_str::<serde_json::Value>(&f.text) {
+                Ok(v) => json.push(v),
+                Err(e) => return Err(file_error(&f.path, format!("not valid JSON: {e}"))),
             }
         }
         let parsed = Schema::parse_list(avsc.iter().map(|f| f.text.as_str())).map_err(|e| {
@@ -112,13 +116,13 @@ impl SchemaSet {
         })?;
         let mut names = Names::new();
         let mut records = HashMap::new();
-        for (schema, (kind, file)) in parsed.into_iter().zip(&sources.avsc) {
+        for ((schema, (kind, file)), source) in parsed.into_iter().zip(&sources.avsc).zip(json) {
             collect_names(&schema, &mut names);
             let Schema::Record(rs) = schema else {
                 return Err(file_error(&file.path, "top-level schema must be a record"));
             };
             let kind = *kind;
-            let record = Record { kind, schema: rs, file: file.path.clone() };
+            let record = Record { kind, schema: rs, file: file.path.clone(), source };
             check_record(&record)?;
             if let Some(prev) = records.insert(record.name().to_owned(), record) {
                 return Err(file_error(
@@ -154,6 +158,34 @@ impl SchemaSet {
 
     pub fn action_names(&self) -> impl Iterator<Item = &str> {
         self.records.values().filter(|r| r.kind == RecordKind::Action).map(Record::name)
+    }
+
+    pub fn event_names(&self) -> impl Iterator<Item = &str> {
+        self.records.values().filter(|r| r.kind == RecordKind::Event).map(Record::name)
+    }
+
+    /// The named types of the set, by full name.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// The set as `GET /v1/schemas` serves it: each record's schema as written
+    /// in its file, by kind and name, and the mapping as `mapping.toml` says it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for (dir, kind) in KINDS {
+            let records: serde_json::Map<String, serde_json::Value> = self
+                .records
+                .values()
+                .filter(|r| r.kind == kind)
+                .map(|r| (r.name().to_owned(), r.source.clone()))
+                .collect();
+            out.insert(dir.to_owned(), records.into());
+        }
+        let events: serde_json::Map<String, serde_json::Value> =
+            self.mappings.iter().map(|(name, m)| (name.clone(), serde_json::to_value(m).unwrap_or_default())).collect();
+        out.insert("mapping".to_owned(), serde_json::json!({ "events": events }));
+        out.into()
     }
 
     /// Builds and validates a record from plain JSON.

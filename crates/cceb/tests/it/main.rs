@@ -4,6 +4,7 @@
 mod support;
 
 mod actions;
+mod asyncapi;
 mod auth;
 mod backend;
 mod chaos;
