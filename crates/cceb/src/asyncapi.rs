@@ -404,7 +404,17 @@ fn action_payload(record: &Record, names: &Names) -> Json {
     description.push_str(" itself, and refuses them here (`reserved_field`).");
     details["description"] = description.into();
     let data = object(
-        vec![("action", json!({"const": record.name()})), ("action_details", details)],
+        vec![
+            ("action", json!({"const": record.name()})),
+            ("action_details", details),
+            (
+                "traceparent",
+                json!({"type": ["string", "null"],
+                    "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$",
+                    "description": "W3C Trace Context, carried to the published record's `traceparent` header; \
+                        an invalid one refuses the action (`invalid_action_details`, field `data.traceparent`)"}),
+            ),
+        ],
         if needs_details { &["action", "action_details"] } else { &["action"] },
     );
     envelope("action", Some(data), true)
