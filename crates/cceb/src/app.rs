@@ -207,6 +207,10 @@ impl Bridge {
             metrics: metrics.clone(),
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
+            dev_tokens: settings
+                .dev
+                .then(|| settings.jwt_hs256_secret.clone().map(crate::http::console::DevTokens::new))
+                .flatten(),
         });
         serve(public, Listener::Public, crate::http::public(routes), settings.max_connections);
         if let (Some(tcp), Some(embedded)) = (backend, embedded) {

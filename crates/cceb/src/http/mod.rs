@@ -1,7 +1,9 @@
 //! HTTP surfaces: the public listener (`/ws/v1`, discovery, health, metrics)
-//! and the embedded bus's backend port; `serve` accepts their connections.
+//! and the embedded bus's backend port; `serve` accepts their connections;
+//! `console` serves the browser console.
 
 pub mod backend;
+pub mod console;
 pub mod serve;
 
 use crate::auth::Verifier;
@@ -48,6 +50,8 @@ pub struct Public {
     pub shutdown: CancellationToken,
     /// Every upgraded connection runs on it, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// `serve --dev` only: the console's token minting (`/console/dev/token`).
+    pub dev_tokens: Option<console::DevTokens>,
 }
 
 /// The bounds of an upgraded WebSocket (from the settings, by `app`).
@@ -74,6 +78,7 @@ pub fn public(public: Arc<Public>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(console::router(public.dev_tokens.clone()))
         .with_state(public)
 }
 
