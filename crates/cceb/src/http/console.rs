@@ -42,7 +42,7 @@ impl std::fmt::Debug for DevTokens {
 /// The console's routes; `dev` adds the token minting of `serve --dev`.
 pub fn router<S: Clone + Send + Sync + 'static>(dev: Option<DevTokens>) -> Router<S> {
     let files = Router::new()
-        .route("/console", get(|| async { Redirect::permanent("/console/") }))
+        .route("/console", get(|| async { Redirect::permanent("console/") }))
         .route("/console/", get(|| async { asset("index.html") }))
         .route(
             "/console/{*path}",
