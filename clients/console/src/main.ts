@@ -36,7 +36,9 @@ const badges = new Map<string, HTMLElement>();
 // ---- the wire: the browser's WebSocket, with every frame shown
 function frame(dir: 'in' | 'out', data: string): void {
   const li = el('li', '');
-  li.append(el('span', 'dir', dir === 'in' ? '←' : '→'), data);
+  // Shown, not kept: the token (hello) and the session key (hello_reply) masked, for screenshots.
+  const shown = data.replace(/"(token|session_key)":"[^"]*"/g, '"$1":"…"');
+  li.append(el('span', 'dir', dir === 'in' ? '←' : '→'), shown);
   prepend($('frames'), li);
   if (dir !== 'out') return;
   try {

@@ -194,6 +194,12 @@ test('console in --dev: mint a token, connect, a notification from the backend p
   assert.equal(await metric(b, 'cceb_notifications_redelivered_total'), 0);
   assert.equal(await page.locator('#notification-list li').count(), 1);
 
+  // The wire log shows the frames both ways, the token masked.
+  const wire = await page.textContent('#frames');
+  assert.match(wire, /"type":"hello"/);
+  assert.match(wire, /"type":"ack"/);
+  assert.doesNotMatch(wire, /eyJ/);
+
   await page.selectOption('#action-name', 'ChangeAgentStateEvent');
   await page.fill('#action-form [data-field=state]', 'Available');
   await page.screenshot({ path: SCREENSHOT, fullPage: true });
