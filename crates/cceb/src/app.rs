@@ -208,6 +208,10 @@ impl Bridge {
             shutdown: shutdown.clone(),
             tasks: tasks.clone(),
             documents: crate::http::docs::Documents::new(&schemas),
+            dev_tokens: settings
+                .dev
+                .then(|| settings.jwt_hs256_secret.clone().map(crate::http::console::DevTokens::new))
+                .flatten(),
         });
         serve(public, Listener::Public, crate::http::public(routes), settings.max_connections);
         if let (Some(tcp), Some(embedded)) = (backend, embedded) {

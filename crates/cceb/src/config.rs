@@ -167,6 +167,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `tracing` filter, e.g. `info,cceb=debug`.
     pub log: String,
+    /// Set by `serve --dev` alone, never by a file or the environment: the
+    /// console may then mint client tokens (`/console/dev/token`).
+    #[serde(skip)]
+    pub dev: bool,
 }
 
 impl Default for Settings {
@@ -233,6 +237,7 @@ impl Default for Settings {
             shutdown_grace_ms: 5_000,
             log_format: LogFormat::Text,
             log: "info".into(),
+            dev: false,
         }
     }
 }

@@ -26,7 +26,8 @@ struct Cli {
 enum Command {
     /// Run the bridge (embedded bus and store unless configured otherwise).
     Serve {
-        /// Generate a JWT secret and an admin token when none is configured, and print them.
+        /// Generate a JWT secret and an admin token when none is configured, and print them;
+        /// the console (`/console/`) may mint client tokens.
         #[arg(long)]
         dev: bool,
     },
@@ -181,10 +182,12 @@ fn client(url: String, token: String, long_lived: bool) -> anyhow::Result<()> {
 
 fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
     init_logging(&settings);
+    let mut console_token = None;
     if dev {
         let random = || Alphanumeric.sample_string(&mut rand::rng(), 32);
         let secret = settings.jwt_hs256_secret.get_or_insert_with(random).clone();
         let admin = settings.admin_token.get_or_insert_with(random).clone();
+        settings.dev = true;
         let example = mint_hs256(
             &secret,
             &TokenRequest {
@@ -199,6 +202,7 @@ fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
         println!("  CCEB_JWT_HS256_SECRET={secret}");
         println!("  CCEB_ADMIN_TOKEN={admin}");
         println!("  a client token for tenant-1/agent-1, valid 1h:\n  {example}");
+        console_token = Some(example);
     }
     if !settings.has_jwt_key() {
         anyhow::bail!(
@@ -216,6 +220,10 @@ fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
             tracing::info!("signal received, draining");
             stop.cancel();
         });
+        if let Some(token) = console_token {
+            println!("  the console, signed in as tenant-1/agent-1 (it mints more tokens in --dev):");
+            println!("  http://{}/console/#token={token}", bridge.addr);
+        }
         match bridge.backend_addr {
             Some(b) => println!("listening on {} (backend port {b})", bridge.addr),
             None => println!("listening on {} (bus kafka)", bridge.addr),

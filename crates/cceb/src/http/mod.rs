@@ -1,7 +1,9 @@
 //! HTTP surfaces: the public listener (`/ws/v1`, discovery, health, metrics)
-//! and the embedded bus's backend port; `serve` accepts their connections.
+//! and the embedded bus's backend port; `serve` accepts their connections;
+//! `console` serves the browser console.
 
 pub mod backend;
+pub mod console;
 pub mod docs;
 pub mod serve;
 
@@ -51,6 +53,8 @@ pub struct Public {
     pub tasks: TaskTracker,
     /// `/v1/asyncapi.json` and `/v1/schemas`.
     pub documents: docs::Documents,
+    /// `serve --dev` only: the console's token minting (`/console/dev/token`).
+    pub dev_tokens: Option<console::DevTokens>,
 }
 
 /// The bounds of an upgraded WebSocket (from the settings, by `app`).
@@ -79,6 +83,7 @@ pub fn public(public: Arc<Public>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/asyncapi.json", get(docs::asyncapi))
         .route("/v1/schemas", get(docs::schemas))
+        .merge(console::router(public.dev_tokens.clone()))
         .with_state(public)
 }
 

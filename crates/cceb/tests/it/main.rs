@@ -9,6 +9,7 @@ mod auth;
 mod backend;
 mod chaos;
 mod cli;
+mod console;
 mod durability;
 // The Kafka bus's tests and harness need the cargo feature `kafka`; without
 // it `no_kafka_backend` stands in for the harness (no broker: embedded only).
