@@ -98,10 +98,8 @@ impl Bridge {
         )?);
         let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
             BusKind::Embedded => {
-                let e = Arc::new(EmbeddedBus::new(LogLimits {
-                    records: settings.embedded_log_capacity,
-                    bytes: settings.embedded_log_bytes,
-                }));
+                let limits = LogLimits { records: settings.embedded_log_capacity, bytes: settings.embedded_log_bytes };
+                let e = Arc::new(EmbeddedBus::new(limits).released_by(shutdown.clone()));
                 (e.clone(), Some(e), None)
             }
             BusKind::Kafka => {

@@ -8,8 +8,9 @@
 //! Keys from a JWKS file or URL change while the bridge runs (`jwks`).
 //!
 //! `exp` and `nbf` are checked against the injected [`Clock`], not by
-//! jsonwebtoken against the system's: tests move the clock past a token's
-//! expiry instead of waiting for it.
+//! jsonwebtoken against the system's: tests move the clock to a token's
+//! `nbf` or past its `exp` instead of waiting. (An open connection's 4002
+//! timer runs on tokio's clock, set from the remaining lifetime at `hello`.)
 
 mod jwks;
 
@@ -236,8 +237,15 @@ impl Verifier {
         if t.claims.exp < now {
             return Err(AuthError::Refused("the token expired".into()));
         }
-        if t.nbf.is_some_and(|nbf| nbf > now as f64) {
-            return Err(AuthError::Refused("the token is not valid yet (`nbf`)".into()));
+        match t.nbf {
+            // As jsonwebtoken reads it: a date is never negative, and its fraction does not count.
+            Some(nbf) if !nbf.is_finite() || nbf < 0.0 => {
+                return Err(AuthError::Refused("`nbf` is not a date".into()));
+            }
+            Some(nbf) if nbf.trunc() > now as f64 => {
+                return Err(AuthError::Refused("the token is not valid yet (`nbf`)".into()));
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -368,6 +376,23 @@ mod tests {
         assert!(why.contains("nbf"), "{why}");
         clock.advance(Duration::from_millis(1));
         v.verify(&token).await.expect("valid from its nbf");
+    }
+
+    #[tokio::test]
+    async fn an_nbf_counts_in_whole_seconds_and_a_negative_one_is_no_date() {
+        let v = verifier_on(Arc::new(ManualClock::new(1_010_000))).await;
+        let with_nbf = |nbf: serde_json::Value| {
+            let claims =
+                serde_json::json!({"sub": "a", "tenant_guid": "t", "ir_instance": "ir", "exp": 2_000, "nbf": nbf});
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"secret"))
+                .expect("sign")
+        };
+        v.verify(&with_nbf(serde_json::json!(1_010.4))).await.expect("its fraction does not count");
+        assert!(v.verify(&with_nbf(serde_json::json!(1_011.0))).await.is_err(), "a second ahead");
+        let Err(AuthError::Refused(why)) = v.verify(&with_nbf(serde_json::json!(-1))).await else {
+            panic!("a negative nbf accepted")
+        };
+        assert!(why.contains("nbf"), "{why}");
     }
 
     #[tokio::test]

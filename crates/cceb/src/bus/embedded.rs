@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// A published record as the backend port serves it. The fields are in the
 /// order the port has always written them (sorted, as a `serde_json::Value`
@@ -78,6 +79,8 @@ pub struct EmbeddedBus {
     hold: watch::Sender<bool>,
     /// Publishes waiting out the delay or the hold now.
     waiting: AtomicU64,
+    /// Ends every wait on the switches: a held publish must not outlive shutdown.
+    stop: CancellationToken,
 }
 
 /// Longest a publish waits for a hold to be released: a switch left on must
@@ -104,7 +107,15 @@ impl EmbeddedBus {
             delay_ms: AtomicU64::new(0),
             hold: watch::Sender::new(false),
             waiting: AtomicU64::new(0),
+            stop: CancellationToken::new(),
         }
+    }
+
+    /// Releases every delayed or held publish once `stop` is cancelled (the
+    /// bridge's shutdown), so the actions in flight finish within the grace.
+    pub fn released_by(mut self, stop: CancellationToken) -> Self {
+        self.stop = stop;
+        self
     }
 
     /// The backend port's outage switch: while off, publishing fails as a
@@ -147,8 +158,14 @@ impl EmbeddedBus {
         self.waiting.fetch_add(1, Ordering::SeqCst);
         // Counted down however the publish ends (its caller may give up on it).
         let _counted = Waiting(&self.waiting);
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-        let _ = tokio::time::timeout(MAX_HOLD, hold.wait_for(|&on| !on)).await;
+        let switches = async {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let _ = tokio::time::timeout(MAX_HOLD, hold.wait_for(|&on| !on)).await;
+        };
+        tokio::select! {
+            _ = switches => {}
+            _ = self.stop.cancelled() => {}
+        }
     }
 
     /// Records after `after`, at most `limit`, waiting up to `wait` for the first.

@@ -65,3 +65,28 @@ async fn shutdown_lets_the_action_in_flight_finish_so_its_retry_after_the_restar
     c.expect_ack_of_action("A1", "ChangeAgentStateEvent", serde_json::json!({"state":"Away"})).await;
     assert!(b.published().await.is_empty(), "the retry is a duplicate: acknowledged, not published again");
 }
+
+#[tokio::test]
+async fn a_publish_held_by_the_bus_does_not_outlive_shutdown() {
+    let mut b = TestBridge::start().await;
+    if b.skip_on_kafka("the held publish is the embedded bus's hold switch") {
+        return;
+    }
+    b.set_bus_hold(true).await;
+    // A long-lived hello publishes `available: true`: the bus holds it, and the hello with it.
+    let mut c = b.connect().await;
+    let token = token("t", "a");
+    c.send(serde_json::json!({"type":"hello","uuid":"h","data":{"token": token, "long_lived": true}})).await;
+    tokio::time::timeout(PATIENCE, async {
+        while b.bus_switches().await["waiting"] != 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the hello's publish reaches the bus");
+    // The hold is never released: shutdown must end the wait (else the
+    // connection lives on for the hold's 30 s after the bridge "stopped").
+    b.shutdown().await;
+    let (code, _) = c.closed().await;
+    assert_eq!(code, Some(1012), "closed by the drain, within the grace");
+}

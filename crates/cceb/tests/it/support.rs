@@ -319,10 +319,16 @@ impl Client {
     }
 
     /// `hello` with the given `data`; expects `hello_reply` (to its uuid).
+    /// Says `hello`; the bridge's first frame must be its `hello_reply`
+    /// (nothing may come before it, contract section 3).
     pub async fn hello_with(&mut self, data: Value) -> HelloReply {
         let hello: Hello = serde_json::from_value(data).expect("hello data");
-        let reply = tokio::time::timeout(PATIENCE, self.conn.hello(&hello)).await.expect("the bridge answers in time");
-        reply.unwrap_or_else(|e| panic!("expected hello_reply, got {e}"))
+        let uuid = cceb_client::new_uuid();
+        self.send(json!({"type": "hello", "uuid": uuid, "data": hello})).await;
+        match self.next().await {
+            ServerMessage::HelloReply { uuid: u, reply } if u == uuid => reply,
+            other => panic!("expected the hello_reply to {uuid} first, got {other:?}"),
+        }
     }
 
     /// The next protocol message or close, skipping WebSocket control frames.
