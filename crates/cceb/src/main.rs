@@ -185,9 +185,12 @@ fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
     let mut console_token = None;
     if dev {
         let random = || Alphanumeric.sample_string(&mut rand::rng(), 32);
+        let (own_secret, own_admin) = (settings.jwt_hs256_secret.is_none(), settings.admin_token.is_none());
         let secret = settings.jwt_hs256_secret.get_or_insert_with(random).clone();
         let admin = settings.admin_token.get_or_insert_with(random).clone();
-        settings.dev = true;
+        // The console mints tokens for anyone who reaches it: only with a
+        // secret made for this run, and only on a loopback address.
+        settings.dev = own_secret && settings.listen.ip().is_loopback();
         let example = mint_hs256(
             &secret,
             &TokenRequest {
@@ -198,9 +201,13 @@ fn serve(mut settings: Settings, dev: bool) -> anyhow::Result<()> {
                 ttl: Duration::from_secs(3600),
             },
         )?;
+        let shown = |own: bool, value: &str| if own { value.to_owned() } else { "(configured, not shown)".into() };
         println!("cceb --dev");
-        println!("  CCEB_JWT_HS256_SECRET={secret}");
-        println!("  CCEB_ADMIN_TOKEN={admin}");
+        println!("  CCEB_JWT_HS256_SECRET={}", shown(own_secret, &secret));
+        println!("  CCEB_ADMIN_TOKEN={}", shown(own_admin, &admin));
+        if !settings.dev {
+            println!("  the console does not mint tokens: the secret is configured or the listener is not loopback");
+        }
         println!("  a client token for tenant-1/agent-1, valid 1h:\n  {example}");
         console_token = Some(example);
     }

@@ -73,3 +73,19 @@ async fn serve_dev_mints_console_tokens_the_bridge_accepts_and_prints_the_consol
     let console = child.lines.iter().find_map(|l| l.split_whitespace().find(|w| w.contains("/console/#token=ey")));
     assert!(console.is_some_and(|u| u.starts_with(&format!("http://{}/console/", child.addr))), "{:?}", child.lines);
 }
+
+#[tokio::test]
+async fn serve_dev_with_a_configured_secret_neither_mints_nor_prints_it() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let secret = "a-configured-secret-that-is-long-enough-for-hs256";
+    let child = Server::spawn(cceb(data.path()).args(["serve", "--dev"]).env("CCEB_JWT_HS256_SECRET", secret));
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/console/dev/token", child.addr))
+        .json(&json!({"tenant_guid": "victim", "agent_guid": "supervisor"}))
+        .send()
+        .await
+        .expect("answers");
+    assert_eq!(r.status().as_u16(), 404, "no minting with a secret the run did not make");
+    assert!(child.lines.iter().all(|l| !l.contains(secret)), "{:?}", child.lines);
+    assert!(child.lines.iter().any(|l| l.contains("CCEB_JWT_HS256_SECRET=(configured, not shown)")), "{:?}", child.lines);
+}
