@@ -410,7 +410,10 @@ fn action_payload(record: &Record, names: &Names) -> Json {
             (
                 "traceparent",
                 json!({"type": ["string", "null"],
-                    "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$",
+                    "pattern": concat!(
+                        "^(?:00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}",
+                        "|(?!00|ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?)$"
+                    ),
                     "description": "W3C Trace Context, carried to the published record's `traceparent` header; \
                         an invalid one refuses the action (`invalid_action_details`, field `data.traceparent`)"}),
             ),
