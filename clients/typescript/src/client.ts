@@ -1,7 +1,7 @@
 import { ActionError, type ErrorCode } from './errors.js';
 import type { ActionDetailsMap, ActionName, NotificationDataMap, NotificationType } from './generated/types.js';
 import { NOTIFICATION_TYPES } from './generated/types.js';
-import { afterClose, Backoff, retryAction, Seen } from './policy.js';
+import { Backoff, ReconnectPolicy, retryAction, Seen } from './policy.js';
 import { OPEN, resolveWebSocket, type WebSocketConstructor, type WebSocketLike } from './socket.js';
 import { MemoryStorage, type KeyValueStorage } from './storage.js';
 
@@ -56,7 +56,12 @@ export type StateInfo = ConnectedInfo | DisconnectedInfo | CloseInfo | undefined
 export interface ClientOptions {
   /** Discovery (`http(s)://…/v1/discovery`, the usual) or the WebSocket endpoint itself (`ws(s)://…/ws/v1`). */
   url: string;
-  /** Called before each connection attempt, and so again at once after 4002 (token expired). */
+  /**
+   * Called before each connection attempt: so at once after a 4002 (token
+   * expired) that ends a connection that lived, through the backoff after a
+   * 4002 that follows a refresh, and after a 4001 that follows a refresh (an
+   * expired token from the provider: retried 3 times, then the client stops).
+   */
   getToken: () => string | Promise<string>;
   /** A long-lived session, resumed with its stored key (default false). */
   longLived?: boolean;
@@ -70,8 +75,12 @@ export interface ClientOptions {
   storage?: KeyValueStorage;
   /** Prefix of the storage keys (default `cceb:`): one per agent/tab sharing a storage. */
   storagePrefix?: string;
-  /** Reconnect delay: `minMs` doubling up to `maxMs`, jittered (default 500 → 20000). */
-  backoff?: { minMs?: number; maxMs?: number };
+  /**
+   * Reconnect delay: `minMs` doubling up to `maxMs`, jittered (default 500 → 20000).
+   * `stableAfterMs`: how long a connection must stay up before the delay starts
+   * from `minMs` again (default 10000).
+   */
+  backoff?: { minMs?: number; maxMs?: number; stableAfterMs?: number };
   /** Longest wait for the token, discovery, the WebSocket handshake and `hello_reply` (default 10000). */
   connectTimeoutMs?: number;
   /** How long `action()` keeps trying before rejecting with `timeout` (default 30000; `Infinity`: until closed). */
@@ -165,7 +174,7 @@ export class CcebClient {
   private readonly opts: ClientOptions;
   private readonly storage: KeyValueStorage;
   private readonly prefix: string;
-  private readonly backoff: Backoff;
+  private readonly reconnects: ReconnectPolicy;
   private readonly seen: Seen;
   private readonly listeners = new Map<string, Set<(...a: never[]) => unknown>>();
   private readonly actions = new Map<string, Slot>();
@@ -180,9 +189,10 @@ export class CcebClient {
   private persistTimer?: ReturnType<typeof setTimeout>;
   private restored = false;
   private _sessionId: string | null = null;
-  private endSessionUuid: string | null = null;
-  /** Set by `endSession()`: however this connection ends, the client stops (no new session behind the user's back). */
-  private ending = false;
+  /** The `end_session` in flight: its uuid, whether the bridge acked it, and the caller's promise. */
+  private ending: { uuid: string; acked: boolean; confirmed: boolean; promise: Promise<void>; resolve: () => void; reject: (e: ActionError) => void } | null = null;
+  /** When the current connection got its `hello_reply` (for `backoff.stableAfterMs`). */
+  private connectedAt: number | null = null;
   /** Set by `close()`: the reason reported when the client stops. */
   private stopInfo: CloseInfo | null = null;
 
@@ -193,7 +203,8 @@ export class CcebClient {
     this.storage = opts.storage ?? new MemoryStorage();
     this.prefix = opts.storagePrefix ?? 'cceb:';
     const random = opts.random ?? Math.random;
-    this.backoff = new Backoff(opts.backoff?.minMs ?? 500, opts.backoff?.maxMs ?? 20_000, random);
+    const backoff = new Backoff(opts.backoff?.minMs ?? 500, opts.backoff?.maxMs ?? 20_000, random);
+    this.reconnects = new ReconnectPolicy(backoff, opts.backoff?.stableAfterMs ?? 10_000);
     this.seen = new Seen(opts.seenCapacity ?? 4096);
     this.endpoint = isWs(opts.url) ? opts.url : null;
   }
@@ -303,21 +314,40 @@ export class CcebClient {
   /**
    * Ends a long-lived session at once (`end_session`): the bridge drops its
    * mailbox and closes with 1000, the stored key is forgotten, and the client
-   * stops. Resolves once the client is closed. Not connected: the key is
-   * forgotten and the client closes; the bridge ends the session at its TTL.
+   * stops. Resolves once the client is closed.
+   *
+   * Rejects with an `ActionError` when the bridge refuses it (an `error`
+   * frame, e.g. `backend_unavailable` while its store cannot write): the
+   * session and its stored key stay, the client stays connected, and
+   * `endSession()` may be called again. Rejects with `closed` when the
+   * connection ends without the bridge confirming it (the key is kept; the
+   * client stops, as it would not resume a session the user ended).
+   * Not connected: the key is forgotten and the client closes; the bridge ends
+   * the session at its TTL.
    */
   async endSession(): Promise<void> {
-    await this.forgetSession();
+    if (this.ending) return this.ending.promise;
     const c = this.conn;
-    if (c?.ready && c.ws.readyState === OPEN && !this.stopped) {
-      const closed = this.once('closed');
-      this.ending = true;
-      this.endSessionUuid = newUuid();
-      c.ws.send(JSON.stringify({ type: 'end_session', uuid: this.endSessionUuid }));
-      await closed;
-    } else {
+    if (!(c?.ready && c.ws.readyState === OPEN && !this.stopped)) {
+      await this.forgetSession();
       this.close();
+      return;
     }
+    const uuid = newUuid();
+    let resolve!: () => void;
+    let reject!: (e: ActionError) => void;
+    const promise = new Promise<void>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    const ending = { uuid, acked: false, confirmed: false, promise, resolve, reject };
+    this.ending = ending;
+    try {
+      c.ws.send(JSON.stringify({ type: 'end_session', uuid }));
+    } catch {
+      // The close event follows, and says how it ended.
+    }
+    return promise;
   }
 
   /** Closes the connection (1000) and stops; a long-lived session stays resumable for its TTL with the stored key. */
@@ -345,15 +375,26 @@ export class CcebClient {
     let last: CloseInfo | null = null;
     while (!this.stopped) {
       this.setState('connecting', undefined);
+      this.connectedAt = null;
       const ended = await this.attempt();
+      const livedMs = this.connectedAt === null ? null : Date.now() - this.connectedAt;
       last = this.stopInfo ?? { code: ended.code, reason: ended.reason };
-      const decision = ended.stop || this.stopped || this.ending ? { kind: 'stop' as const } : afterClose(ended.code);
+      if (this.ending) {
+        // Whatever ended the connection, the client stops: no new session behind the user's back.
+        const ending = this.ending;
+        // The ack, or the close 1000 that follows it (not one of close()).
+        if (ending.acked || (ended.code === 1000 && !this.stopInfo)) {
+          ending.confirmed = true;
+          await this.forgetSession();
+        }
+      }
+      const decision = ended.stop || this.stopped || this.ending ? { kind: 'stop' as const } : this.reconnects.ended(ended.code, livedMs);
       if (decision.kind === 'stop') {
         this.setState('disconnected', { ...last, retryInMs: null });
         break;
       }
       if ((decision.rediscover || ended.unreachable) && !isWs(this.opts.url)) this.endpoint = null;
-      const delay = decision.refreshToken ? 0 : this.backoff.next();
+      const delay = decision.delayMs;
       this.setState('disconnected', { ...last, retryInMs: delay });
       if (delay > 0) await this.sleep(delay);
     }
@@ -369,7 +410,13 @@ export class CcebClient {
       this.settle(slot.uuid, new ActionError('closed', `the client is closed (${info.reason})`, undefined, slot.uuid));
     }
     this.queue.length = 0;
+    const ending = this.ending;
+    this.ending = null;
     this.setState('closed', info);
+    if (ending?.confirmed) ending.resolve();
+    else if (ending) {
+      ending.reject(new ActionError('closed', `the client closed before end_session was confirmed (${info.reason}); the session key is kept`, undefined, ending.uuid));
+    }
   }
 
   private sleep(ms: number): Promise<void> {
@@ -574,7 +621,7 @@ export class CcebClient {
       else if (!this.opts.longLived) await this.storage.removeItem(this.prefix + 'session_key');
     })().catch((e) => this.emit('error', e));
     c.ready = true;
-    this.backoff.reset();
+    this.connectedAt = Date.now();
     this._sessionId = String(d.session_id ?? '');
     const heartbeat = Number(d.heartbeat_interval_seconds) || 25;
     const info: ConnectedInfo = {
@@ -622,7 +669,12 @@ export class CcebClient {
     const uuid = typeof msg.uuid === 'string' ? msg.uuid : '';
     switch (msg.type) {
       case 'ack': {
-        if (uuid && uuid === this.endSessionUuid) return; // The close 1000 follows.
+        if (uuid && uuid === this.ending?.uuid) {
+          // The session is gone at the bridge; the close 1000 follows.
+          this.ending.acked = true;
+          void this.forgetSession();
+          return;
+        }
         const slot = this.actions.get(uuid);
         if (slot) this.settle(uuid, null);
         return;
@@ -630,6 +682,13 @@ export class CcebClient {
       case 'error': {
         const d = (msg.data ?? {}) as { code?: string; message?: string; field?: string };
         const code = (d.code ?? 'invalid_message') as ErrorCode;
+        const ending = this.ending;
+        if (uuid && ending && uuid === ending.uuid && !ending.acked) {
+          // Refused (the store cannot write, say): the session goes on, and so does the client.
+          this.ending = null;
+          ending.reject(new ActionError(code, d.message ?? '', d.field, uuid));
+          return;
+        }
         const slot = this.actions.get(uuid);
         if (!slot) {
           this.emit('error', new ActionError(code, d.message ?? '', d.field, uuid || undefined));

@@ -15,7 +15,7 @@ export {
   type StateInfo,
 } from './client.js';
 export { ActionError, type ActionErrorCode, type ErrorCode } from './errors.js';
-export { afterClose, Backoff, CloseCode, retryAction, Seen, type AfterClose, type Delivery } from './policy.js';
+export { afterClose, Backoff, CloseCode, ReconnectPolicy, retryAction, Seen, type AfterClose, type Delivery, type Reconnect } from './policy.js';
 export { browserStorage, MemoryStorage, type KeyValueStorage } from './storage.js';
 export type { WebSocketConstructor, WebSocketLike } from './socket.js';
 export * from './generated/types.js';

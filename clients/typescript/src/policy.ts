@@ -36,7 +36,7 @@ export class Backoff {
     return base * (0.5 + 0.5 * j);
   }
 
-  /** After a successful `hello`: the next failure starts from the minimum again. */
+  /** After a connection that was stable: the next failure starts from the minimum again. */
   reset(): void {
     this.n = 0;
   }
@@ -97,6 +97,66 @@ export function afterClose(code: number | null): AfterClose {
     // 4003 (hello too late), 4004 (window stalled: the mailbox keeps all), 1001, 1006, ...
     default:
       return { kind: 'reconnect', rediscover: false, refreshToken: false };
+  }
+}
+
+/** What to do once a connection ended: `afterClose` plus how long to wait. */
+export type Reconnect =
+  | { kind: 'reconnect'; rediscover: boolean; refreshToken: boolean; delayMs: number }
+  | { kind: 'stop' };
+
+/**
+ * The reconnect decision with its history, so that a token provider handing
+ * out an (almost) expired token cannot make the client hot-loop:
+ *
+ * - the backoff is reset only by a connection that stayed up `stableAfterMs`
+ *   (not by `hello_reply`: the bridge may close at once after it);
+ * - 4002 after a connection that lived, or the first 4002: a new token and
+ *   reconnect at once;
+ * - 4002 again after a 4002 refresh, the connection not having lived: a new
+ *   token, through the backoff;
+ * - 4001 after a 4002 refresh (the provider handed an expired token): a new
+ *   token through the backoff, at most `expiredTokenRetries` times in a row,
+ *   then stop (a 4001 otherwise stops at once, as `afterClose` says).
+ *
+ * Pure: the caller says how long the connection lived; the randomness is the
+ * backoff's.
+ */
+export class ReconnectPolicy {
+  /** The last connection ran on a token fetched because of a 4002 (or a 4001 after one). */
+  private refreshed = false;
+  private expiredRetries = 0;
+
+  constructor(
+    readonly backoff: Backoff,
+    readonly stableAfterMs = 10_000,
+    readonly expiredTokenRetries = 3,
+  ) {}
+
+  /**
+   * `code`: the close code (`null`: no close frame); `livedMs`: how long the
+   * connection was up after `hello_reply` (`null`: it never got there).
+   */
+  ended(code: number | null, livedMs: number | null): Reconnect {
+    if (livedMs !== null && livedMs >= this.stableAfterMs) {
+      this.backoff.reset();
+      this.refreshed = false;
+      this.expiredRetries = 0;
+    }
+    const d = afterClose(code);
+    if (code === CloseCode.TOKEN_EXPIRED) {
+      const again = this.refreshed;
+      this.refreshed = true;
+      return { kind: 'reconnect', rediscover: false, refreshToken: true, delayMs: again ? this.backoff.next() : 0 };
+    }
+    if (code === CloseCode.UNAUTHORIZED && this.refreshed && this.expiredRetries < this.expiredTokenRetries) {
+      this.expiredRetries++;
+      return { kind: 'reconnect', rediscover: false, refreshToken: true, delayMs: this.backoff.next() };
+    }
+    this.refreshed = false;
+    this.expiredRetries = 0;
+    if (d.kind === 'stop') return d;
+    return { ...d, delayMs: this.backoff.next() };
   }
 }
 

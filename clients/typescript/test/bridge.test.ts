@@ -197,6 +197,34 @@ it('a new token is fetched on 4002 (short-lived token)', async () => {
   await b.stop('SIGTERM');
 });
 
+it('a provider that keeps handing out the same expired token: no hot loop, and a stop after bounded retries', async () => {
+  const b = await Bridge.start();
+  // Valid for about a second, then expired: always the same one.
+  const stale = token('a1', 1);
+  let calls = 0;
+  const c = client({ url: b.wsUrl, getToken: () => (calls++, stale) });
+  const downs: Array<[number | null, number | null]> = [];
+  c.on('disconnected', (d) => void downs.push([d.code, d.retryInMs]));
+  const closed = within(c.once('closed'), 'closed after the bounded retries');
+  c.connect();
+  const [info] = await closed;
+  assert.equal(info.code, 4001, JSON.stringify(downs));
+  // Before the fix: a reconnect at once after every 4002, hundreds of hellos per second.
+  assert.ok(calls < 30, `${calls} connection attempts: ${JSON.stringify(downs)}`);
+  const expired = downs.filter(([code]) => code === 4002);
+  assert.ok(expired.length >= 1, JSON.stringify(downs));
+  // Only the first 4002 reconnects at once; the ones after a refresh that did not live wait, longer each time.
+  assert.equal(expired[0]![1], 0);
+  const waits = expired.slice(1).map(([, ms]) => ms!);
+  assert.ok(waits.every((ms, i) => ms > 0 && (i === 0 || ms >= waits[i - 1]! / 2)), JSON.stringify(downs));
+  // 4001 after the refresh: retried 3 times through the backoff, then the stop.
+  const refused = downs.filter(([code]) => code === 4001);
+  assert.equal(refused.length, 4, JSON.stringify(downs));
+  assert.ok(refused.slice(0, 3).every(([, ms]) => ms !== null && ms > 0), JSON.stringify(downs));
+  assert.equal(refused[3]![1], null);
+  await b.stop('SIGTERM');
+});
+
 it('a drain (SIGTERM, 1012) sends the client back to discovery, which finds the new bridge', async () => {
   const b1 = await Bridge.start();
   const front = await DiscoveryFront.start(b1.addr);

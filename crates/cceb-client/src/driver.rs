@@ -1,8 +1,9 @@
 //! The task behind a [`crate::Client`]: one connection at a time, commands
 //! from the handle, events to the application.
 
-use crate::policy::{after_close, retry_action, AfterClose, Backoff, Delivery, Seen};
+use crate::policy::{retry_action, Backoff, Delivery, Reconnect, ReconnectPolicy, Seen};
 use crate::{AckOnDrop, ActionError, Config, Connection, Error, Event, KeyStore, Notification, State, TokenFn};
+use cceb_protocol::close;
 use cceb_protocol::incoming::{ClientInfo, ClientMessage, Hello};
 use cceb_protocol::outgoing::ServerMessage;
 use serde_json::{Map, Value};
@@ -17,7 +18,7 @@ pub(crate) enum Cmd {
     /// The application is done with a notification.
     Ack(String),
     Close,
-    EndSession,
+    EndSession(EndReply),
 }
 
 impl std::fmt::Debug for Cmd {
@@ -41,6 +42,16 @@ struct Slot {
     retries: Backoff,
 }
 
+/// The `end_session` in flight.
+struct Ending {
+    uuid: String,
+    /// The bridge acked it: the session is gone, the close 1000 follows.
+    acked: bool,
+    replies: Vec<EndReply>,
+}
+
+type EndReply = oneshot::Sender<Result<(), ActionError>>;
+
 /// How one connection attempt ended.
 enum Ended {
     /// Reconnect or stop as the close code says (`None`: no close frame).
@@ -62,7 +73,12 @@ struct Driver {
     actions: Vec<Slot>,
     token: Option<String>,
     endpoint: Option<String>,
-    backoff: Backoff,
+    reconnects: ReconnectPolicy,
+    /// When the current connection got its `hello_reply`.
+    connected_at: Option<Instant>,
+    ending: Option<Ending>,
+    /// What the `end_session` callers are told once the client is closed.
+    end_replies: Vec<(EndReply, Result<(), ActionError>)>,
 }
 
 pub(crate) async fn run(
@@ -76,7 +92,14 @@ pub(crate) async fn run(
 ) {
     let mut d = Driver {
         seen: Seen::new(cfg.seen_capacity),
-        backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max),
+        reconnects: ReconnectPolicy::new(
+            Backoff::new(cfg.backoff_min, cfg.backoff_max),
+            cfg.stable_after,
+            EXPIRED_TOKEN_RETRIES,
+        ),
+        connected_at: None,
+        ending: None,
+        end_replies: Vec::new(),
         endpoint: is_ws(&cfg.url).then(|| cfg.url.clone()),
         cfg,
         token_fn,
@@ -94,8 +117,15 @@ pub(crate) async fn run(
     for s in d.actions.drain(..) {
         let _ = s.a.reply.send(Err(ActionError::Closed));
     }
+    for (tx, r) in d.end_replies.drain(..) {
+        let _ = tx.send(r);
+    }
     let _ = d.events.send(Event::Closed { code, reason }).await;
 }
+
+/// How many times in a row a 4001 right after a 4002 refresh is retried
+/// (the token provider may be a moment behind).
+const EXPIRED_TOKEN_RETRIES: u32 = 3;
 
 fn is_ws(url: &str) -> bool {
     url.starts_with("ws://") || url.starts_with("wss://")
@@ -105,25 +135,44 @@ impl Driver {
     async fn main(&mut self) -> (Option<u16>, String) {
         loop {
             self.set_state(State::Connecting).await;
-            let (code, reason) = match self.connection().await {
-                Ended::Stop { code, reason } => return (code, reason),
-                Ended::Closed { code, reason } => (code, reason),
+            self.connected_at = None;
+            let end = self.connection().await;
+            let lived = self.connected_at.map(|t| t.elapsed());
+            let (code, reason, by_client) = match end {
+                Ended::Stop { code, reason } => (code, reason, true),
+                Ended::Closed { code, reason } => (code, reason, false),
             };
+            if let Some(e) = self.ending.take() {
+                // However the connection ended, the client stops: no new session behind the user's back.
+                // Ended: the ack, or the bridge's close 1000 that follows it.
+                let confirmed = e.acked || (!by_client && code == Some(close::NORMAL));
+                if confirmed {
+                    self.keys.store(None);
+                }
+                let r = if confirmed { Ok(()) } else { Err(ActionError::Closed) };
+                self.end_replies.extend(e.replies.into_iter().map(|tx| (tx, r.clone())));
+                if !by_client {
+                    self.set_state(State::Disconnected { code }).await;
+                }
+                return (code, reason);
+            }
+            if by_client {
+                return (code, reason);
+            }
             self.set_state(State::Disconnected { code }).await;
-            match after_close(code) {
-                AfterClose::Stop => return (code, reason),
-                AfterClose::Reconnect { rediscover, refresh_token } => {
+            match self.reconnects.ended(code, lived) {
+                Reconnect::Stop => return (code, reason),
+                Reconnect::After { delay, rediscover, refresh_token } => {
                     if rediscover && !is_ws(&self.cfg.url) {
                         self.endpoint = None;
                     }
                     if refresh_token {
-                        // A new token right away: the old one simply ran out.
                         self.token = None;
-                        continue;
                     }
-                    let delay = self.backoff.next_delay();
-                    if let Some(stop) = self.idle(delay).await {
-                        return stop;
+                    if !delay.is_zero() {
+                        if let Some(stop) = self.idle(delay).await {
+                            return stop;
+                        }
                     }
                 }
             }
@@ -148,7 +197,13 @@ impl Driver {
                     Some(Cmd::Forget(u)) => self.actions.retain(|s| s.a.uuid != u),
                     // The connection that carried it is gone; a redelivery is acked again.
                     Some(Cmd::Ack(u)) => self.seen.finished(&u),
-                    Some(Cmd::Close | Cmd::EndSession) => return Some((None, "closed by the client".into())),
+                    Some(Cmd::Close) => return Some((None, "closed by the client".into())),
+                    // Not connected: the key is forgotten; the bridge ends the session at its TTL.
+                    Some(Cmd::EndSession(tx)) => {
+                        self.keys.store(None);
+                        self.end_replies.push((tx, Ok(())));
+                        return Some((None, "closed by the client".into()));
+                    }
                 },
             }
         }
@@ -234,7 +289,7 @@ impl Driver {
         if reply.session_key.is_some() || !self.cfg.long_lived {
             self.keys.store(reply.session_key.clone());
         }
-        self.backoff.reset();
+        self.connected_at = Some(Instant::now());
         self.set_state(State::Connected { session_id: reply.session_id.clone(), resumed: reply.resumed }).await;
         // Everything not yet acknowledged goes again, same uuids, in the order it was asked for.
         for i in 0..self.actions.len() {
@@ -279,10 +334,19 @@ impl Driver {
                             self.actions.retain(|s| s.a.uuid != u);
                             Ok(())
                         }
-                        Some(Cmd::EndSession) => {
-                            self.keys.store(None);
-                            conn.send(&ClientMessage::EndSession { uuid: crate::new_uuid() }).await
-                        }
+                        Some(Cmd::EndSession(tx)) => match &mut self.ending {
+                            // One in flight: its outcome is this caller's too.
+                            Some(e) => {
+                                e.replies.push(tx);
+                                Ok(())
+                            }
+                            None => {
+                                // The key is forgotten once the bridge confirms (ack, or its close 1000).
+                                let uuid = crate::new_uuid();
+                                self.ending = Some(Ending { uuid: uuid.clone(), acked: false, replies: vec![tx] });
+                                conn.send(&ClientMessage::EndSession { uuid }).await
+                            }
+                        },
                         Some(Cmd::Close) => {
                             let _ = conn.close(1000, "client closed").await;
                             return Ended::Stop { code: Some(1000), reason: "closed by the client".into() };
@@ -323,12 +387,25 @@ impl Driver {
                 Delivery::Ignore => {}
             },
             ServerMessage::Ack { uuid } => {
-                if let Some(i) = self.actions.iter().position(|s| s.a.uuid == uuid) {
+                if let Some(e) = self.ending.as_mut().filter(|e| e.uuid == uuid) {
+                    e.acked = true;
+                    self.keys.store(None);
+                } else if let Some(i) = self.actions.iter().position(|s| s.a.uuid == uuid) {
                     let _ = self.actions.remove(i).a.reply.send(Ok(()));
                 }
             }
             ServerMessage::Error { uuid, error } => {
-                if let Some(i) = self.actions.iter().position(|s| s.a.uuid == uuid) {
+                if self.ending.as_ref().is_some_and(|e| e.uuid == uuid && !e.acked) {
+                    // Refused (the store cannot write, say): the session goes on, and so does the client.
+                    let e = self.ending.take().into_iter().flat_map(|e| e.replies);
+                    for tx in e {
+                        let _ = tx.send(Err(ActionError::Refused {
+                            code: error.code,
+                            message: error.message.clone(),
+                            field: error.field.clone(),
+                        }));
+                    }
+                } else if let Some(i) = self.actions.iter().position(|s| s.a.uuid == uuid) {
                     let slot = &mut self.actions[i];
                     let at = Instant::now() + slot.retries.next_delay();
                     if retry_action(error.code) && at < slot.a.deadline {

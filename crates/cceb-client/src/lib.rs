@@ -8,6 +8,15 @@
 //! with jittered exponential backoff, a new token on 4002, and a stop on the
 //! close codes a retry cannot cure.
 //!
+//! Token expiry (4002) and a provider that hands out an expired token: the
+//! first 4002 after a connection that lived reconnects at once with a new
+//! token; a 4002 after such a refresh, the connection not having stayed up
+//! [`Builder::stable_after`] (10 s), goes through the backoff; a 4001 right
+//! after a refresh is retried through the backoff 3 times (the provider may
+//! be a moment behind), then the client stops. The backoff starts from its
+//! minimum again only after a connection that stayed up that long, not on
+//! every `hello_reply` (see [`policy::ReconnectPolicy`]).
+//!
 //! Two layers, the upper built on the lower:
 //!
 //! - [`Client`]: all of the above on a task of its own, for applications;
@@ -107,8 +116,9 @@ pub enum Event {
     State(State),
     Notification(Notification),
     /// The client stopped and will not reconnect: a close code a retry cannot
-    /// cure (1000, 1003, 1009, 4001, 4005, 4006), `close()`, or a token
-    /// provider that failed. The last event.
+    /// cure (1000, 1003, 1009, 4001 — after a 4002 refresh, once it was
+    /// retried 3 times —, 4005, 4006), `close()`, `end_session()`, or a
+    /// discovery that refused the token. The last event.
     Closed {
         code: Option<u16>,
         reason: String,
@@ -170,6 +180,8 @@ pub struct Config {
     pub client_version: Option<String>,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// How long a connection must stay up before the backoff starts from `backoff_min` again.
+    pub stable_after: Duration,
     /// Longest wait for the TCP/WebSocket handshake, discovery and `hello_reply`.
     pub connect_timeout: Duration,
     /// How long `action()` keeps retrying before [`ActionError::Timeout`].
@@ -193,6 +205,7 @@ impl Config {
             client_version: Some(env!("CARGO_PKG_VERSION").into()),
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(20),
+            stable_after: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             action_deadline: Duration::from_secs(30),
             action_retry_min: Duration::from_millis(200),
@@ -209,7 +222,8 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// The token, called before the first connection and again after 4002.
+    /// The token, called before the first connection and again after 4002
+    /// (and after a 4001 that follows a 4002 refresh: see the crate docs).
     pub fn token_provider<F, Fut, E>(mut self, f: F) -> Builder
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -223,7 +237,8 @@ impl Builder {
         self
     }
 
-    /// A fixed token (it cannot be refreshed: after 4002 the same one is sent, and refused).
+    /// A fixed token (it cannot be refreshed: after 4002 the same one is sent,
+    /// and refused with 4001 once expired; the client stops after the bounded retries).
     pub fn token(self, token: impl Into<String>) -> Builder {
         let token = token.into();
         self.token_provider(move || {
@@ -257,6 +272,14 @@ impl Builder {
     pub fn backoff(mut self, min: Duration, max: Duration) -> Builder {
         self.config.backoff_min = min;
         self.config.backoff_max = max;
+        self
+    }
+
+    /// How long a connection must stay up before the reconnect backoff starts
+    /// from its minimum again, and before a 4002 counts as the token running
+    /// out on a connection that lived (default 10 s).
+    pub fn stable_after(mut self, d: Duration) -> Builder {
+        self.config.stable_after = d;
         self
     }
 
@@ -362,9 +385,21 @@ impl Client {
     }
 
     /// Ends a long-lived session at once (`end_session`): the bridge drops its
-    /// mailbox and closes with 1000, and the client stops.
-    pub fn end_session(&self) {
-        let _ = self.cmds.send(driver::Cmd::EndSession);
+    /// mailbox and closes with 1000, the stored key is forgotten, and the
+    /// client stops. Returns once the client is closed.
+    ///
+    /// [`ActionError::Refused`] when the bridge refuses it (e.g.
+    /// `backend_unavailable` while its store cannot write): the session and
+    /// its key stay, the client stays connected, and `end_session` may be
+    /// called again. [`ActionError::Closed`] when the connection ended before
+    /// the bridge confirmed it (the key is kept; the client stops, as it would
+    /// not resume a session the user ended), or the client was closed already.
+    /// Not connected: the key is forgotten and the client closes; the bridge
+    /// ends the session at its TTL.
+    pub async fn end_session(&self) -> Result<(), ActionError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(driver::Cmd::EndSession(tx)).map_err(|_| ActionError::Closed)?;
+        rx.await.unwrap_or(Err(ActionError::Closed))
     }
 
     /// Closes the connection (1000) and stops; a long-lived session stays

@@ -37,7 +37,7 @@ impl Backoff {
         self.next_delay_with(rand::random::<f64>())
     }
 
-    /// After a successful `hello`: the next failure starts from `min` again.
+    /// After a connection that was stable: the next failure starts from `min` again.
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
@@ -77,6 +77,81 @@ pub fn after_close(code: Option<u16>) -> AfterClose {
         Some(close::UNSUPPORTED_DATA | close::MESSAGE_TOO_BIG) => AfterClose::Stop,
         // 4003 (hello too late), 4004 (window stalled: the mailbox keeps all), 1001, 1006, ...
         _ => reconnect,
+    }
+}
+
+/// What to do once a connection ended: [`after_close`] plus how long to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconnect {
+    /// Connect again after `delay` (see [`AfterClose::Reconnect`]).
+    After {
+        delay: Duration,
+        rediscover: bool,
+        refresh_token: bool,
+    },
+    Stop,
+}
+
+/// The reconnect decision with its history, so that a token provider handing
+/// out an (almost) expired token cannot make the client hot-loop:
+///
+/// - the backoff is reset only by a connection that stayed up `stable_after`
+///   (not by `hello_reply`: the bridge may close at once after it);
+/// - 4002 after a connection that lived, or the first 4002: a new token and
+///   reconnect at once;
+/// - 4002 again after a 4002 refresh, the connection not having lived: a new
+///   token, through the backoff;
+/// - 4001 after a 4002 refresh (the provider handed an expired token): a new
+///   token through the backoff, at most `expired_token_retries` times in a
+///   row, then stop (a 4001 otherwise stops at once, as [`after_close`] says).
+///
+/// Pure: the caller says how long the connection lived and brings the jitter.
+#[derive(Debug, Clone)]
+pub struct ReconnectPolicy {
+    backoff: Backoff,
+    stable_after: Duration,
+    expired_token_retries: u32,
+    /// The last connection ran on a token fetched because of a 4002 (or a 4001 after one).
+    refreshed: bool,
+    expired_retries: u32,
+}
+
+impl ReconnectPolicy {
+    pub fn new(backoff: Backoff, stable_after: Duration, expired_token_retries: u32) -> ReconnectPolicy {
+        ReconnectPolicy { backoff, stable_after, expired_token_retries, refreshed: false, expired_retries: 0 }
+    }
+
+    /// `code`: the close code (`None`: no close frame); `lived`: how long the
+    /// connection was up after `hello_reply` (`None`: it never got there);
+    /// `jitter` in `[0, 1]`, for the backoff.
+    pub fn ended_with(&mut self, code: Option<u16>, lived: Option<Duration>, jitter: f64) -> Reconnect {
+        if lived.is_some_and(|l| l >= self.stable_after) {
+            self.backoff.reset();
+            self.refreshed = false;
+            self.expired_retries = 0;
+        }
+        if code == Some(close::TOKEN_EXPIRED) {
+            let again = std::mem::replace(&mut self.refreshed, true);
+            let delay = if again { self.backoff.next_delay_with(jitter) } else { Duration::ZERO };
+            return Reconnect::After { delay, rediscover: false, refresh_token: true };
+        }
+        if code == Some(close::UNAUTHORIZED) && self.refreshed && self.expired_retries < self.expired_token_retries {
+            self.expired_retries += 1;
+            let delay = self.backoff.next_delay_with(jitter);
+            return Reconnect::After { delay, rediscover: false, refresh_token: true };
+        }
+        self.refreshed = false;
+        self.expired_retries = 0;
+        match after_close(code) {
+            AfterClose::Stop => Reconnect::Stop,
+            AfterClose::Reconnect { rediscover, refresh_token } => {
+                Reconnect::After { delay: self.backoff.next_delay_with(jitter), rediscover, refresh_token }
+            }
+        }
+    }
+
+    pub fn ended(&mut self, code: Option<u16>, lived: Option<Duration>) -> Reconnect {
+        self.ended_with(code, lived, rand::random::<f64>())
     }
 }
 
@@ -191,6 +266,70 @@ mod tests {
         for stop in [close::NORMAL, close::UNAUTHORIZED, close::TAKEN_OVER, close::TOO_MANY_SESSIONS, 1003, 1009] {
             assert_eq!(after_close(Some(stop)), AfterClose::Stop, "{stop}");
         }
+    }
+
+    fn delay(r: Reconnect) -> Option<(u64, bool)> {
+        match r {
+            Reconnect::After { delay, refresh_token, .. } => {
+                Some((u64::try_from(delay.as_millis()).expect("small"), refresh_token))
+            }
+            Reconnect::Stop => None,
+        }
+    }
+
+    #[test]
+    fn token_expired_goes_at_once_after_a_connection_that_lived_and_through_the_backoff_after_a_refresh() {
+        let ms = |n: u64| Some(Duration::from_millis(n));
+        let mut p = ReconnectPolicy::new(Backoff::new(100 * MS, 800 * MS), Duration::from_secs(1), 3);
+        let mut end = |code: u16, lived: Option<Duration>| delay(p.ended_with(Some(code), lived, 1.0));
+        // A token that ran out on a connection that lived: a new one at once.
+        assert_eq!(end(4002, ms(60_000)), Some((0, true)));
+        // The provider's token was expired too: the bridge closed at once after hello_reply.
+        assert_eq!(end(4002, ms(0)), Some((100, true)));
+        assert_eq!(end(4002, ms(5)), Some((200, true)));
+        assert_eq!(end(4002, None), Some((400, true)));
+        assert_eq!(end(4002, ms(999)), Some((800, true)), "below stable_after: not lived");
+        // A connection that stayed up resets both the backoff and the refresh.
+        assert_eq!(end(4002, ms(1000)), Some((0, true)));
+        assert_eq!(end(4002, ms(0)), Some((100, true)));
+        // hello_reply alone resets nothing: a plain drop right after it continues the backoff...
+        assert_eq!(end(1006, ms(10)), Some((200, false)));
+        // ... and a first 4002 after that (no refresh before it) goes at once again.
+        assert_eq!(end(4002, ms(10)), Some((0, true)));
+    }
+
+    #[test]
+    fn unauthorized_after_a_refresh_is_retried_a_bounded_number_of_times_then_stops() {
+        let new = |retries| ReconnectPolicy::new(Backoff::new(100 * MS, 800 * MS), Duration::from_secs(1), retries);
+        let mut p = new(3);
+        assert_eq!(delay(p.ended_with(Some(4002), Some(Duration::from_secs(5)), 1.0)), Some((0, true)));
+        assert_eq!(delay(p.ended_with(Some(4001), None, 1.0)), Some((100, true)));
+        assert_eq!(delay(p.ended_with(Some(4001), None, 1.0)), Some((200, true)));
+        assert_eq!(delay(p.ended_with(Some(4001), None, 1.0)), Some((400, true)));
+        assert_eq!(p.ended_with(Some(4001), None, 1.0), Reconnect::Stop);
+        // Without a refresh before it, 4001 stops at once; so do the other final codes.
+        let mut q = new(3);
+        for code in [close::UNAUTHORIZED, close::NORMAL, 1003, 1009, close::TAKEN_OVER, close::TOO_MANY_SESSIONS] {
+            assert_eq!(q.ended_with(Some(code), Some(10 * MS), 1.0), Reconnect::Stop, "{code}");
+        }
+        // A provider that catches up: the count starts again once a connection lived.
+        let mut r = new(1);
+        let lived = Some(Duration::from_secs(5));
+        assert_ne!(r.ended_with(Some(4002), lived, 1.0), Reconnect::Stop);
+        assert_ne!(r.ended_with(Some(4001), None, 1.0), Reconnect::Stop);
+        assert_ne!(r.ended_with(Some(4002), lived, 1.0), Reconnect::Stop);
+        assert_ne!(r.ended_with(Some(4001), None, 1.0), Reconnect::Stop);
+        assert_eq!(r.ended_with(Some(4001), None, 1.0), Reconnect::Stop);
+        // Other codes keep after_close's meaning, with the backoff's delay.
+        let mut o = new(3);
+        assert_eq!(
+            o.ended_with(Some(close::SERVICE_RESTART), Some(10 * MS), 1.0),
+            Reconnect::After { delay: 100 * MS, rediscover: true, refresh_token: false }
+        );
+        assert_eq!(
+            o.ended_with(None, None, 1.0),
+            Reconnect::After { delay: 200 * MS, rediscover: false, refresh_token: false }
+        );
     }
 
     #[test]

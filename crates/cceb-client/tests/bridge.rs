@@ -368,3 +368,157 @@ async fn a_connection_speaks_the_contract_typed_both_ways() {
     // Every read after the close says so again.
     assert!(matches!(next(&mut conn).await, Err(Error::Closed { code: Some(1000), .. })));
 }
+
+#[tokio::test]
+async fn a_provider_that_keeps_handing_out_the_same_expired_token_does_not_hot_loop_and_stops_after_bounded_retries() {
+    let b = TestBridge::start().await;
+    // Valid for about a second, then expired: always the same one.
+    let stale = token_ttl("a1", Duration::from_secs(1));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let (_client, mut events) = fast(b.ws_url())
+        .token_provider(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let t = stale.clone();
+            async move { Ok::<_, String>(t) }
+        })
+        .build();
+    let (mut attempts, mut downs) = (0usize, Vec::new());
+    let closed = loop {
+        match tokio::time::timeout(PATIENCE, events.recv()).await.expect("an event in time") {
+            Some(Event::State(State::Connecting)) => attempts += 1,
+            Some(Event::State(State::Disconnected { code })) => downs.push(code),
+            Some(Event::State(_)) => {}
+            Some(Event::Closed { code, .. }) => break code,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(closed, Some(4001), "{downs:?}");
+    // Before the fix: a reconnect at once after every 4002, hundreds of hellos per second.
+    assert!(attempts < 30, "{attempts} connection attempts: {downs:?}");
+    assert!(downs.contains(&Some(4002)), "{downs:?}");
+    // 4001 right after the refresh: retried 3 times through the backoff, then the stop.
+    assert_eq!(downs.iter().filter(|c| **c == Some(4001)).count(), 4, "{downs:?}");
+    // The provider was asked again for each retry.
+    assert_eq!(calls.load(Ordering::SeqCst), attempts, "{downs:?}");
+}
+
+#[tokio::test]
+async fn end_session_resolves_once_the_bridge_ended_the_session_and_forgets_the_key() {
+    let b = TestBridge::start().await;
+    let keys = Arc::new(cceb_client::MemoryKeyStore::default());
+    let (client, _events) = fast(b.ws_url()).token(token("a1")).long_lived(true).key_store(keys.clone()).build();
+    connected(&client).await;
+    assert!(cceb_client::KeyStore::load(&*keys).is_some());
+    tokio::time::timeout(PATIENCE, client.end_session()).await.expect("in time").expect("ended");
+    assert_eq!(client.state(), State::Closed);
+    assert_eq!(cceb_client::KeyStore::load(&*keys), None);
+}
+
+/// A fake bridge on loopback: answers `hello`, and each `end_session` as `on_end` says
+/// (`true`: ack and close 1000; `false`: refuse with `backend_unavailable`).
+async fn fake_bridge(on_end: Vec<bool>) -> (String, Arc<AtomicUsize>) {
+    use cceb_client::tungstenite::Message;
+    use futures_util::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("ws://{}/ws/v1", listener.local_addr().expect("addr"));
+    let hellos = Arc::new(AtomicUsize::new(0));
+    let count = hellos.clone();
+    tokio::spawn(async move {
+        let mut answers = on_end.into_iter();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { continue };
+            while let Some(Ok(Message::Text(t))) = ws.next().await {
+                let m: Value = serde_json::from_str(&t).expect("json");
+                let uuid = m["uuid"].clone();
+                let reply = match m["type"].as_str() {
+                    Some("hello") => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        json!({"type": "hello_reply", "uuid": uuid, "data": {
+                            "session_id": "s1", "session_key": "k1", "resumed": false, "long_lived": true,
+                            "auto_accept": false, "session_ttl_seconds": 600, "heartbeat_interval_seconds": 25,
+                            "agent": {"tenant_guid": "t1", "agent_guid": "a1", "ir_instance": "ir-1"}}})
+                    }
+                    Some("end_session") if answers.next() == Some(true) => {
+                        let ack = json!({"type": "ack", "uuid": uuid}).to_string();
+                        let _ = ws.send(Message::text(ack)).await;
+                        let frame = cceb_client::tungstenite::protocol::CloseFrame {
+                            code: 1000.into(),
+                            reason: "session ended".into(),
+                        };
+                        let _ = ws.close(Some(frame)).await;
+                        break;
+                    }
+                    Some("end_session") => json!({"type": "error", "uuid": uuid,
+                        "data": {"code": "backend_unavailable", "message": "the store cannot write"}}),
+                    _ => continue,
+                };
+                let _ = ws.send(Message::text(reply.to_string())).await;
+            }
+        }
+    });
+    (url, hellos)
+}
+
+#[tokio::test]
+async fn end_session_refused_by_the_bridge_is_an_error_the_session_and_its_key_stay_and_the_next_one_ends_it() {
+    let (url, hellos) = fake_bridge(vec![false, true]).await;
+    let keys = Arc::new(cceb_client::MemoryKeyStore::default());
+    let (client, _events) = fast(url).token("t").long_lived(true).key_store(keys.clone()).build();
+    connected(&client).await;
+    let refused = tokio::time::timeout(PATIENCE, client.end_session()).await.expect("an answer in time");
+    match refused {
+        Err(ActionError::Refused { code: ErrorCode::BackendUnavailable, .. }) => {}
+        other => panic!("expected backend_unavailable, got {other:?}"),
+    }
+    assert_eq!(cceb_client::KeyStore::load(&*keys).as_deref(), Some("k1"), "the session lives on");
+    assert!(matches!(client.state(), State::Connected { .. }), "{:?}", client.state());
+    tokio::time::timeout(PATIENCE, client.end_session()).await.expect("in time").expect("ended");
+    assert_eq!(client.state(), State::Closed);
+    assert_eq!(cceb_client::KeyStore::load(&*keys), None);
+    assert_eq!(hellos.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn end_session_whose_connection_drops_unconfirmed_is_closed_keeps_the_key_and_stops() {
+    use tokio::io::AsyncReadExt;
+    // Hands the client to the fake bridge through a TCP hop that is cut once end_session is sent.
+    let (url, hellos) = fake_bridge(vec![]).await;
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let front_url = format!("ws://{}/ws/v1", front.local_addr().expect("addr"));
+    let back = url.trim_start_matches("ws://").trim_end_matches("/ws/v1").to_owned();
+    tokio::spawn(async move {
+        let Ok((mut down, _)) = front.accept().await else { return };
+        let Ok(mut up) = tokio::net::TcpStream::connect(&back).await else { return };
+        let (mut dr, mut dw) = down.split();
+        let (mut ur, mut uw) = up.split();
+        let upward = async {
+            let mut buf = vec![0u8; 4096];
+            let mut frames = 0;
+            loop {
+                let Ok(n) = dr.read(&mut buf).await else { return };
+                if n == 0 {
+                    return;
+                }
+                // The HTTP upgrade, then hello: the next frame is end_session, and it is lost with the connection.
+                frames += 1;
+                if frames > 2 {
+                    return;
+                }
+                if tokio::io::AsyncWriteExt::write_all(&mut uw, &buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let downward = tokio::io::copy(&mut ur, &mut dw);
+        tokio::select! { _ = upward => {}, _ = downward => {} }
+    });
+    let keys = Arc::new(cceb_client::MemoryKeyStore::default());
+    let (client, _events) = fast(front_url).token("t").long_lived(true).key_store(keys.clone()).build();
+    connected(&client).await;
+    let r = tokio::time::timeout(PATIENCE, client.end_session()).await.expect("an answer in time");
+    assert_eq!(r, Err(ActionError::Closed));
+    assert_eq!(client.state(), State::Closed);
+    assert_eq!(cceb_client::KeyStore::load(&*keys).as_deref(), Some("k1"));
+    assert_eq!(hellos.load(Ordering::SeqCst), 1, "no new session behind the user's back");
+}
