@@ -226,7 +226,9 @@ function start(): void {
   selectAction(select.value);
   $('connect').addEventListener('click', connect);
   $('disconnect').addEventListener('click', () => client?.close());
-  $('end-session').addEventListener('click', () => void client?.endSession());
+  $('end-session').addEventListener('click', () =>
+    void client?.endSession().catch((e: unknown) => showError(`end session: ${String(e)}`)),
+  );
   $('mint-button').addEventListener('click', () => void mint().catch((e: unknown) => showError(`mint: ${String(e)}`)));
   $('send').addEventListener('click', send);
   void offerMint();
