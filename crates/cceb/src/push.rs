@@ -87,11 +87,15 @@ async fn send_loop(
 ) {
     let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     loop {
+        // A slot first: an announcement leaves the queue only to be sent, so
+        // at most `concurrency` in flight plus `queue` waiting are held.
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let a = tokio::select! {
+            // Nothing queued is started once the bridge stops.
+            biased;
             _ = stop.cancelled() => return,
             a = rx.recv() => match a { Some(a) => a, None => return },
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let (client, settings, metrics, stop) = (client.clone(), settings.clone(), metrics.clone(), stop.clone());
         tasks.spawn(async move {
             let outcome = tokio::select! {
@@ -125,4 +129,70 @@ async fn deliver(client: &reqwest::Client, s: &WebhookSettings, a: &Announcement
         }
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announcement(n: usize) -> Announcement {
+        Announcement {
+            token: "device".into(),
+            session_id: "s".into(),
+            ty: NotificationType::Presence,
+            uuid: format!("u-{n}"),
+        }
+    }
+
+    fn pushed(metrics: &Metrics, outcome: &str) -> f64 {
+        let series = format!("cceb_push_announcements_total{{outcome=\"{outcome}\"}} ");
+        let text = metrics.render();
+        text.lines().find_map(|l| l.strip_prefix(series.as_str())?.parse().ok()).unwrap_or(0.0)
+    }
+
+    #[tokio::test]
+    async fn past_the_one_in_flight_and_a_full_queue_announcements_are_shed_and_counted() {
+        // Accepts connections and never answers: the first announcement stays in flight.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/push", silent.local_addr().expect("addr"));
+        let (accepted, mut in_flight) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = silent.accept().await {
+                let _ = accepted.send(socket);
+            }
+        });
+        let metrics = Arc::new(Metrics::new([]));
+        let (tasks, stop) = (TaskTracker::new(), CancellationToken::new());
+        let settings = WebhookSettings {
+            url,
+            bearer: None,
+            attempts: 1,
+            first_backoff: Duration::from_millis(10),
+            timeout: Duration::from_secs(60),
+            queue: 1,
+            concurrency: 1,
+        };
+        let webhook = Webhook::start(settings, metrics.clone(), &tasks, stop.clone()).expect("starts");
+
+        webhook.announce(announcement(0));
+        let first = tokio::time::timeout(Duration::from_secs(10), in_flight.recv()).await;
+        let _first = first.expect("the first announcement is sent").expect("accepted");
+        assert_eq!(pushed(&metrics, "shed"), 0.0);
+        // One waits in the queue; the next three find it full.
+        for n in 1..=4 {
+            webhook.announce(announcement(n));
+        }
+        assert_eq!(pushed(&metrics, "shed"), 3.0, "one queued, three shed");
+        // However long the one in flight takes, the queued one waits in the
+        // queue for a slot (it does not leave it to wait elsewhere).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        webhook.announce(announcement(5));
+        assert_eq!(pushed(&metrics, "shed"), 4.0, "the queue is still full");
+
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        assert_eq!(pushed(&metrics, "cancelled"), 1.0, "the one in flight ends with the bridge");
+        assert_eq!(pushed(&metrics, "sent") + pushed(&metrics, "failed"), 0.0);
+    }
 }

@@ -305,3 +305,51 @@ async fn an_action_refused_as_rate_limited_is_published_when_retried_with_the_sa
     let states: Vec<Value> = b.published().await.iter().map(|r| r["value"]["state"].clone()).collect();
     assert_eq!(states, [json!("Away"), json!("Available")], "the retry is published, once");
 }
+
+#[tokio::test]
+async fn past_max_pending_actions_behind_the_one_in_flight_an_action_is_refused_as_rate_limited() {
+    const MAX_PENDING: usize = 2;
+    // The default burst (100) is far from spent: only the queue refuses.
+    let b = TestBridge::with(|s| s.max_pending_actions = MAX_PENDING).await;
+    if b.skip_on_kafka("the action in flight is held by the embedded bus's hold switch") {
+        return;
+    }
+    let (mut c, _) = b.agent("t", "a").await;
+    let action = |n: usize| json!({"type":"action","uuid": format!("q-{n}"),"data":{"action":"UpdateInteractionEvent","action_details":{"interactionId": format!("i-{n}")}}});
+    b.set_bus_hold(true).await;
+    c.send(action(0)).await;
+    tokio::time::timeout(PATIENCE, async {
+        while b.bus_switches().await["waiting"] != 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the first action's publish reaches the bus");
+    // MAX_PENDING wait behind it; the two after them are refused at once, while it is still held.
+    for n in 1..=MAX_PENDING + 2 {
+        c.send(action(n)).await;
+    }
+    let refused: Vec<(String, ErrorCode)> = c
+        .round_trip("while-held")
+        .await
+        .into_iter()
+        .map(|m| match m {
+            ServerMessage::Error { uuid, error } => (uuid, error.code),
+            other => panic!("only refusals while the first action is held, got {other:?}"),
+        })
+        .collect();
+    let expected: Vec<(String, ErrorCode)> =
+        (MAX_PENDING + 1..=MAX_PENDING + 2).map(|n| (format!("q-{n}"), ErrorCode::RateLimited)).collect();
+    assert_eq!(refused, expected, "the actions past the queue are refused, the queued ones wait");
+    assert!(b.published().await.is_empty(), "nothing is published while the bus holds");
+    b.set_bus_hold(false).await;
+    for n in 0..=MAX_PENDING {
+        c.expect_ack(&format!("q-{n}")).await;
+    }
+    // A refused action took no uuid: retried, it is published.
+    c.send(action(MAX_PENDING + 1)).await;
+    c.expect_ack(&format!("q-{}", MAX_PENDING + 1)).await;
+    let ids: Vec<String> =
+        b.published().await.iter().map(|r| r["value"]["interactionId"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(ids, ["i-0", "i-1", "i-2", "i-3"], "the queued ones in order, the retry after them; q-4 never");
+}

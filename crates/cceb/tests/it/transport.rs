@@ -182,3 +182,59 @@ async fn abuse_from_one_client_leaves_the_others_unharmed() {
     good.ack(&uuid).await;
     assert_eq!(b.http.get(b.url("/healthz")).send().await.expect("answers").status().as_u16(), 200);
 }
+
+/// Most bytes the kernel buffers for a socket it sends on (Linux autotunes
+/// the send buffer up to `tcp_wmem`'s maximum); 4 MiB, the usual maximum,
+/// where that cannot be read.
+fn max_send_buffer() -> usize {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|v| v.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 * 1024 * 1024)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_disconnected_after_the_write_timeout() {
+    const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
+    // One notification more than the bridge's send buffer and the client's
+    // (pinned small below) can hold together: its write cannot finish.
+    let size = max_send_buffer() + 1024 * 1024;
+    let b = TestBridge::with(|s| {
+        s.write_timeout_ms = WRITE_TIMEOUT.as_millis() as u64;
+        s.max_notification_bytes = size + 1024;
+        s.backend_max_body_bytes = 2 * size;
+    })
+    .await;
+    if b.skip_on_kafka(
+        "megabytes in one record, past a broker's default limit; the write timeout does not depend on the bus",
+    ) {
+        return;
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    // A fixed receive buffer: the kernel does not grow it for a client that does not read.
+    socket.set_recv_buffer_size(16 * 1024).expect("SO_RCVBUF");
+    let stream = socket.connect(b.addr).await.expect("connects");
+    let (mut deaf, _) = tokio_tungstenite::client_async(b.ws_url(), stream).await.expect("upgrade");
+    let hello = json!({"type": "hello", "uuid": "h", "data": {"token": token("t", "deaf")}});
+    futures_util::SinkExt::send(&mut deaf, Message::text(hello.to_string())).await.expect("sent");
+    let reply = tokio::time::timeout(PATIENCE, futures_util::StreamExt::next(&mut deaf)).await.expect("answered");
+    let reply: Value =
+        serde_json::from_str(reply.expect("a frame").expect("a frame").to_text().expect("text")).expect("json");
+    assert_eq!(reply["type"], "hello_reply", "{reply}");
+    assert_eq!(b.metric("cceb_connections").await, 1.0);
+
+    // From here on the client reads nothing.
+    let started = tokio::time::Instant::now();
+    b.event("AgentPresenceEvent", json!({"tenantGuid": "t", "agentGuid": "deaf", "state": "x".repeat(size)})).await;
+    tokio::time::timeout(PATIENCE, async {
+        while b.metric("cceb_connections").await > 0.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the bridge drops a client that does not read");
+    assert!(started.elapsed() >= WRITE_TIMEOUT, "dropped after {:?}, before the write timeout", started.elapsed());
+    // The session was detached before the connection was uncounted; a short-lived one ends with it.
+    assert_eq!(b.metric("cceb_sessions").await, 0.0);
+    drop(deaf);
+}
