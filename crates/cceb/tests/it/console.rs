@@ -87,5 +87,9 @@ async fn serve_dev_with_a_configured_secret_neither_mints_nor_prints_it() {
         .expect("answers");
     assert_eq!(r.status().as_u16(), 404, "no minting with a secret the run did not make");
     assert!(child.lines.iter().all(|l| !l.contains(secret)), "{:?}", child.lines);
-    assert!(child.lines.iter().any(|l| l.contains("CCEB_JWT_HS256_SECRET=(configured, not shown)")), "{:?}", child.lines);
+    assert!(
+        child.lines.iter().any(|l| l.contains("CCEB_JWT_HS256_SECRET=(configured, not shown)")),
+        "{:?}",
+        child.lines
+    );
 }
