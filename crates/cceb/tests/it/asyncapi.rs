@@ -7,7 +7,7 @@ use cceb::schema::SchemaSet;
 use cceb_protocol::NotificationType;
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// GETs `path` without a token: both documents are public.
 async fn get(bridge: &TestBridge, path: &str) -> Value {
@@ -75,8 +75,7 @@ async fn the_asyncapi_document_and_the_schema_set_are_served_without_a_token_and
 
 #[tokio::test]
 async fn both_documents_follow_the_schema_set_the_bridge_loaded() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    copy(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas"), dir.path());
+    let dir = copy_default_set();
     let extra = json!({"type": "record", "name": "ExtraNoteEvent", "namespace": "cceb.records", "doc": "A test action.",
         "fields": [{"name": "tenantGuid", "type": "string"}, {"name": "agentGuid", "type": "string"},
             {"name": "irInstance", "type": "string"}, {"name": "note", "type": ["null", "string"], "default": null}]});
@@ -104,17 +103,4 @@ fn docs_asyncapi_json_is_what_the_built_in_set_generates() {
         committed == generated,
         "docs/asyncapi.json is stale: regenerate it with `cargo run -p cceb -- asyncapi > docs/asyncapi.json`"
     );
-}
-
-fn copy(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read") {
-        let p = e.expect("entry").path();
-        let dest = to.join(p.file_name().expect("name"));
-        if p.is_dir() {
-            copy(&p, &dest);
-        } else {
-            std::fs::copy(&p, &dest).expect("copy");
-        }
-    }
 }

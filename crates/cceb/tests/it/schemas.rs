@@ -3,27 +3,7 @@
 use crate::support::*;
 use cceb::Bridge;
 use serde_json::json;
-use std::path::{Path, PathBuf};
-
-fn copy_default_set() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../schemas");
-    copy(&src, dir.path());
-    dir
-}
-
-fn copy(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("mkdir");
-    for e in std::fs::read_dir(from).expect("read") {
-        let p = e.expect("entry").path();
-        let dest = to.join(p.file_name().expect("name"));
-        if p.is_dir() {
-            copy(&p, &dest);
-        } else {
-            std::fs::copy(&p, &dest).expect("copy");
-        }
-    }
-}
+use std::path::Path;
 
 async fn start_error(dir: &Path) -> String {
     let mut s = test_settings();
