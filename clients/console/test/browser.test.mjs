@@ -44,7 +44,8 @@ async function bridge(args, env = {}) {
       CCEB_LISTEN: '127.0.0.1:0',
       CCEB_BACKEND_LISTEN: '127.0.0.1:0',
       CCEB_DATA_DIR: tempDir(),
-      CCEB_JWT_HS256_SECRET: SECRET,
+      // --dev mints only with a secret it made itself.
+      ...(args.includes('--dev') ? {} : { CCEB_JWT_HS256_SECRET: SECRET }),
       CCEB_ADMIN_TOKEN: ADMIN,
       CCEB_LOG: 'warn',
       ...env,
