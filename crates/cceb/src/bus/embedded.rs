@@ -151,10 +151,12 @@ impl EmbeddedBus {
     /// Waits out the delay and the hold, counted in `waiting` meanwhile.
     async fn wait_switches(&self) {
         let delay = self.delay_ms.load(Ordering::SeqCst);
-        let mut hold = self.hold.subscribe();
-        if delay == 0 && !*hold.borrow_and_update() {
+        // Every publish passes here: no receiver is made unless a switch is on.
+        if delay == 0 && !*self.hold.borrow() {
             return;
         }
+        // A release between the check and here is still seen: `wait_for` looks at the value first.
+        let mut hold = self.hold.subscribe();
         self.waiting.fetch_add(1, Ordering::SeqCst);
         // Counted down however the publish ends (its caller may give up on it).
         let _counted = Waiting(&self.waiting);
