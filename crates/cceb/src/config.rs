@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Settings whose environment value is taken verbatim, never parsed.
-const TEXT_SETTINGS: [&str; 22] = [
+const TEXT_SETTINGS: [&str; 24] = [
     "public_url",
     "node_id",
     "jwt_hs256_secret",
@@ -23,6 +23,8 @@ const TEXT_SETTINGS: [&str; 22] = [
     "jwt_audience",
     "admin_token",
     "data_dir",
+    "redis_url",
+    "redis_prefix",
     "schema_dir",
     "source_name",
     "push_webhook_url",
@@ -49,6 +51,15 @@ pub enum BusKind {
     Embedded,
     /// Only in a build with the cargo feature `kafka` (the default); refused otherwise.
     Kafka,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In this process, journaled to SQLite under `data_dir`: one node.
+    Embedded,
+    /// Redis (`redis_url`): state shared by every node of a cluster.
+    Redis,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,8 +114,21 @@ pub struct Settings {
     pub jwt_issuer: Option<String>,
     pub jwt_audience: Option<String>,
     pub admin_token: Option<String>,
+    pub store: StoreKind,
     /// Where the embedded store keeps its SQLite database.
     pub data_dir: PathBuf,
+    /// `redis://` or `rediss://` URL of one Redis, or a comma-separated list
+    /// of seed nodes of a Redis Cluster.
+    pub redis_url: String,
+    /// Prefix of every key and channel: bridges of separate clusters may share one Redis.
+    pub redis_prefix: String,
+    /// Longest wait for one Redis reply or connection attempt.
+    pub redis_timeout_ms: u64,
+    /// How often a node renews its membership (cluster on Redis).
+    pub node_heartbeat_ms: u64,
+    /// How long a node stays a member without renewing: a dead node stops
+    /// being offered by discovery after this.
+    pub node_ttl_ms: u64,
     /// Directory of `.avsc` files and `mapping.toml`; the built-in set when unset.
     pub schema_dir: Option<PathBuf>,
     pub hello_timeout_ms: u64,
@@ -201,7 +225,13 @@ impl Default for Settings {
             jwt_issuer: None,
             jwt_audience: None,
             admin_token: None,
+            store: StoreKind::Embedded,
             data_dir: PathBuf::from("./cceb-data"),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_prefix: "cceb".into(),
+            redis_timeout_ms: 2000,
+            node_heartbeat_ms: 1000,
+            node_ttl_ms: 5000,
             schema_dir: None,
             hello_timeout_ms: 10_000,
             ack_timeout_ms: 10_000,
@@ -294,6 +324,9 @@ impl Settings {
             ("max_notification_bytes", self.max_notification_bytes as u64),
             ("kafka_publish_timeout_ms", self.kafka_publish_timeout_ms),
             ("jwt_jwks_file_poll_ms", self.jwt_jwks_file_poll_ms),
+            ("redis_timeout_ms", self.redis_timeout_ms),
+            ("node_heartbeat_ms", self.node_heartbeat_ms),
+            ("node_ttl_ms", self.node_ttl_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::Invalid(format!("{name} must be greater than 0")));
@@ -313,6 +346,9 @@ impl Settings {
             ("shutdown_grace_ms", self.shutdown_grace_ms, DAY_MS),
             ("push_webhook_backoff_ms", self.push_webhook_backoff_ms, DAY_MS),
             ("jwt_jwks_file_poll_ms", self.jwt_jwks_file_poll_ms, DAY_MS),
+            ("redis_timeout_ms", self.redis_timeout_ms, DAY_MS),
+            ("node_heartbeat_ms", self.node_heartbeat_ms, DAY_MS),
+            ("node_ttl_ms", self.node_ttl_ms, DAY_MS),
             ("jwt_jwks_min_refresh_seconds", self.jwt_jwks_min_refresh_seconds, DAY_MS / 1000),
             ("session_ttl_seconds", self.session_ttl_seconds, YEAR_S),
             ("dedup_window_seconds", self.dedup_window_seconds, YEAR_S),
@@ -323,6 +359,15 @@ impl Settings {
         }
         if self.bus == BusKind::Kafka && !cfg!(feature = "kafka") {
             return Err(ConfigError::Invalid(format!("bus = \"kafka\" (CCEB_BUS): {}", NO_KAFKA)));
+        }
+        if self.node_ttl_ms <= self.node_heartbeat_ms {
+            return Err(ConfigError::Invalid(format!(
+                "node_ttl_ms ({}) must be greater than node_heartbeat_ms ({}): a live node would drop out between two heartbeats",
+                self.node_ttl_ms, self.node_heartbeat_ms
+            )));
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(['{', '}']) {
+            return Err(ConfigError::Invalid("redis_prefix must be non-empty, without `{` or `}`".into()));
         }
         if self.mailbox_capacity < self.max_unacked {
             return Err(ConfigError::Invalid(format!(

@@ -12,6 +12,7 @@ pub mod config;
 mod conn;
 pub mod fault;
 pub mod http;
+pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod notify;
