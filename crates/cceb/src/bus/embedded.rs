@@ -1,18 +1,21 @@
-//! The embedded bus: published actions go to an in-memory log, bounded by
-//! count and by bytes, that the backend port serves with long-polling; events
-//! arrive on the backend port.
+//! The embedded bus: published actions go to a log, bounded by count (and, in
+//! memory, by bytes), that the backend port serves with long-polling; events
+//! arrive on the backend port. On one node the log is in memory; on the Redis
+//! store it is a Redis stream, so the backend port of any node serves the
+//! actions published by every node, under one sequence of offsets.
 
 use super::{Bus, BusError, OutRecord};
 use crate::fault::ErrorKind;
+use crate::kv::{self, Kv};
 use crate::schema::convert::{to_json, Keys};
 use crate::sync::lock;
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -70,7 +73,9 @@ struct Log {
 pub struct EmbeddedBus {
     log: Mutex<Log>,
     limits: LogLimits,
-    /// Offset of the newest record; long-polls wait on it.
+    /// When set, the log is this Redis stream rather than `log`.
+    shared: Option<SharedLog>,
+    /// Offset of the newest record this node published; long-polls wait on it.
     last: watch::Sender<u64>,
     accepting: AtomicBool,
     /// Milliseconds each publish waits before it is taken: a slow broker.
@@ -102,6 +107,7 @@ impl EmbeddedBus {
         EmbeddedBus {
             log: Mutex::new(Log { first: 1, ..Log::default() }),
             limits,
+            shared: None,
             last: watch::Sender::new(0),
             accepting: AtomicBool::new(true),
             delay_ms: AtomicU64::new(0),
@@ -115,6 +121,18 @@ impl EmbeddedBus {
     /// bridge's shutdown), so the actions in flight finish within the grace.
     pub fn released_by(mut self, stop: CancellationToken) -> Self {
         self.stop = stop;
+        self
+    }
+
+    /// Keeps the log in a Redis stream shared by every node on `kv`, trimmed
+    /// to the newest `limits.records` (the byte bound is Redis's memory).
+    pub fn shared_in(mut self, kv: &Kv) -> Self {
+        self.shared = Some(SharedLog {
+            conn: kv.conn(),
+            stream: kv.key("{actions}:log"),
+            counter: kv.key("{actions}:offset"),
+            append: redis::Script::new(APPEND),
+        });
         self
     }
 
@@ -171,8 +189,11 @@ impl EmbeddedBus {
     }
 
     /// Records after `after`, at most `limit`, waiting up to `wait` for the first.
-    pub async fn read_after(&self, after: u64, limit: usize, wait: Duration) -> Page {
+    pub async fn read_after(&self, after: u64, limit: usize, wait: Duration) -> Result<Page, BusError> {
         let mut rx = self.last.subscribe();
+        if let Some(shared) = &self.shared {
+            return self.read_shared(shared, rx, after, limit, wait).await;
+        }
         if *rx.borrow_and_update() <= after && !wait.is_zero() {
             let _ = tokio::time::timeout(wait, rx.wait_for(|&last| last > after)).await;
         }
@@ -182,7 +203,105 @@ impl EmbeddedBus {
         let start = usize::try_from(skip).unwrap_or(usize::MAX).min(log.records.len());
         let records: Vec<Arc<LoggedRecord>> = log.records.range(start..).take(limit).cloned().collect();
         let next = records.last().map_or(after, |r| r.offset);
-        Page { next, records }
+        Ok(Page { next, records })
+    }
+
+    /// The shared log's long-poll: a publish on this node wakes it at once,
+    /// one on another node at the next look ([`SHARED_POLL`]). Not a blocking
+    /// `XREAD`: it would hold up every other command on the shared connection.
+    async fn read_shared(
+        &self,
+        shared: &SharedLog,
+        mut rx: watch::Receiver<u64>,
+        after: u64,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<Page, BusError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let page = shared.range(after, limit).await?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !page.records.is_empty() || left.is_zero() {
+                return Ok(page);
+            }
+            let _ = tokio::time::timeout(left.min(SHARED_POLL), rx.changed()).await;
+        }
+    }
+}
+
+/// How often a long-poll of the shared log looks for other nodes' records.
+const SHARED_POLL: Duration = Duration::from_millis(50);
+
+/// Appends a record under the next offset, atomically (both keys share a slot).
+const APPEND: &str = r"
+local offset = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], offset .. '-0', 'r', ARGV[2])
+return offset
+";
+
+/// The log as a Redis stream: entry ids `<offset>-0`, offsets from a counter
+/// beside it.
+struct SharedLog {
+    conn: kv::Conn,
+    stream: String,
+    counter: String,
+    append: redis::Script,
+}
+
+/// A record as the shared log keeps it (the offset is its entry id).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    key: String,
+    record: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<String>,
+    value: Box<RawValue>,
+}
+
+fn redis_error(e: redis::RedisError) -> BusError {
+    BusError::new(kv::error_kind(&e), e)
+}
+
+impl SharedLog {
+    async fn append(&self, stored: &Stored, capacity: usize) -> Result<u64, BusError> {
+        let text = serde_json::to_string(stored)
+            .map_err(|e| BusError::new(ErrorKind::Rejected, format!("cannot serialise the record: {e}")))?;
+        let mut conn = self.conn.clone();
+        let mut call = self.append.key(&self.stream);
+        call.key(&self.counter).arg(capacity).arg(text);
+        call.invoke_async(&mut conn).await.map_err(redis_error)
+    }
+
+    async fn range(&self, after: u64, limit: usize) -> Result<Page, BusError> {
+        let mut conn = self.conn.clone();
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&self.stream)
+            .arg(format!("({after}-0"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit)
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_error)?;
+        let mut records = Vec::with_capacity(reply.ids.len());
+        for entry in reply.ids {
+            let offset = entry.id.split_once('-').and_then(|(n, _)| n.parse::<u64>().ok());
+            let text: Option<String> = entry.get("r");
+            let stored = text.as_deref().and_then(|t| serde_json::from_str::<Stored>(t).ok());
+            match (offset, stored) {
+                (Some(offset), Some(s)) => records.push(Arc::new(LoggedRecord {
+                    key: s.key,
+                    offset,
+                    record: s.record,
+                    traceparent: s.traceparent,
+                    value: s.value,
+                })),
+                // Not written by a bridge: skipped, never served half-read.
+                _ => tracing::warn!(stream = %self.stream, id = %entry.id, "unreadable entry in the shared action log"),
+            }
+        }
+        let next = records.last().map_or(after, |r| r.offset);
+        Ok(Page { next, records })
     }
 }
 
@@ -204,6 +323,13 @@ impl Bus for EmbeddedBus {
         self.wait_switches().await;
         let value = serde_json::value::to_raw_value(&to_json(&record.value, Keys::AsIs))
             .map_err(|e| BusError::new(ErrorKind::Rejected, format!("cannot serialise the record: {e}")))?;
+        if let Some(shared) = &self.shared {
+            let traceparent = record.traceparent.map(|t| t.to_string());
+            let stored = Stored { key: record.key, record: record.record, traceparent, value };
+            let offset = shared.append(&stored, self.limits.records).await?;
+            self.last.send_modify(|last| *last = (*last).max(offset));
+            return Ok(());
+        }
         let mut log = lock(&self.log);
         let offset = *self.last.borrow() + 1;
         let traceparent = record.traceparent.map(|t| t.to_string());
@@ -251,7 +377,7 @@ mod tests {
             assert_eq!(log.bytes, log.records.iter().map(|r| r.size()).sum::<usize>());
             assert_eq!(log.first + log.records.len() as u64 - 1, n);
         }
-        let all = bus.read_after(0, 10_000, Duration::ZERO).await;
+        let all = bus.read_after(0, 10_000, Duration::ZERO).await.expect("page");
         let kept = offsets(&all);
         assert!(kept.len() >= 8 && kept.len() < 10, "records of about 1 KiB in 10 000 bytes: {kept:?}");
         assert_eq!(kept, (51 - kept.len() as u64..=50).collect::<Vec<_>>(), "the newest, in order");
@@ -259,17 +385,17 @@ mod tests {
         for (r, n) in all.records.iter().zip(&kept) {
             assert!(r.value.get().contains(&format!("{n:04}")), "offset {n} holds record {n}");
         }
-        let page = bus.read_after(45, 2, Duration::ZERO).await;
+        let page = bus.read_after(45, 2, Duration::ZERO).await.expect("page");
         assert_eq!((offsets(&page), page.next), (vec![46, 47], 47));
-        let page = bus.read_after(47, 1000, Duration::ZERO).await;
+        let page = bus.read_after(47, 1000, Duration::ZERO).await.expect("page");
         assert_eq!((offsets(&page), page.next), (vec![48, 49, 50], 50));
         for after in [50, u64::MAX] {
-            let page = bus.read_after(after, 1000, Duration::ZERO).await;
+            let page = bus.read_after(after, 1000, Duration::ZERO).await.expect("page");
             assert_eq!((offsets(&page), page.next), (vec![], after));
         }
         // A record larger than the bound is kept alone rather than lost.
         bus.publish(action(&"y".repeat(20_000))).await.expect("published");
-        assert_eq!(offsets(&bus.read_after(0, 1000, Duration::ZERO).await), [51]);
+        assert_eq!(offsets(&bus.read_after(0, 1000, Duration::ZERO).await.expect("page")), [51]);
     }
 
     #[tokio::test]
@@ -278,14 +404,14 @@ mod tests {
         for n in 0..10 {
             bus.publish(action(&n.to_string())).await.expect("published");
         }
-        assert_eq!(offsets(&bus.read_after(2, 1000, Duration::ZERO).await), [8, 9, 10]);
+        assert_eq!(offsets(&bus.read_after(2, 1000, Duration::ZERO).await.expect("page")), [8, 9, 10]);
     }
 
     #[tokio::test]
     async fn a_page_is_written_as_the_backend_port_always_wrote_it() {
         let bus = EmbeddedBus::new(LogLimits { records: 10, bytes: 1 << 20 });
         bus.publish(action("i-\"1\"")).await.expect("published");
-        let page = bus.read_after(0, 10, Duration::ZERO).await;
+        let page = bus.read_after(0, 10, Duration::ZERO).await.expect("page");
         let before = json!({"next": 1, "records": [{
             "offset": 1, "record": "AcceptInteractionEvent", "key": "a1", "value": {"interactionId": "i-\"1\""},
         }]});
@@ -297,7 +423,7 @@ mod tests {
         let bus = EmbeddedBus::new(LogLimits { records: 10, bytes: 1 << 20 });
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         bus.publish(OutRecord { traceparent: tp.parse().ok(), ..action("i") }).await.expect("published");
-        let page = bus.read_after(0, 10, Duration::ZERO).await;
+        let page = bus.read_after(0, 10, Duration::ZERO).await.expect("page");
         let want = json!({"next": 1, "records": [{
             "offset": 1, "record": "AcceptInteractionEvent", "key": "a1", "traceparent": tp,
             "value": {"interactionId": "i"},

@@ -189,9 +189,16 @@ async fn get_actions(State(b): State<Arc<Port>>, Query(q): Query<ActionsQuery>) 
     let limit = q.limit.unwrap_or(1000).clamp(1, MAX_RECORDS);
     let page = tokio::select! {
         page = b.bus.read_after(q.after, limit, wait) => page,
-        _ = b.shutdown.cancelled() => Page { next: q.after, records: Vec::new() },
+        _ = b.shutdown.cancelled() => Ok(Page { next: q.after, records: Vec::new() }),
     };
-    Json(page).into_response()
+    match page {
+        Ok(page) => Json(page).into_response(),
+        Err(e) => {
+            let status =
+                if e.is_retryable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::INTERNAL_SERVER_ERROR };
+            reject(status, format!("cannot read the action log: {e}"))
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -426,7 +426,7 @@ mod tests {
 
     /// (record, value of `field`) of what the bridge published.
     async fn published(f: &Fixture, field: &str) -> Vec<(String, serde_json::Value)> {
-        let page = serde_json::to_value(f.bus.read_after(0, 100, Duration::ZERO).await).expect("json");
+        let page = serde_json::to_value(f.bus.read_after(0, 100, Duration::ZERO).await.expect("page")).expect("json");
         let records = page["records"].as_array().cloned().unwrap_or_default();
         records
             .iter()
