@@ -18,6 +18,7 @@ pub mod model;
 pub mod notify;
 pub mod push;
 pub mod reactions;
+pub mod relay;
 pub mod schema;
 pub mod secret;
 pub mod session;
