@@ -127,6 +127,26 @@ impl Mailbox {
         Pushed { seq, dropped }
     }
 
+    /// Puts a notification whose seq the store gave (a cluster node's
+    /// mailbox mirrors the durable one): `None` when that seq is held already.
+    /// Entries may arrive out of seq order (two nodes appended, their messages
+    /// crossed): one lower than an entry already sent goes first among the
+    /// unsent, never into the sent part.
+    pub fn push_at(&mut self, seq: u64, n: Arc<Notification>) -> Option<Pushed> {
+        if self.entries.iter().any(|e| e.seq == seq) {
+            return None;
+        }
+        let at = self.cursor + self.entries.iter().skip(self.cursor).take_while(|e| e.seq < seq).count();
+        self.entries.insert(at, Entry { seq, n, sent_at: None, first_sent: None });
+        self.next_seq = self.next_seq.max(seq + 1);
+        let mut dropped = None;
+        if self.entries.len() > self.capacity {
+            dropped = self.entries.pop_front().map(|e| e.seq);
+            self.cursor = self.cursor.saturating_sub(1);
+        }
+        Some(Pushed { seq, dropped })
+    }
+
     /// Removes an acknowledged notification; returns its seq and how long it
     /// waited since first sent. Unknown or already acked uuids are ignored.
     pub fn ack(&mut self, uuid: &str, now: Instant) -> Option<(u64, Duration)> {
@@ -261,6 +281,36 @@ mod tests {
         let mut out = Vec::new();
         o.take_due(t0, Duration::from_secs(1), &mut out).expect("not stalled");
         assert_eq!(seqs(&out), [(2, false), (3, false)]);
+    }
+
+    #[test]
+    fn entries_with_given_seqs_are_held_once_and_a_late_one_goes_first_among_the_unsent() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut o = Mailbox::new(10, 10);
+        assert_eq!(o.push_at(2, n("b")), Some(Pushed { seq: 2, dropped: None }));
+        assert_eq!(o.push_at(2, n("b")), None, "held already");
+        let mut out = Vec::new();
+        o.take_due(t0, timeout, &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(2, false)]);
+        // 1 and 4 arrive after 2 was sent, 3 after 4: none goes into the sent part.
+        assert!(o.push_at(4, n("d")).is_some());
+        assert!(o.push_at(1, n("a")).is_some());
+        assert!(o.push_at(3, n("c")).is_some());
+        out.clear();
+        o.take_due(t0, timeout, &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(1, false), (3, false), (4, false)]);
+        assert_eq!(o.next_seq(), 5);
+        assert_eq!(o.ack("b", t0).map(|(seq, _)| seq), Some(2));
+        assert_eq!(o.push_at(6, n("f")), Some(Pushed { seq: 6, dropped: None }), "a gap is kept: 5 may come");
+    }
+
+    #[test]
+    fn past_capacity_an_entry_with_a_given_seq_drops_the_oldest() {
+        let mut o = Mailbox::new(2, 2);
+        o.push_at(1, n("a"));
+        o.push_at(2, n("b"));
+        assert_eq!(o.push_at(3, n("c")), Some(Pushed { seq: 3, dropped: Some(1) }));
     }
 
     #[test]
