@@ -28,6 +28,7 @@ use cceb_protocol::NotificationType;
 use futures_util::{StreamExt, TryStreamExt};
 use redis::{AsyncCommands, Pipeline, RedisError, Script};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -453,13 +454,16 @@ fn decode_record(id: &str, fields: &HashMap<String, String>) -> Result<(SessionR
 #[derive(Serialize, Deserialize)]
 struct Entry<'a> {
     s: u64,
-    t: &'a str,
-    u: &'a str,
-    d: &'a str,
+    #[serde(borrow)]
+    t: Cow<'a, str>,
+    #[serde(borrow)]
+    u: Cow<'a, str>,
+    #[serde(borrow)]
+    d: Cow<'a, str>,
 }
 
 fn encode_entry(seq: u64, n: &Notification) -> String {
-    let e = Entry { s: seq, t: n.ty.as_str(), u: &n.uuid, d: &n.data };
+    let e = Entry { s: seq, t: n.ty.as_str().into(), u: n.uuid.as_str().into(), d: (*n.data).into() };
     serde_json::to_string(&e).unwrap_or_default()
 }
 
@@ -467,7 +471,7 @@ fn decode_entry(id: &str, member: &str) -> Result<(u64, Arc<Notification>), Deco
     let bad = |reason: String| DecodeError::Mailbox { id: id.chars().take(100).collect(), reason };
     let e: Entry<'_> = serde_json::from_str(member).map_err(|e| bad(e.to_string()))?;
     let ty = e.t.parse::<NotificationType>().map_err(|_| bad(format!("unknown type `{}`", e.t)))?;
-    Ok((e.s, Arc::new(Notification { ty, uuid: e.u.to_owned(), data: e.d.into() })))
+    Ok((e.s, Arc::new(Notification { ty, uuid: e.u.into_owned(), data: e.d.into() })))
 }
 
 /// A directory entry as `dir` keeps it (the agent GUID is the field name).
@@ -771,9 +775,9 @@ mod tests {
 
     #[test]
     fn a_mailbox_entry_and_a_directory_entry_read_back_as_written() {
-        let n = Notification { ty: NotificationType::Presence, uuid: "u\n\"1".into(), data: "{\"x\":1}".into() };
+        let n = Notification { ty: NotificationType::Presence, uuid: "u\n\"1".into(), data: "{\"x\":\"\\\"\"}".into() };
         let (seq, back) = decode_entry("s", &encode_entry(42, &n)).expect("decodes");
-        assert_eq!((seq, back.ty, back.uuid.as_str(), &*back.data), (42, n.ty, "u\n\"1", "{\"x\":1}"));
+        assert_eq!((seq, back.ty, back.uuid.as_str(), &*back.data), (42, n.ty, "u\n\"1", &*n.data));
         let d = DirEntry { c: Some("100".into()), o: true, r: Some(-2) };
         let e = decode_dir("a", &serde_json::to_string(&d).expect("json")).expect("decodes");
         assert_eq!((e.contact_id.as_deref(), e.off_hook_enabled, e.recording_controls), (Some("100"), true, Some(-2)));
