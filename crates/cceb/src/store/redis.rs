@@ -642,7 +642,13 @@ impl Store for RedisStore {
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        let target = lock(&self.inner.buf).pushed;
+        let target = {
+            let b = lock(&self.inner.buf);
+            if b.closed {
+                return Err(StoreError::new(ErrorKind::Unavailable, "the store is closed"));
+            }
+            b.pushed
+        };
         let mut rx = self.inner.flushed.subscribe();
         let seen = rx.borrow_and_update().clone();
         if seen.through >= target {
