@@ -35,9 +35,10 @@ pub enum StartError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] OpenError),
-    /// `store = "redis"` and Redis cannot be reached (or its URL is malformed).
+    /// `store = "redis"` and Redis cannot be reached (or its URL is
+    /// malformed). Not a `source`: `KvError` already says its cause, once.
     #[error("store: {0}")]
-    Redis(#[from] KvError),
+    Redis(KvError),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error("cannot restore sessions: {0}")]
@@ -46,6 +47,12 @@ pub enum StartError {
     Push(#[from] reqwest::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+impl From<KvError> for StartError {
+    fn from(e: KvError) -> Self {
+        StartError::Redis(e)
+    }
 }
 
 /// A running bridge.
