@@ -6,11 +6,12 @@ use crate::auth::{KeyError, Verifier};
 use crate::bus::embedded::LogLimits;
 use crate::bus::{Bus, BusError, EmbeddedBus, KafkaBus};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{BusKind, Settings};
+use crate::config::{BusKind, Settings, StoreKind};
 use crate::conn;
 use crate::http::backend::Port;
 use crate::http::serve::Limits;
 use crate::http::{Discovery, FrameLimits, Public};
+use crate::kv::{Kv, KvError};
 use crate::metrics::Listener;
 use crate::metrics::Metrics;
 use crate::notify::{Dispatcher, EventReader};
@@ -18,7 +19,7 @@ use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::reactions::{BridgeRecords, ReactionSettings};
 use crate::schema::{SchemaError, SchemaSet};
 use crate::session::{Roster, SessionSettings, Sessions};
-use crate::store::{DedupCapacity, EmbeddedStore, OpenError, Store, StoreError};
+use crate::store::{DedupCapacity, EmbeddedStore, OpenError, RedisStore, Store, StoreError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,10 @@ pub enum StartError {
     Keys(#[from] KeyError),
     #[error(transparent)]
     Store(#[from] OpenError),
+    /// `store = "redis"` and Redis cannot be reached (or its URL is
+    /// malformed). Not a `source`: `KvError` already says its cause, once.
+    #[error("store: {0}")]
+    Redis(KvError),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error("cannot restore sessions: {0}")]
@@ -42,6 +47,12 @@ pub enum StartError {
     Push(#[from] reqwest::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+impl From<KvError> for StartError {
+    fn from(e: KvError) -> Self {
+        StartError::Redis(e)
+    }
 }
 
 /// A running bridge.
@@ -91,11 +102,25 @@ impl Bridge {
             None => None,
         };
 
-        let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(
-            &settings.data_dir,
-            DedupCapacity { per_tenant: settings.dedup_capacity_per_tenant, total: settings.dedup_capacity },
-            clock.clone(),
-        )?);
+        let kv = match settings.store {
+            StoreKind::Redis => Some(
+                Kv::connect(
+                    &settings.redis_url,
+                    &settings.redis_prefix,
+                    Duration::from_millis(settings.redis_timeout_ms),
+                )
+                .await?,
+            ),
+            StoreKind::Embedded => None,
+        };
+        let store: Arc<dyn Store> = match &kv {
+            Some(kv) => Arc::new(RedisStore::new(kv.clone())),
+            None => Arc::new(EmbeddedStore::open(
+                &settings.data_dir,
+                DedupCapacity { per_tenant: settings.dedup_capacity_per_tenant, total: settings.dedup_capacity },
+                clock.clone(),
+            )?),
+        };
         let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
             BusKind::Embedded => {
                 let limits = LogLimits { records: settings.embedded_log_capacity, bytes: settings.embedded_log_bytes };
@@ -226,8 +251,8 @@ impl Bridge {
             serve(tcp, Listener::Backend, crate::http::backend::router(port), settings.backend_max_connections);
         }
         tracing::info!(
-            %addr, ?backend_addr, bus = ?settings.bus, schemas = %schemas.origin, node = %settings.node_id,
-            data_dir = %settings.data_dir.display(), restored, "cceb listening"
+            %addr, ?backend_addr, bus = ?settings.bus, store = ?settings.store, schemas = %schemas.origin,
+            node = %settings.node_id, data_dir = %settings.data_dir.display(), restored, "cceb listening"
         );
         stop_on_error.disarm();
         let grace = Duration::from_millis(settings.shutdown_grace_ms);

@@ -148,7 +148,7 @@ impl Sessions {
         if let Err(e) = self.store.sync().await {
             session.end(None);
             self.remove(&session);
-            self.store.session_delete(&session.id);
+            self.store.session_delete(&session.agent, &session.id);
             self.reactions.availability_changed(&session.agent, delta - 1).await;
             return Err(e.into());
         }
@@ -168,7 +168,7 @@ impl Sessions {
         tracing::debug!(session = %old.id, agent = %old.agent.agent_guid, "session ended to make room");
         self.metrics.sessions.decrement(1.0);
         self.metrics.sessions_evicted.increment(1);
-        self.store.session_delete(&old.id);
+        self.store.session_delete(&old.agent, &old.id);
         Ok(0)
     }
 
@@ -220,7 +220,7 @@ impl Sessions {
             return Ok(());
         }
         self.remove(session);
-        self.store.session_delete(&session.id);
+        self.store.session_delete(&session.agent, &session.id);
         // The session is gone whatever the sync says (its delete is retried
         // until durable): its availability goes with it.
         let synced = self.store.sync().await;
@@ -240,7 +240,7 @@ impl Sessions {
                 self.remove(&s);
                 tracing::debug!(session = %s.id, "session expired");
                 self.metrics.sessions_expired.increment(1);
-                self.store.session_delete(&s.id);
+                self.store.session_delete(&s.agent, &s.id);
                 expired.push(s);
             }
         }

@@ -135,7 +135,7 @@ impl Session {
         let upto = st.seq_reserved.max(next) + SEQ_BLOCK;
         st.seq_reserved = upto;
         let me = Arc::downgrade(self);
-        ll.store.seq_reserve(&self.id, upto, Box::new(move || Self::reserved(&me, upto)));
+        ll.store.seq_reserve(&self.agent, &self.id, upto, Box::new(move || Self::reserved(&me, upto)));
     }
 
     /// The store made the reservation up to `upto` durable.
@@ -327,9 +327,9 @@ impl Session {
         let mut out = Delivered { dropped: pushed.dropped.is_some(), announce_to: None };
         if let Some(ll) = self.long_lived.as_ref().filter(|_| !st.ended) {
             // Under the lock: an ack of this seq must not reach the store before its put.
-            ll.store.mailbox_put(&self.id, pushed.seq, n);
+            ll.store.mailbox_put(&self.agent, &self.id, pushed.seq, n);
             if let Some(seq) = pushed.dropped {
-                ll.store.mailbox_remove(&self.id, seq);
+                ll.store.mailbox_remove(&self.agent, &self.id, seq);
                 st.dropped += 1;
                 self.save(&st);
             }
@@ -353,7 +353,7 @@ impl Session {
         let mut st = self.state();
         let (seq, waited) = st.mailbox.ack(uuid, now)?;
         if let Some(ll) = self.long_lived.as_ref().filter(|_| !st.ended) {
-            ll.store.mailbox_remove(&self.id, seq);
+            ll.store.mailbox_remove(&self.agent, &self.id, seq);
         }
         // The window has room again for what waits behind it.
         let wake = st.mailbox.waiting();

@@ -104,19 +104,19 @@ impl Store for EmbeddedStore {
         self.journal.push(Op::SessionPut(record.clone()));
     }
 
-    fn session_delete(&self, id: &str) {
+    fn session_delete(&self, _agent: &AgentId, id: &str) {
         self.journal.push(Op::SessionDelete(id.to_owned()));
     }
 
-    fn mailbox_put(&self, session: &Arc<str>, seq: u64, n: &Arc<Notification>) {
+    fn mailbox_put(&self, _agent: &AgentId, session: &Arc<str>, seq: u64, n: &Arc<Notification>) {
         self.journal.push(Op::MailboxPut { session: session.clone(), seq, n: n.clone() });
     }
 
-    fn mailbox_remove(&self, session: &Arc<str>, seq: u64) {
+    fn mailbox_remove(&self, _agent: &AgentId, session: &Arc<str>, seq: u64) {
         self.journal.push(Op::MailboxRemove { session: session.clone(), seq });
     }
 
-    fn seq_reserve(&self, session: &Arc<str>, upto: u64, durable: Box<dyn FnOnce() + Send>) {
+    fn seq_reserve(&self, _agent: &AgentId, session: &Arc<str>, upto: u64, durable: Box<dyn FnOnce() + Send>) {
         self.journal.push(Op::SeqReserve { session: session.clone(), upto });
         self.journal.push(Op::AfterCommit(AfterCommit(durable)));
     }
@@ -259,10 +259,10 @@ mod tests {
             let n =
                 |u: &str| Arc::new(Notification { ty: NotificationType::Presence, uuid: u.into(), data: "{}".into() });
             for (seq, u) in [(1, "n1"), (2, "n2"), (3, "n3")] {
-                s.mailbox_put(&id, seq, &n(u));
+                s.mailbox_put(&agent(), &id, seq, &n(u));
             }
-            s.mailbox_remove(&id, 2);
-            s.mailbox_remove(&id, 3);
+            s.mailbox_remove(&agent(), &id, 2);
+            s.mailbox_remove(&agent(), &id, 3);
             let entry = AgentEntry { agent_guid: "a".into(), contact_id: Some("100".into()), ..AgentEntry::default() };
             s.directory_apply("t", DirectoryOp::Put(entry)).await.expect("directory");
             s.dedup_insert(&DedupKey::new("t".into(), "a", "u1"), Duration::from_secs(60)).await.expect("dedup");
@@ -285,7 +285,7 @@ mod tests {
         assert_eq!(s.availability_published().await.expect("published"), [agent()]);
         assert_eq!(s.availability_count(&agent(), 0).await.expect("count"), 1);
         assert!(!s.auto_accept_claim(&agent(), "i1", Duration::from_secs(60)).await.expect("claim"));
-        s.session_delete("s1");
+        s.session_delete(&agent(), "s1");
         s.sync().await.expect("sync");
         drop(s);
         let s = EmbeddedStore::open(dir.path(), CAPACITY, system()).expect("reopen");

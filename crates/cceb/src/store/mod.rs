@@ -1,13 +1,15 @@
 //! Shared state behind a trait: the tenant directory, action deduplication,
 //! long-lived sessions with their mailboxes, chat availability and auto-accept
 //! claims. The embedded store keeps it in this process's memory with a SQLite
-//! journal under `CCEB_DATA_DIR`; a cluster store (Redis) will implement the
-//! same trait, so nothing above it may assume one process.
+//! journal under `CCEB_DATA_DIR`; the Redis store (`CCEB_STORE=redis`) keeps
+//! it all in Redis, so nothing above the trait may assume one process.
 
 mod embedded;
 mod journal;
 mod memory;
+mod redis;
 
+pub use self::redis::RedisStore;
 pub use embedded::EmbeddedStore;
 pub use journal::OpenError;
 
@@ -71,7 +73,9 @@ impl DedupKey {
     }
 }
 
-/// How many dedup keys a store keeps before their window has passed.
+/// How many dedup keys the embedded store keeps before their window has
+/// passed. The Redis store has no such bound: each key expires by itself
+/// (`SET PX`) and Redis's memory bounds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupCapacity {
     /// Keys one tenant keeps; past it the tenant's own oldest is forgotten.
@@ -148,15 +152,17 @@ pub trait Store: Send + Sync + 'static {
     // The writes below are buffered, in call order, and durable once a later
     // `sync` returns: the notification path must not wait for a disk per session.
     fn session_put(&self, record: &SessionRecord);
+    // Each names the session's agent, so that a store can keep a session's
+    // keys with its agent's (one Redis Cluster slot) without a lookup.
     /// Deletes the session and its mailbox.
-    fn session_delete(&self, id: &str);
-    fn mailbox_put(&self, session: &Arc<str>, seq: u64, n: &Arc<Notification>);
-    fn mailbox_remove(&self, session: &Arc<str>, seq: u64);
+    fn session_delete(&self, agent: &AgentId, id: &str);
+    fn mailbox_put(&self, agent: &AgentId, session: &Arc<str>, seq: u64, n: &Arc<Notification>);
+    fn mailbox_remove(&self, agent: &AgentId, session: &Arc<str>, seq: u64);
     /// Raises the session's seq high-water mark to `upto`: after a restart its
     /// seqs start there. `durable` is called once the reservation is durable,
     /// never from within this call: the caller holds the session's lock,
     /// which `durable` takes.
-    fn seq_reserve(&self, session: &Arc<str>, upto: u64, durable: Box<dyn FnOnce() + Send>);
+    fn seq_reserve(&self, agent: &AgentId, session: &Arc<str>, upto: u64, durable: Box<dyn FnOnce() + Send>);
     /// Every buffered write so far is durable.
     async fn sync(&self) -> Result<(), StoreError>;
 

@@ -69,6 +69,25 @@ async fn without_the_kafka_feature_the_kafka_bus_exits_78() {
 }
 
 #[tokio::test]
+async fn an_unreachable_redis_stops_the_start_naming_its_url() {
+    let data = tempfile::tempdir().expect("tempdir");
+    // Port 1 on loopback: nothing listens there.
+    let url = "redis://127.0.0.1:1";
+    let out = exited(
+        cceb(data.path())
+            .args(["serve"])
+            .env("CCEB_JWT_HS256_SECRET", SECRET)
+            .env("CCEB_STORE", "redis")
+            .env("CCEB_REDIS_URL", url)
+            .env("CCEB_REDIS_TIMEOUT_MS", "500"),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("cannot reach Redis at `{url}`")), "{stderr}");
+}
+
+#[tokio::test]
 async fn a_jwks_url_that_cannot_be_fetched_stops_the_start() {
     let data = tempfile::tempdir().expect("tempdir");
     let out = exited(cceb(data.path()).args(["serve"]).env("CCEB_JWT_JWKS_URL", "ftp://idp.test/jwks")).await;

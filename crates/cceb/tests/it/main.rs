@@ -23,6 +23,7 @@ mod kafka_backend;
 mod lifecycle;
 mod limits;
 mod notifications;
+mod redis;
 mod restart;
 mod schemas;
 mod sessions;

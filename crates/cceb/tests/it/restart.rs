@@ -155,6 +155,10 @@ async fn a_seq_sent_before_a_crash_is_never_given_to_another_notification() {
         eprintln!("skipped on Kafka: the not-yet-durable notification is made through the backend port");
         return;
     }
+    if redis_url().is_some() {
+        eprintln!("skipped on Redis: the fault is SQLite's write lock; redis::* stops Redis instead");
+        return;
+    }
     let server = backend.serve().await;
     let mut c = Client::connect(&server.ws_url()).await;
     let key = long_lived(&mut c, "t", "a", json!({})).await.session_key.expect("key");

@@ -564,6 +564,19 @@ async fn a_session_key_is_never_written_to_disk_only_its_hash() {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(secret).expect("base64 secret");
     let mut files = 0;
     let mut id_seen = false;
+    if b.settings().store == cceb::config::StoreKind::Redis {
+        // On Redis: every key and value under the bridge's prefix.
+        let has = |bytes: &[u8], needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        for (key, values) in redis_dump(&b.settings().redis_url, &b.settings().redis_prefix).await {
+            for bytes in std::iter::once(&key).chain(&values) {
+                files += 1;
+                assert!(!has(bytes, secret.as_bytes()) && !has(bytes, &raw), "the key's secret is in Redis");
+                id_seen |= has(bytes, id.as_bytes());
+            }
+        }
+        assert!(files > 0 && id_seen, "the session itself is in Redis (else this test proves nothing)");
+        return;
+    }
     for entry in std::fs::read_dir(b.data_dir()).expect("data dir") {
         let bytes = std::fs::read(entry.expect("entry").path()).expect("readable");
         files += 1;

@@ -2,6 +2,7 @@
 //! and HTTP, as agent applications and backends do.
 
 use cceb::clock::{Clock, SystemClock};
+use cceb::config::StoreKind;
 use cceb::{Bridge, Settings};
 use cceb_client::Connection;
 use cceb_protocol::incoming::Hello;
@@ -26,6 +27,74 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/it/fixtures").join(name)
+}
+
+/// The Redis the suite runs its store on (`CCEB_TEST_REDIS`, set by
+/// `scripts/test`'s Redis pass); `None`: the embedded store.
+pub fn redis_url() -> Option<String> {
+    std::env::var("CCEB_TEST_REDIS").ok().filter(|u| !u.is_empty())
+}
+
+/// A key prefix no other bridge uses: tests share one Redis without seeing
+/// each other's keys.
+pub fn unique_redis_prefix() -> String {
+    format!("cceb-test-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Puts `s` on the suite's Redis, under a prefix of its own, when there is one.
+pub fn on_test_redis(s: &mut Settings) {
+    if let Some(url) = redis_url() {
+        s.store = StoreKind::Redis;
+        s.redis_url = url;
+        s.redis_prefix = unique_redis_prefix();
+    }
+}
+
+/// Every key under `prefix` on the Redis at `url`, with its value as raw
+/// bytes (each member or field of a set, sorted set or hash).
+pub async fn redis_dump(url: &str, prefix: &str) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+    let client = redis::Client::open(url).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("scan");
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut out = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query_async(&mut conn).await.expect("type");
+        let mut read = redis::cmd(match kind.as_str() {
+            "string" => "GET",
+            "hash" => "HGETALL",
+            "set" => "SMEMBERS",
+            "zset" => "ZRANGE",
+            _ => continue,
+        });
+        read.arg(&key);
+        if kind == "zset" {
+            read.arg(0).arg(-1);
+        }
+        let values: Vec<Vec<u8>> = if kind == "string" {
+            vec![read.query_async(&mut conn).await.expect("value")]
+        } else {
+            read.query_async(&mut conn).await.expect("values")
+        };
+        out.push((key, values));
+    }
+    out
 }
 
 pub fn test_settings() -> Settings {
@@ -71,6 +140,8 @@ impl TestBridge {
     pub async fn with_clock(clock: Arc<dyn Clock>, f: impl FnOnce(&mut Settings)) -> TestBridge {
         let data = tempfile::tempdir().expect("tempdir");
         let mut s = Settings { data_dir: data.path().to_owned(), ..test_settings() };
+        // Before `f`: a test may choose its own store; the prefix stays across restarts.
+        on_test_redis(&mut s);
         f(&mut s);
         let kafka = match crate::kafka_backend::brokers() {
             Some(brokers) => Some(crate::kafka_backend::KafkaBackend::create(&brokers, &mut s).await),
@@ -222,6 +293,21 @@ impl TestBridge {
         let url = format!("http://{}/backend/v1/bus", self.backend);
         let r = self.http.put(url).bearer_auth(ADMIN).json(&body).send().await.expect("answers");
         assert_eq!(r.status().as_u16(), 200);
+    }
+
+    /// Whether this bridge keeps its state in Redis, where a test that needs
+    /// the embedded store (its SQLite file) skips, saying `why`.
+    pub fn skip_on_redis(&self, why: &str) -> bool {
+        let on = self.settings.store == StoreKind::Redis;
+        if on {
+            eprintln!("skipped on Redis: {why}");
+        }
+        on
+    }
+
+    /// The bridge's store settings (Redis URL and prefix).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Whether this bridge runs on Kafka, where a test that needs the embedded
@@ -448,7 +534,9 @@ impl Client {
 }
 
 /// The `cceb` binary with a clean environment, loopback ports chosen by the
-/// system and its data in `data`.
+/// system and its data in `data` — or, on the suite's Redis, under a key
+/// prefix named after `data`, so processes started on the same directory
+/// share their state as they would share the directory.
 pub fn cceb(data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cceb"));
     c.env_clear()
@@ -457,6 +545,10 @@ pub fn cceb(data: &std::path::Path) -> Command {
         .env("CCEB_BACKEND_LISTEN", "127.0.0.1:0")
         .env("CCEB_DATA_DIR", data)
         .env("CCEB_LOG", "warn");
+    if let Some(url) = redis_url() {
+        let name: String = data.to_string_lossy().chars().filter(char::is_ascii_alphanumeric).collect();
+        c.env("CCEB_STORE", "redis").env("CCEB_REDIS_URL", url).env("CCEB_REDIS_PREFIX", format!("cceb-test-{name}"));
+    }
     c
 }
 
