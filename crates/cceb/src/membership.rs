@@ -20,8 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Bounded-load factor: no node is chosen while it holds more than
-/// `ceil(LOAD_FACTOR × average)` connections (the average counting the one
-/// being placed). 1.25 keeps every node within a quarter of the average —
+/// `ceil(LOAD_FACTOR × average)` connections. 1.25 keeps every node within a quarter of the average —
 /// enough headroom that a node leaving does not pile its agents onto one
 /// neighbour — while few agents are moved off their hashed node, which is
 /// what keeps an agent's desktop and mobile sessions together.
@@ -56,10 +55,10 @@ pub fn choose<'a>(agent: &str, members: &'a [Member]) -> Option<&'a Member> {
     let total: u128 = open.iter().map(|(_, m)| u128::from(m.connections)).sum();
     let n = open.len() as u128;
     let (num, den) = LOAD_FACTOR;
-    // ceil(c × (total + 1) / n): the least loaded node is always below it, so someone is chosen.
-    let capacity = (num * (total + 1)).div_ceil(den * n);
+    // ceil(c × total / n): the least loaded node holds at most the average, so someone is chosen.
+    let capacity = (num * total).div_ceil(den * n);
     // `or`: never taken by the bound above, but a member is still better than none.
-    open.iter().find(|(_, m)| u128::from(m.connections) < capacity).or(open.first()).map(|(_, m)| *m)
+    open.iter().find(|(_, m)| u128::from(m.connections) <= capacity).or(open.first()).map(|(_, m)| *m)
 }
 
 /// The rendezvous weight of `node` for `agent`: the same on every node
@@ -427,16 +426,16 @@ mod tests {
     #[test]
     fn a_node_past_the_bounded_load_is_passed_over_and_one_below_it_is_not() {
         let mut members = nodes(3);
-        // total 10 → capacity ceil(1.25 × 11 / 3) = 5.
-        members[0].connections = 5;
-        members[1].connections = 4;
+        // total 12 → capacity ceil(1.25 × 12 / 3) = 5.
+        members[0].connections = 6;
+        members[1].connections = 5;
         members[2].connections = 1;
         for a in 0..100 {
             let c = chosen(&format!("agent-{a}"), &members);
-            assert_ne!(c, "node-0", "at capacity");
+            assert_ne!(c, "node-0", "past capacity");
         }
         let takes_node_1 = (0..100).any(|a| chosen(&format!("agent-{a}"), &members) == "node-1");
-        assert!(takes_node_1, "below capacity, node-1 keeps its agents");
+        assert!(takes_node_1, "at capacity, node-1 keeps its agents");
     }
 
     proptest! {
@@ -477,8 +476,9 @@ mod tests {
                 Some(m) => {
                     prop_assert!(!m.draining);
                     let total: u64 = open.iter().map(|m| m.connections).sum();
-                    // connections < 1.25 × (total + 1) / n, in integers.
-                    prop_assert!(4 * m.connections * open.len() as u64 < 5 * (total + 1));
+                    // connections <= ceil(1.25 × total / n), in integers.
+                    let n = open.len() as u64;
+                    prop_assert!(4 * n * m.connections < 5 * total + 4 * n);
                 }
             }
         }
