@@ -260,7 +260,10 @@ impl Membership {
                 let members: Vec<Member> = v
                     .members
                     .iter()
-                    .map(|m| Member { draining: m.draining || (draining && m.id == self.settings.node_id), ..m.clone() })
+                    .map(|m| Member {
+                        draining: m.draining || (draining && m.id == self.settings.node_id),
+                        ..m.clone()
+                    })
                     .collect();
                 choose(&agent_tag(tenant, agent), &members)
                     .map(|m| Answer::Node { id: m.id.clone(), endpoint: m.endpoint.clone() })
@@ -339,8 +342,12 @@ impl Registration {
         m.draining.store(true, Ordering::SeqCst);
         match tokio::time::timeout(budget, m.beat()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not publish that this node drains; its record expires instead"),
-            Err(_) => tracing::warn!("publishing that this node drains took the whole budget; its record expires instead"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not publish that this node drains; its record expires instead")
+            }
+            Err(_) => {
+                tracing::warn!("publishing that this node drains took the whole budget; its record expires instead")
+            }
         }
         let wait = (m.settings.heartbeat * 2).min(budget.saturating_sub(started.elapsed()));
         tokio::time::sleep(wait).await;

@@ -170,10 +170,8 @@ async fn a_draining_node_is_no_longer_offered_and_its_clients_get_1012() {
     }
     until(&[&a, &b], &on_x, "the loaded view still offers x", |answers| answers.values().all(|n| n == "x")).await;
     x.server.signal("-TERM");
-    until(&[&a, &b], &on_x, "the others stop offering the draining node", |answers| {
-        answers.values().all(|n| n != "x")
-    })
-    .await;
+    until(&[&a, &b], &on_x, "the others stop offering the draining node", |answers| answers.values().all(|n| n != "x"))
+        .await;
     assert_eq!(clients[2].closed().await.0, Some(1012));
     // Its agents moved, and only they: the others still agree on everyone.
     let after = agreed(&[&a, &b], &all).await;
