@@ -431,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_past_the_bounded_load_is_passed_over_and_one_below_it_is_not() {
+    fn a_node_past_the_bounded_load_is_passed_over_and_one_at_it_is_not() {
         let mut members = nodes(3);
         // total 12 → capacity ceil(1.25 × 12 / 3) = 5.
         members[0].connections = 6;
