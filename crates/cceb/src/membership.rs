@@ -157,6 +157,9 @@ pub struct Membership {
     draining: AtomicBool,
     metrics: Arc<Metrics>,
     view: RwLock<Option<View>>,
+    /// One beat at a time: the heartbeat's and the drain's must not cross, or
+    /// a record read before `draining` was set could land after the one with it.
+    beating: tokio::sync::Mutex<()>,
     beat: redis::Script,
     leave: redis::Script,
 }
@@ -172,6 +175,7 @@ impl Membership {
             draining: AtomicBool::new(false),
             metrics,
             view: RwLock::new(None),
+            beating: tokio::sync::Mutex::new(()),
             beat: redis::Script::new(BEAT),
             leave: redis::Script::new(LEAVE),
         }
@@ -213,6 +217,7 @@ impl Membership {
 
     /// Writes this node's record and reads everyone's, in one round trip.
     async fn beat(&self) -> Result<Beat, redis::RedisError> {
+        let _one = self.beating.lock().await;
         let me = Member {
             id: self.settings.node_id.clone(),
             instance: self.instance.clone(),
