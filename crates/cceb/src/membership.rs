@@ -10,10 +10,11 @@
 
 use crate::kv::{agent_tag, Kv};
 use crate::metrics::Metrics;
+use crate::sync::{read, write};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -243,7 +244,7 @@ impl Membership {
         let holder = parts.next().map(text).unwrap_or_default();
         let members: Vec<Member> = parts.filter_map(|v| serde_json::from_str(&text(v)).ok()).collect();
         self.metrics.cluster_nodes.set(members.len() as f64);
-        *self.view.write().unwrap_or_else(PoisonError::into_inner) = Some(View { members, read_at });
+        *write(&self.view) = Some(View { members, read_at });
         Ok(if claimed { Beat::Claimed } else { Beat::HeldBy(holder) })
     }
 
@@ -258,7 +259,7 @@ impl Membership {
     pub fn discover(&self, tenant: &str, agent: &str) -> Answer {
         let draining = self.draining.load(Ordering::SeqCst);
         let chosen = {
-            let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+            let view = read(&self.view);
             // A view older than a TTL may list nodes that died since: no better than none.
             view.as_ref().filter(|v| v.read_at.elapsed() < self.settings.ttl).and_then(|v| {
                 // Our own flag is newer than our record in the view.
