@@ -12,6 +12,7 @@ use crate::http::backend::Port;
 use crate::http::serve::Limits;
 use crate::http::{Discovery, FrameLimits, Public};
 use crate::kv::{Kv, KvError};
+use crate::membership::{Membership, MembershipError, MembershipSettings, Registration};
 use crate::metrics::Listener;
 use crate::metrics::Metrics;
 use crate::notify::{Dispatcher, EventReader};
@@ -45,6 +46,8 @@ pub enum StartError {
     Restore(#[from] StoreError),
     #[error("push webhook: {0}")]
     Push(#[from] reqwest::Error),
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
 }
@@ -60,7 +63,9 @@ pub struct Bridge {
     pub addr: SocketAddr,
     /// The backend port (embedded bus only).
     pub backend_addr: Option<SocketAddr>,
-    /// Cancelled once, on shutdown; every task watches it.
+    /// Cancelled to ask for a shutdown (SIGTERM): drain starts.
+    stop: CancellationToken,
+    /// Cancelled once, when drain closes the clients; every task watches it.
     shutdown: CancellationToken,
     /// Every server, connection and background task, so drain can wait for them.
     tasks: TaskTracker,
@@ -70,6 +75,9 @@ pub struct Bridge {
     sessions: Arc<Sessions>,
     /// Closed last, once nothing writes any more.
     store: Arc<dyn Store>,
+    /// This node in the cluster (Redis store only): draining is published
+    /// before the clients are closed, and the record removed at the end.
+    registration: Option<Registration>,
 }
 
 impl Bridge {
@@ -124,7 +132,12 @@ impl Bridge {
         let (bus, embedded, kafka): (Arc<dyn Bus>, _, _) = match settings.bus {
             BusKind::Embedded => {
                 let limits = LogLimits { records: settings.embedded_log_capacity, bytes: settings.embedded_log_bytes };
-                let e = Arc::new(EmbeddedBus::new(limits).released_by(shutdown.clone()));
+                let mut e = EmbeddedBus::new(limits).released_by(shutdown.clone());
+                // On Redis, every node's backend port serves every node's actions.
+                if let Some(kv) = &kv {
+                    e = e.shared_in(kv);
+                }
+                let e = Arc::new(e);
                 (e.clone(), Some(e), None)
             }
             BusKind::Kafka => {
@@ -217,6 +230,23 @@ impl Bridge {
             },
             shutdown: shutdown.clone(),
         });
+        // Last of the fallible steps: a node refused its id must not have served anything.
+        let registration = match &kv {
+            Some(kv) => Some(
+                Membership::join(
+                    kv.clone(),
+                    MembershipSettings {
+                        node_id: settings.node_id.clone(),
+                        endpoint: ws_endpoint.clone(),
+                        heartbeat: Duration::from_millis(settings.node_heartbeat_ms),
+                        ttl: Duration::from_millis(settings.node_ttl_ms),
+                    },
+                    metrics.clone(),
+                )
+                .await?,
+            ),
+            None => None,
+        };
         let routes = Arc::new(Public {
             conn,
             frames: FrameLimits {
@@ -224,7 +254,11 @@ impl Bridge {
                 max_notification_bytes: settings.max_notification_bytes,
             },
             verifier,
-            discovery: Discovery { ws_endpoint, node_id: settings.node_id.clone() },
+            discovery: Discovery {
+                ws_endpoint,
+                node_id: settings.node_id.clone(),
+                cluster: registration.as_ref().map(Registration::membership),
+            },
             bus,
             store: store.clone(),
             metrics: metrics.clone(),
@@ -256,32 +290,45 @@ impl Bridge {
         );
         stop_on_error.disarm();
         let grace = Duration::from_millis(settings.shutdown_grace_ms);
-        Ok(Bridge { addr, backend_addr, shutdown, tasks, grace, sessions, store })
+        let stop = CancellationToken::new();
+        Ok(Bridge { addr, backend_addr, stop, shutdown, tasks, grace, sessions, store, registration })
     }
 
+    /// Cancel it to start the drain (what SIGTERM does).
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.stop.clone()
     }
 
     /// Waits for the shutdown token, then drains: clients are closed with 1012
     /// and every task ends before this returns (or the grace period passes).
     pub async fn run_until_stopped(self) {
-        self.shutdown.cancelled().await;
+        self.stop.cancelled().await;
         self.drain().await;
     }
 
     pub async fn shutdown(self) {
-        self.shutdown.cancel();
+        self.stop.cancel();
         self.drain().await;
     }
 
-    async fn drain(self) {
+    async fn drain(mut self) {
+        let mut grace = self.grace;
+        if let Some(r) = &self.registration {
+            // Before any client is closed: closed clients rediscover, and
+            // every node must have stopped offering this one by then. Half
+            // the grace at most, the other half is the clients'.
+            grace = grace.saturating_sub(r.drain(self.grace / 2).await);
+        }
+        self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(self.grace, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!(left = self.tasks.len(), "shutdown grace period passed with tasks still running");
         }
         // Connections detach themselves as they close; this covers any that did not in time.
         self.sessions.detach_all();
+        if let Some(r) = self.registration.take() {
+            r.leave().await;
+        }
         self.store.close().await;
         tracing::info!("cceb stopped");
     }

@@ -107,14 +107,14 @@ struct Counted(Arc<Metrics>);
 
 impl Counted {
     fn new(metrics: Arc<Metrics>) -> Self {
-        metrics.connections.increment(1.0);
+        metrics.connection_opened();
         Counted(metrics)
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.connections.decrement(1.0);
+        self.0.connection_closed();
     }
 }
 

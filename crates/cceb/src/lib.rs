@@ -13,6 +13,7 @@ mod conn;
 pub mod fault;
 pub mod http;
 pub mod kv;
+pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod notify;

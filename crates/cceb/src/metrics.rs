@@ -6,6 +6,7 @@ use cceb_protocol::{ErrorCode, NotificationType};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
@@ -78,7 +79,12 @@ const UNKNOWN_RECORD: &str = "unknown";
 pub struct Metrics {
     /// Renders this bridge's series for `/metrics`.
     handle: PrometheusHandle,
-    pub connections: Gauge,
+    connections: Gauge,
+    /// The gauge's value, which a `Gauge` handle cannot read back: the load
+    /// this node reports to the cluster.
+    open_connections: AtomicU64,
+    /// Live members of the cluster in this node's latest view (Redis store only).
+    pub cluster_nodes: Gauge,
     /// 1 while `/readyz` would answer 200 (bus and store ready, not shutting
     /// down), else 0; set at each scrape and each `/readyz`.
     pub ready: Gauge,
@@ -136,6 +142,8 @@ impl Metrics {
         Metrics {
             handle,
             connections: gauge!("cceb_connections"),
+            open_connections: AtomicU64::new(0),
+            cluster_nodes: gauge!("cceb_cluster_nodes"),
             ready: gauge!("cceb_ready"),
             connections_refused: Listener::ALL
                 .map(|l| counter!("cceb_connections_refused_total", "listener" => l.label())),
@@ -168,6 +176,23 @@ impl Metrics {
             ],
             actions,
         }
+    }
+
+    /// A WebSocket connection was upgraded (`cceb_connections` up).
+    pub fn connection_opened(&self) {
+        self.open_connections.fetch_add(1, Ordering::Relaxed);
+        self.connections.increment(1.0);
+    }
+
+    /// A WebSocket connection ended (`cceb_connections` down).
+    pub fn connection_closed(&self) {
+        self.open_connections.fetch_sub(1, Ordering::Relaxed);
+        self.connections.decrement(1.0);
+    }
+
+    /// WebSocket connections open now.
+    pub fn open_connections(&self) -> u64 {
+        self.open_connections.load(Ordering::Relaxed)
     }
 
     pub fn connections_refused(&self, listener: Listener) -> Counter {

@@ -9,6 +9,7 @@ pub mod serve;
 
 use crate::auth::Verifier;
 use crate::bus::Bus;
+use crate::membership::{Answer, Membership};
 use crate::metrics::Metrics;
 use crate::store::Store;
 use axum::extract::ws::WebSocketUpgrade;
@@ -67,11 +68,14 @@ pub struct FrameLimits {
 }
 
 /// What `/v1/discovery` tells a client with a valid token.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Discovery {
     /// The `/ws/v1` URL to connect to.
     pub ws_endpoint: String,
     pub node_id: String,
+    /// The cluster this node is a member of (Redis store only): the answer
+    /// is then the node it chooses for the agent.
+    pub cluster: Option<Arc<Membership>>,
 }
 
 pub fn public(public: Arc<Public>) -> Router {
@@ -117,9 +121,20 @@ async fn discovery(State(public): State<Arc<Public>>, headers: HeaderMap) -> Res
         return refused("an Authorization: Bearer <token> header is required".into());
     };
     match public.verifier.verify(token).await {
-        Ok(_) => {
+        Ok(identity) => {
             let d = &public.discovery;
-            Json(json!({"endpoint": d.ws_endpoint, "node_id": d.node_id})).into_response()
+            let answer = match &d.cluster {
+                Some(cluster) => cluster.discover(&identity.tenant_guid, &identity.agent_guid),
+                None => Answer::Node { id: d.node_id.clone(), endpoint: d.ws_endpoint.clone() },
+            };
+            match answer {
+                Answer::Node { id, endpoint } => Json(json!({"endpoint": endpoint, "node_id": id})).into_response(),
+                Answer::Unavailable => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"code": "unavailable", "message": "this node is draining and knows no other node"})),
+                )
+                    .into_response(),
+            }
         }
         Err(e) => refused(e.to_string()),
     }
@@ -129,7 +144,8 @@ async fn discovery(State(public): State<Arc<Public>>, headers: HeaderMap) -> Res
 /// shutting down); also kept in `cceb_ready` for alerting.
 fn readiness(public: &Public) -> (bool, bool, bool) {
     let (bus, store) = (public.bus.ready(), public.store.ready());
-    let ready = bus && store && !public.shutdown.is_cancelled();
+    let draining = public.discovery.cluster.as_ref().is_some_and(|c| c.draining());
+    let ready = bus && store && !draining && !public.shutdown.is_cancelled();
     public.metrics.ready.set(if ready { 1.0 } else { 0.0 });
     (bus, store, ready)
 }

@@ -9,6 +9,7 @@ mod auth;
 mod backend;
 mod chaos;
 mod cli;
+mod cluster;
 mod console;
 mod durability;
 // The Kafka bus's tests and harness need the cargo feature `kafka`; without
