@@ -185,3 +185,90 @@ pub trait Store: Send + Sync + 'static {
     /// Makes every buffered write durable and stops; later writes are lost.
     async fn close(&self);
 }
+
+/// A long-lived session attached by this node ([`Placement::attach`]).
+#[derive(Debug)]
+pub struct Attached {
+    /// The record (`dropped`: entries dropped while no client was attached,
+    /// now reset in the store) and the whole mailbox, read in the same step
+    /// as the attach: nothing appended before it is missed, and everything
+    /// appended after it is routed to this node.
+    pub stored: StoredSession,
+    /// The attachment's generation in the store; every attach raises it.
+    pub generation: u64,
+    /// The node it was attached to before, when another node held it.
+    pub previous: Option<String>,
+}
+
+/// Where one notification for an agent went ([`Placement::route`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// (node, session, seq): long-lived sessions attached to a node, with the
+    /// seq the notification got in their mailbox (durable already).
+    pub attached: Vec<(String, Arc<str>, u64)>,
+    /// (session, push token): detached long-lived sessions with a device token.
+    pub detached: Vec<(Arc<str>, String)>,
+    /// Nodes with short-lived sessions of the agent (live ones only).
+    pub short_lived: Vec<String>,
+    /// Mailbox entries dropped to make room.
+    pub dropped: u64,
+}
+
+/// What a store shared by a cluster of nodes adds (the Redis store): seqs
+/// and attachments decided in the store, one step per agent, so that any node
+/// can append to any session's mailbox and any node can attach it.
+#[async_trait]
+pub trait Placement: Send + Sync + 'static {
+    /// The record of one long-lived session of `agent` (to check a key
+    /// before attaching); `None` when there is none.
+    async fn record(&self, agent: &AgentId, id: &str) -> Result<Option<SessionRecord>, StoreError>;
+    /// Attaches the session to `node` unless it is gone or its TTL passed
+    /// while detached (at `now_ms`).
+    #[allow(clippy::too_many_arguments)]
+    async fn attach(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        node: &str,
+        now_ms: u64,
+        ttl: Duration,
+        auto_accept: bool,
+        push_token: Option<&str>,
+    ) -> Result<Option<Attached>, StoreError>;
+    /// Records that the attachment of `generation` ended at `now_ms`, if it
+    /// is still the session's (a later attach elsewhere wins). Buffered:
+    /// durable with the next `sync`.
+    fn detach(&self, agent: &AgentId, id: &Arc<str>, generation: u64, now_ms: u64, ttl: Duration);
+    /// Appends `n` to the mailbox of every long-lived session of `agent`,
+    /// each at its next seq, keeping at most `capacity` entries. `live`: the
+    /// nodes alive now (short-lived sessions on others are forgotten; empty:
+    /// unknown, nothing is forgotten).
+    async fn route(
+        &self,
+        agent: &AgentId,
+        n: &Notification,
+        capacity: usize,
+        live: &[String],
+    ) -> Result<Routed, StoreError>;
+    /// Counts a short-lived session of `agent` on `node` in (`1`) or out (`-1`).
+    async fn short_lived(&self, agent: &AgentId, node: &str, delta: i64) -> Result<(), StoreError>;
+    /// Agents of the tenant with long-lived sessions.
+    async fn tenant_agents(&self, tenant: &str) -> Result<Vec<AgentId>, StoreError>;
+    /// Ends the sessions whose TTL passed by `now_ms` (detached, or attached
+    /// to a node not in `live` — its TTL then counts from now); returns the
+    /// agent of each session ended, once per session, whichever node asks.
+    async fn expire_due(&self, now_ms: u64, ttl: Duration, live: &[String]) -> Result<Vec<AgentId>, StoreError>;
+    /// Mailbox entries of a session past `after` (a node catching up).
+    async fn mailbox_after(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, Arc<Notification>)>, StoreError>;
+    /// Whether a valid long-lived session of `agent` asked for auto-accept.
+    async fn auto_accepts(&self, agent: &AgentId, now_ms: u64, ttl: Duration) -> Result<bool, StoreError>;
+    /// Decides the agent's next availability record, once across the
+    /// cluster: `Some(available)` when its sessions (any or none) disagree
+    /// with what was last published, now marked published; `None` otherwise.
+    async fn availability_claim(&self, agent: &AgentId) -> Result<Option<bool>, StoreError>;
+}

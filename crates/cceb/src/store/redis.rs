@@ -18,7 +18,9 @@
 //! idempotent, and tries them again first; until they are acknowledged every
 //! `sync` fails.
 
-use super::{AgentEntry, DedupKey, DirectoryOp, SessionRecord, Store, StoreError, StoredSession};
+use super::{
+    AgentEntry, Attached, DedupKey, DirectoryOp, Placement, Routed, SessionRecord, Store, StoreError, StoredSession,
+};
 use crate::fault::ErrorKind;
 use crate::kv::{self, Kv};
 use crate::model::{AgentId, Notification};
@@ -81,6 +83,138 @@ end
 return prev
 "#;
 
+/// Ends an attachment if it is still the session's: `KEYS` = (record);
+/// `ARGV` = (generation, disconnected at).
+const DETACH: &str = r"
+if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 'node')
+  redis.call('HSET', KEYS[1], 'disconnected_at_ms', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Attaches a session to a node and reads it back in the same step:
+/// `KEYS` = (record, mailbox); `ARGV` = (node, now, ttl ms, auto_accept,
+/// push token, whether there is one). Nil when the session is gone or its
+/// TTL passed while detached.
+const ATTACH: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'tenant', 'disconnected_at_ms', 'node')
+if not f[1] then return false end
+if f[2] and not f[3] and tonumber(f[2]) + tonumber(ARGV[3]) <= tonumber(ARGV[2]) then return false end
+local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'auto_accept', ARGV[4])
+redis.call('HDEL', KEYS[1], 'disconnected_at_ms')
+if ARGV[6] == '1' then
+  redis.call('HSET', KEYS[1], 'push_token', ARGV[5])
+else
+  redis.call('HDEL', KEYS[1], 'push_token')
+end
+local dropped = redis.call('HGET', KEYS[1], 'dropped') or '0'
+redis.call('HSET', KEYS[1], 'dropped', '0')
+return {gen, f[3] or '', dropped, redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1)}
+";
+
+/// Appends a notification to every long-lived session of one agent:
+/// `KEYS` = (the agent's sessions, its short-lived count per node); `ARGV` =
+/// (the agent's key base, the entry after its seq, capacity, whether `live`
+/// is known, live nodes...). Returns (flat (session, seq, node, push token,
+/// dropped) for each session, nodes with short-lived sessions).
+const ROUTE: &str = r#"
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local s = ARGV[1] .. 's:' .. id
+  local m = ARGV[1] .. 'm:' .. id
+  local f = redis.call('HMGET', s, 'tenant', 'next_seq', 'node', 'push_token')
+  if f[1] then
+    local seq = tonumber(f[2] or '1')
+    local top = redis.call('ZRANGE', m, -1, -1, 'WITHSCORES')
+    if top[2] and tonumber(top[2]) >= seq then seq = tonumber(top[2]) + 1 end
+    local text = string.format('%d', seq)
+    redis.call('HSET', s, 'next_seq', string.format('%d', seq + 1))
+    redis.call('ZADD', m, text, '{"s":' .. text .. ',' .. ARGV[2])
+    local dropped = 0
+    if redis.call('ZCARD', m) > tonumber(ARGV[3]) then
+      redis.call('ZPOPMIN', m)
+      redis.call('HINCRBY', s, 'dropped', 1)
+      dropped = 1
+    end
+    table.insert(out, id)
+    table.insert(out, text)
+    table.insert(out, f[3] or '')
+    table.insert(out, f[4] or '')
+    table.insert(out, tostring(dropped))
+  end
+end
+local live = {}
+for i = 5, #ARGV do live[ARGV[i]] = true end
+local nodes = {}
+local short = redis.call('HGETALL', KEYS[2])
+for i = 1, #short, 2 do
+  if ARGV[4] == '1' and not live[short[i]] then
+    redis.call('HDEL', KEYS[2], short[i])
+  elseif tonumber(short[i + 1]) > 0 then
+    table.insert(nodes, short[i])
+  end
+end
+return {out, nodes}
+"#;
+
+/// Counts a short-lived session on a node in or out: `KEYS` = (counts);
+/// `ARGV` = (node, delta).
+const SHORT_LIVED: &str = r"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return n
+";
+
+/// Ends one session if its TTL passed: `KEYS` = (record, mailbox, the
+/// agent's sessions); `ARGV` = (id, now, ttl ms, whether `live` is known,
+/// live nodes...). Returns 0 when it ended it, -1 when it is gone, else
+/// when to look again.
+const EXPIRE: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'tenant', 'node', 'disconnected_at_ms')
+if not f[1] then return -1 end
+local now = tonumber(ARGV[2])
+local ttl = tonumber(ARGV[3])
+if f[2] then
+  local live = ARGV[4] ~= '1'
+  for i = 5, #ARGV do if ARGV[i] == f[2] then live = true end end
+  if not live then
+    redis.call('HDEL', KEYS[1], 'node')
+    redis.call('HSET', KEYS[1], 'disconnected_at_ms', ARGV[2])
+  end
+  return now + ttl
+end
+local at = tonumber(f[3] or ARGV[2])
+if at + ttl > now then return at + ttl end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 0
+";
+
+/// Whether a valid session of the agent asked for auto-accept: `KEYS` =
+/// (the agent's sessions); `ARGV` = (key base, now, ttl ms).
+const AUTO_ACCEPTS: &str = r"
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local f = redis.call('HMGET', ARGV[1] .. 's:' .. id, 'auto_accept', 'node', 'disconnected_at_ms')
+  if f[1] == '1' and (f[2] or not f[3] or tonumber(f[3]) + tonumber(ARGV[3]) > tonumber(ARGV[2])) then
+    return 1
+  end
+end
+return 0
+";
+
+/// Claims the agent's next availability transition: `KEYS` = (sessions,
+/// avail). Returns the availability to publish (1 or 0), -1 for none.
+const AVAILABILITY_CLAIM: &str = r"
+local want = '0'
+if redis.call('SCARD', KEYS[1]) > 0 then want = '1' end
+if (redis.call('HGET', KEYS[2], 'published') or '0') == want then return -1 end
+redis.call('HSET', KEYS[2], 'published', want)
+return tonumber(want)
+";
+
 /// A value read from Redis that this bridge cannot have written.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -113,6 +247,9 @@ enum Write {
     MailboxRemove { agent: AgentId, session: Arc<str>, seq: u64 },
     SeqReserve { agent: AgentId, session: Arc<str>, upto: u64 },
     Dedup { key: DedupKey, window: Duration },
+    /// The attachment of `generation` ended at `at`; the session is due to
+    /// expire at `due` unless attached again.
+    Detach { agent: AgentId, id: Arc<str>, generation: u64, at: u64, due: u64 },
 }
 
 #[derive(Default)]
@@ -150,6 +287,17 @@ pub struct RedisStore {
     stop: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     directory: Script,
+    scripts: Scripts,
+}
+
+/// The scripts of [`Placement`], hashed once.
+struct Scripts {
+    attach: Script,
+    route: Script,
+    short_lived: Script,
+    expire: Script,
+    auto_accepts: Script,
+    availability: Script,
 }
 
 impl RedisStore {
@@ -170,7 +318,15 @@ impl RedisStore {
             tokio::spawn(flush_loop(inner.clone(), stop.clone())),
             tokio::spawn(health_loop(inner.clone(), stop.clone())),
         ];
-        RedisStore { inner, stop, tasks: Mutex::new(tasks), directory: Script::new(DIRECTORY_APPLY) }
+        let scripts = Scripts {
+            attach: Script::new(ATTACH),
+            route: Script::new(ROUTE),
+            short_lived: Script::new(SHORT_LIVED),
+            expire: Script::new(EXPIRE),
+            auto_accepts: Script::new(AUTO_ACCEPTS),
+            availability: Script::new(AVAILABILITY_CLAIM),
+        };
+        RedisStore { inner, stop, tasks: Mutex::new(tasks), directory: Script::new(DIRECTORY_APPLY), scripts }
     }
 
     fn push(&self, w: Write, after: Option<Box<dyn FnOnce() + Send>>) {
@@ -294,6 +450,8 @@ impl Inner {
         let mut groups: HashMap<String, Pipeline> = HashMap::new();
         // Global index: the last write of a session decides whether it is in.
         let mut index: HashMap<String, bool> = HashMap::new();
+        // Sessions that may expire, and when (a candidate that is not is skipped by the sweep).
+        let mut expiry: Vec<(u64, String)> = Vec::new();
         for w in writes {
             match w {
                 Write::SessionPut(r) => {
@@ -312,6 +470,9 @@ impl Inner {
                     }
                     p.sadd(kv.agent_key(&r.agent, "sessions"), &*r.id).ignore();
                     index.insert(index_member(&r.agent, &r.id), true);
+                    // The tenant's agents with long-lived sessions: what a tenant-wide event walks.
+                    let t = multi(&mut groups, kv.tenant_key(&r.agent.tenant_guid, ""));
+                    t.sadd(kv.tenant_key(&r.agent.tenant_guid, "agents"), agent_member(&r.agent)).ignore();
                 }
                 Write::SessionDelete { agent, id } => {
                     let p = multi(&mut groups, kv.agent_key(agent, ""));
@@ -332,6 +493,17 @@ impl Inner {
                     let p = multi(&mut groups, kv.agent_key(agent, ""));
                     p.hset(kv.agent_key(agent, &format!("s:{session}")), "next_seq", *upto).ignore();
                 }
+                Write::Detach { agent, id, generation, at, due } => {
+                    let p = multi(&mut groups, kv.agent_key(agent, ""));
+                    p.cmd("EVAL")
+                        .arg(DETACH)
+                        .arg(1)
+                        .arg(kv.agent_key(agent, &format!("s:{id}")))
+                        .arg(*generation)
+                        .arg(*at)
+                        .ignore();
+                    expiry.push((*due, index_member(agent, id)));
+                }
                 Write::Dedup { key, window } => {
                     let p = multi(&mut groups, kv.tenant_key(&key.tenant, ""));
                     let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -350,6 +522,11 @@ impl Inner {
             if !remove.is_empty() {
                 p.srem(&key, remove.into_iter().map(|(m, _)| m).collect::<Vec<_>>()).ignore();
             }
+            pipes.push(p);
+        }
+        if !expiry.is_empty() {
+            let mut p = redis::pipe();
+            p.zadd_multiple(kv.key("expiry"), &expiry).ignore();
             pipes.push(p);
         }
         futures_util::stream::iter(pipes)
@@ -465,6 +642,19 @@ struct Entry<'a> {
 fn encode_entry(seq: u64, n: &Notification) -> String {
     let e = Entry { s: seq, t: n.ty.as_str().into(), u: n.uuid.as_str().into(), d: (*n.data).into() };
     serde_json::to_string(&e).unwrap_or_default()
+}
+
+/// A mailbox member without its opening brace and seq: the route script
+/// writes `{"s":<seq>,` before it, once per session.
+fn entry_rest(n: &Notification) -> String {
+    #[derive(Serialize)]
+    struct Rest<'a> {
+        t: &'a str,
+        u: &'a str,
+        d: &'a str,
+    }
+    let text = serde_json::to_string(&Rest { t: n.ty.as_str(), u: &n.uuid, d: &n.data }).unwrap_or_default();
+    text.get(1..).unwrap_or_default().to_owned()
 }
 
 fn decode_entry(id: &str, member: &str) -> Result<(u64, Arc<Notification>), DecodeError> {
@@ -743,6 +933,208 @@ impl Store for RedisStore {
         for t in tasks {
             let _ = t.await;
         }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether `live` lists the nodes alive (empty: not known), then them.
+fn live_args(inv: &mut redis::ScriptInvocation<'_>, live: &[String]) {
+    inv.arg(if live.is_empty() { "0" } else { "1" });
+    for node in live {
+        inv.arg(node);
+    }
+}
+
+#[async_trait]
+impl Placement for RedisStore {
+    async fn record(&self, agent: &AgentId, id: &str) -> Result<Option<SessionRecord>, StoreError> {
+        let fields: HashMap<String, String> =
+            self.conn().hgetall(self.inner.kv.agent_key(agent, &format!("s:{id}"))).await.map_err(store_error)?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(decode_record(id, &fields)?.0))
+    }
+
+    async fn attach(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        node: &str,
+        now_ms: u64,
+        ttl: Duration,
+        auto_accept: bool,
+        push_token: Option<&str>,
+    ) -> Result<Option<Attached>, StoreError> {
+        let kv = &self.inner.kv;
+        let mut inv = self.scripts.attach.key(kv.agent_key(agent, &format!("s:{id}")));
+        inv.key(kv.agent_key(agent, &format!("m:{id}")))
+            .arg(node)
+            .arg(now_ms)
+            .arg(ms(ttl))
+            .arg(if auto_accept { "1" } else { "0" })
+            .arg(push_token.unwrap_or_default())
+            .arg(if push_token.is_some() { "1" } else { "0" });
+        type Reply = Option<(u64, String, u64, HashMap<String, String>, Vec<String>)>;
+        let reply: Reply = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        let Some((generation, previous, dropped, fields, members)) = reply else { return Ok(None) };
+        let (mut record, mut next_seq) = decode_record(id, &fields)?;
+        record.dropped = dropped;
+        record.disconnected_at_ms = None;
+        let mut mailbox = Vec::with_capacity(members.len());
+        for m in &members {
+            let (seq, n) = decode_entry(id, m)?;
+            next_seq = next_seq.max(seq.saturating_add(1));
+            mailbox.push((seq, n));
+        }
+        // Looked at again after a TTL: if this node dies attached, its TTL starts then.
+        let due = now_ms.saturating_add(ms(ttl));
+        let _: () = self.conn().zadd(kv.key("expiry"), index_member(agent, id), due).await.map_err(store_error)?;
+        let previous = Some(previous).filter(|p| !p.is_empty() && p != node);
+        Ok(Some(Attached { stored: StoredSession { record, next_seq, mailbox }, generation, previous }))
+    }
+
+    fn detach(&self, agent: &AgentId, id: &Arc<str>, generation: u64, now_ms: u64, ttl: Duration) {
+        let due = now_ms.saturating_add(ms(ttl));
+        self.push(Write::Detach { agent: agent.clone(), id: id.clone(), generation, at: now_ms, due }, None);
+    }
+
+    async fn route(
+        &self,
+        agent: &AgentId,
+        n: &Notification,
+        capacity: usize,
+        live: &[String],
+    ) -> Result<Routed, StoreError> {
+        let kv = &self.inner.kv;
+        let mut inv = self.scripts.route.key(kv.agent_key(agent, "sessions"));
+        inv.key(kv.agent_key(agent, "short")).arg(kv.agent_key(agent, "")).arg(entry_rest(n)).arg(capacity);
+        live_args(&mut inv, live);
+        let (flat, short_lived): (Vec<String>, Vec<String>) =
+            inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        let mut routed = Routed { short_lived, ..Routed::default() };
+        for f in flat.chunks_exact(5) {
+            let [id, seq, node, token, dropped] = f else { continue };
+            let id: Arc<str> = id.as_str().into();
+            let seq = seq.parse::<u64>().map_err(|_| DecodeError::Field { id: id.to_string(), field: "next_seq" })?;
+            routed.dropped += u64::from(dropped == "1");
+            if !node.is_empty() {
+                routed.attached.push((node.clone(), id, seq));
+            } else if !token.is_empty() {
+                routed.detached.push((id, token.clone()));
+            }
+        }
+        Ok(routed)
+    }
+
+    async fn short_lived(&self, agent: &AgentId, node: &str, delta: i64) -> Result<(), StoreError> {
+        let mut inv = self.scripts.short_lived.key(self.inner.kv.agent_key(agent, "short"));
+        inv.arg(node).arg(delta);
+        let _: i64 = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn tenant_agents(&self, tenant: &str) -> Result<Vec<AgentId>, StoreError> {
+        let members: Vec<String> =
+            self.conn().smembers(self.inner.kv.tenant_key(tenant, "agents")).await.map_err(store_error)?;
+        Ok(members.iter().map(|m| decode_agent(m)).collect::<Result<_, _>>()?)
+    }
+
+    async fn expire_due(&self, now_ms: u64, ttl: Duration, live: &[String]) -> Result<Vec<AgentId>, StoreError> {
+        const BATCH: usize = 256;
+        let kv = &self.inner.kv;
+        let mut conn = self.conn();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(kv.key("expiry"))
+            .arg("-inf")
+            .arg(now_ms)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(BATCH)
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let mut ended = Vec::new();
+        for member in due {
+            let Ok((agent, id)) = decode_index(&member) else {
+                let _: () = conn.zrem(kv.key("expiry"), &member).await.map_err(store_error)?;
+                continue;
+            };
+            let mut inv = self.scripts.expire.key(kv.agent_key(&agent, &format!("s:{id}")));
+            inv.key(kv.agent_key(&agent, &format!("m:{id}")))
+                .key(kv.agent_key(&agent, "sessions"))
+                .arg(&id)
+                .arg(now_ms)
+                .arg(ms(ttl));
+            live_args(&mut inv, live);
+            let next: i64 = inv.invoke_async(&mut conn).await.map_err(store_error)?;
+            match next {
+                0 => {
+                    let _: () = redis::pipe()
+                        .zrem(kv.key("expiry"), &member)
+                        .srem(kv.key("sessions"), &member)
+                        .exec_async(&mut conn)
+                        .await
+                        .map_err(store_error)?;
+                    ended.push(agent);
+                }
+                n if n < 0 => {
+                    let _: () = conn.zrem(kv.key("expiry"), &member).await.map_err(store_error)?;
+                }
+                n => {
+                    let _: () = conn.zadd(kv.key("expiry"), &member, n).await.map_err(store_error)?;
+                }
+            }
+        }
+        Ok(ended)
+    }
+
+    async fn mailbox_after(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        after: u64,
+    ) -> Result<Vec<(u64, Arc<Notification>)>, StoreError> {
+        let members: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.inner.kv.agent_key(agent, &format!("m:{id}")))
+            .arg(format!("({after}"))
+            .arg("+inf")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(store_error)?;
+        members.iter().map(|m| decode_entry(id, m).map_err(StoreError::from)).collect()
+    }
+
+    async fn auto_accepts(&self, agent: &AgentId, now_ms: u64, ttl: Duration) -> Result<bool, StoreError> {
+        let kv = &self.inner.kv;
+        let mut inv = self.scripts.auto_accepts.key(kv.agent_key(agent, "sessions"));
+        inv.arg(kv.agent_key(agent, "")).arg(now_ms).arg(ms(ttl));
+        let yes: i64 = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        Ok(yes == 1)
+    }
+
+    async fn availability_claim(&self, agent: &AgentId) -> Result<Option<bool>, StoreError> {
+        let kv = &self.inner.kv;
+        let mut inv = self.scripts.availability.key(kv.agent_key(agent, "sessions"));
+        inv.key(kv.agent_key(agent, "avail"));
+        let claimed: i64 = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        let available = match claimed {
+            1 => true,
+            0 => false,
+            _ => return Ok(None),
+        };
+        let index = kv.key("available");
+        let mut conn = self.conn();
+        let _: () = if available {
+            conn.sadd(index, agent_member(agent)).await
+        } else {
+            conn.srem(index, agent_member(agent)).await
+        }
+        .map_err(store_error)?;
+        Ok(Some(available))
     }
 }
 

@@ -119,6 +119,9 @@ async fn published_actions_can_be_long_polled_from_an_offset() {
 async fn with_a_small_log_byte_bound_the_backend_port_serves_the_newest_actions_and_next_goes_on() {
     // Room for two of the records below (each about 1.3 kB), not three.
     let b = TestBridge::with(|s| s.embedded_log_bytes = 3000).await;
+    if b.skip_on_redis("the log in Redis is bounded by count (the bytes are Redis's memory)") {
+        return;
+    }
     let (mut c, _) = b.agent("t", "a").await;
     for n in 1..=5 {
         let details = json!({"interactionId": format!("{n}-{}", "x".repeat(1000))});

@@ -28,6 +28,10 @@ impl Backend {
 
     /// Starts `cceb serve` and waits until it is ready.
     async fn serve(&mut self) -> Server {
+        if let (None, Some(url)) = (&self.kafka, redis_url()) {
+            // The log outlives the process there: what is new starts after it.
+            self.mark = shared_log_end(&url, &data_prefix(self.data.path())).await;
+        }
         let mut cmd = cceb(self.data.path());
         cmd.args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET).env("CCEB_ADMIN_TOKEN", ADMIN);
         for (k, v) in self.kafka.iter().flat_map(KafkaBackend::env) {
@@ -44,8 +48,9 @@ impl Backend {
                 k.wait_ready(server.addr.parse().expect("an address")).await;
                 self.mark = k.actions_after(0, 0).await["next"].as_u64().unwrap_or(0);
             }
-            // The backend port's log starts empty with every process.
-            None => self.mark = 0,
+            // The backend port's log starts empty with every process (in memory),
+            // or goes on from `mark` (in Redis).
+            None => {}
         }
         server
     }
@@ -73,7 +78,7 @@ impl Backend {
     async fn published(&self, server: &Server, record: &str) -> Vec<Value> {
         let page: Value = match &self.kafka {
             Some(k) => k.actions_after(self.mark, 0).await,
-            None => backend_actions(&reqwest::Client::new(), &server.backend, 0, 0).await,
+            None => backend_actions(&reqwest::Client::new(), &server.backend, self.mark, 0).await,
         };
         page["records"].as_array().cloned().unwrap_or_default().into_iter().filter(|r| r["record"] == record).collect()
     }

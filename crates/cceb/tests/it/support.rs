@@ -50,6 +50,23 @@ pub fn on_test_redis(s: &mut Settings) {
     }
 }
 
+/// Offset of the newest action in the embedded bus's log when it lives in
+/// Redis (`store = "redis"`): it outlives the process, so what a restarted
+/// bridge published starts after it.
+pub async fn shared_log_end(url: &str, prefix: &str) -> u64 {
+    let client = redis::Client::open(url.split(',').next().unwrap_or(url)).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let offset: Option<u64> =
+        redis::cmd("GET").arg(format!("{prefix}:{{actions}}:offset")).query_async(&mut conn).await.expect("get");
+    offset.unwrap_or(0)
+}
+
+/// The key prefix `cceb()` gives processes on `data` (the suite's Redis).
+pub fn data_prefix(data: &std::path::Path) -> String {
+    let name: String = data.to_string_lossy().chars().filter(char::is_ascii_alphanumeric).collect();
+    format!("cceb-test-{name}")
+}
+
 /// Every key under `prefix` on the Redis at `url`, with its value as raw
 /// bytes (each member or field of a set, sorted set or hash).
 pub async fn redis_dump(url: &str, prefix: &str) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
@@ -178,6 +195,10 @@ impl TestBridge {
             self.published_mark = self.actions_after(0, 0).await["next"].as_u64().unwrap_or(0);
         }
         self.shutdown().await;
+        if self.kafka.is_none() && self.settings.store == StoreKind::Redis {
+            // After the shutdown: an action in flight is published while it drains.
+            self.published_mark = shared_log_end(&self.settings.redis_url, &self.settings.redis_prefix).await;
+        }
         let bridge =
             Bridge::start_with_clock(self.settings.clone(), self.clock.clone()).await.expect("bridge restarts");
         if let Some(k) = &self.kafka {
@@ -546,8 +567,7 @@ pub fn cceb(data: &std::path::Path) -> Command {
         .env("CCEB_DATA_DIR", data)
         .env("CCEB_LOG", "warn");
     if let Some(url) = redis_url() {
-        let name: String = data.to_string_lossy().chars().filter(char::is_ascii_alphanumeric).collect();
-        c.env("CCEB_STORE", "redis").env("CCEB_REDIS_URL", url).env("CCEB_REDIS_PREFIX", format!("cceb-test-{name}"));
+        c.env("CCEB_STORE", "redis").env("CCEB_REDIS_URL", url).env("CCEB_REDIS_PREFIX", data_prefix(data));
     }
     c
 }
