@@ -202,7 +202,10 @@ impl Actions {
         if entry.is_some_and(|e| e.off_hook_enabled) {
             let to = Target::Agent { tenant: who.tenant_guid.to_string(), agent: who.agent_guid.to_string() };
             let data = json!({"state": "offering", "timeout": self.settings.off_hook_offer_timeout_seconds});
-            self.dispatcher.send(&to, NotificationType::OffHook, &data);
+            // The offer is the platform's to make: a client that misses it still gets its result.
+            if let Err(e) = self.dispatcher.send(&to, NotificationType::OffHook, &data).await {
+                tracing::warn!(error = %e, "the off-hook offer was not delivered");
+            }
         }
         Ok(())
     }

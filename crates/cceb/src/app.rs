@@ -12,15 +12,17 @@ use crate::http::backend::Port;
 use crate::http::serve::Limits;
 use crate::http::{Discovery, FrameLimits, Public};
 use crate::kv::{Kv, KvError};
+use crate::cluster::RelayPeers;
 use crate::membership::{Membership, MembershipError, MembershipSettings, Registration};
+use crate::relay::Relay;
 use crate::metrics::Listener;
 use crate::metrics::Metrics;
 use crate::notify::{Dispatcher, EventReader};
 use crate::push::{NoPush, Push, Webhook, WebhookSettings};
 use crate::reactions::{BridgeRecords, ReactionSettings};
 use crate::schema::{SchemaError, SchemaSet};
-use crate::session::{Roster, SessionSettings, Sessions};
-use crate::store::{DedupCapacity, EmbeddedStore, OpenError, RedisStore, Store, StoreError};
+use crate::session::{Cluster, Roster, SessionSettings, Sessions};
+use crate::store::{DedupCapacity, EmbeddedStore, OpenError, Placement, RedisStore, Store, StoreError};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,8 +123,9 @@ impl Bridge {
             ),
             StoreKind::Embedded => None,
         };
-        let store: Arc<dyn Store> = match &kv {
-            Some(kv) => Arc::new(RedisStore::new(kv.clone())),
+        let redis_store = kv.as_ref().map(|kv| Arc::new(RedisStore::new(kv.clone())));
+        let store: Arc<dyn Store> = match &redis_store {
+            Some(r) => r.clone(),
             None => Arc::new(EmbeddedStore::open(
                 &settings.data_dir,
                 DedupCapacity { per_tenant: settings.dedup_capacity_per_tenant, total: settings.dedup_capacity },
@@ -162,14 +165,39 @@ impl Bridge {
             )?),
             None => Arc::new(NoPush),
         };
-        let records = Arc::new(BridgeRecords::new(
+        // On Redis every node serves every agent: sessions shared through the
+        // store, the other nodes told through the relay.
+        let placement: Option<Arc<dyn Placement>> = redis_store.map(|r| r as Arc<dyn Placement>);
+        let relay = match &kv {
+            Some(kv) => Some(
+                Relay::start(
+                    kv,
+                    &settings.node_id,
+                    Duration::from_millis(settings.node_heartbeat_ms),
+                    Duration::from_millis(settings.redis_timeout_ms),
+                    shutdown.clone(),
+                    &tasks,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        let (peers, inbox) = match relay {
+            Some((relay, inbox)) => (Some(Arc::new(RelayPeers::new(relay))), Some(inbox)),
+            None => (None, None),
+        };
+        let mut records = BridgeRecords::new(
             store.clone(),
             bus.clone(),
             schemas.clone(),
             metrics.clone(),
             ReactionSettings { source: settings.source_name.clone(), claim_ttl: settings.session_ttl() },
-        ));
-        let sessions = Arc::new(Sessions::new(
+        );
+        if let Some(p) = &placement {
+            records = records.claimed_in(p.clone());
+        }
+        let records = Arc::new(records);
+        let sessions = Sessions::new(
             Arc::new(Roster::default()),
             store.clone(),
             records,
@@ -182,7 +210,18 @@ impl Bridge {
                 max_sessions_per_agent: settings.max_sessions_per_agent,
                 clock,
             },
-        ));
+        );
+        let sessions = Arc::new(match (&placement, &peers) {
+            (Some(placement), Some(peers)) => sessions.clustered(Cluster {
+                placement: placement.clone(),
+                peers: peers.clone(),
+                node: settings.node_id.as_str().into(),
+            }),
+            _ => sessions,
+        });
+        if let Some(inbox) = inbox {
+            crate::cluster::spawn_inbound(inbox, sessions.clone(), &tasks, shutdown.clone());
+        }
         let restored = sessions.restore().await?;
         let dispatcher = Arc::new(Dispatcher::new(sessions.clone(), store.clone(), metrics.clone()));
         let events = Arc::new(EventReader::new(schemas.clone(), settings.max_notification_bytes));
@@ -247,6 +286,9 @@ impl Bridge {
             ),
             None => None,
         };
+        if let (Some(peers), Some(r)) = (&peers, &registration) {
+            peers.joined(r.membership());
+        }
         let routes = Arc::new(Public {
             conn,
             frames: FrameLimits {

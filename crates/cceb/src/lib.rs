@@ -8,6 +8,7 @@ pub mod asyncapi;
 pub mod auth;
 pub mod bus;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 mod conn;
 pub mod fault;

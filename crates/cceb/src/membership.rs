@@ -248,6 +248,16 @@ impl Membership {
         Ok(if claimed { Beat::Claimed } else { Beat::HeldBy(holder) })
     }
 
+    /// The ids of the live members, this node included; empty when the view
+    /// is older than a TTL (Redis unreachable): not known.
+    pub fn live(&self) -> Vec<String> {
+        let view = read(&self.view);
+        view.as_ref()
+            .filter(|v| v.read_at.elapsed() < self.settings.ttl)
+            .map(|v| v.members.iter().map(|m| m.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether this node has started to drain (not ready any more).
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)

@@ -249,12 +249,24 @@ impl Dispatcher {
         let mut queued = 0;
         for ((event, extra), _) in events.iter().zip(extra).zip(&fresh).filter(|(_, &f)| f) {
             let (source, trace) = (event.source.as_deref(), event.traceparent.as_ref());
+            let mut planned: Vec<(&Target, NotificationType, Box<str>, String)> = Vec::new();
             for (i, o) in event.out.iter().enumerate() {
-                queued += self.deliver(&o.to, o.ty, o.data.clone(), notification_uuid(source, i), trace);
+                planned.push((&o.to, o.ty, o.data.clone(), notification_uuid(source, i)));
             }
-            if let Some(p) = extra {
-                let uuid = notification_uuid(source, event.out.len());
-                queued += self.deliver(&p.to, p.ty, p.data.to_string().into(), uuid, trace);
+            if let Some(p) = &extra {
+                planned.push((&p.to, p.ty, p.data.to_string().into(), notification_uuid(source, event.out.len())));
+            }
+            for (to, ty, data, uuid) in planned {
+                match self.deliver(to, ty, data, uuid, trace).await {
+                    Ok(n) => queued += n,
+                    Err(e) => {
+                        // A cluster store refused part of it: the whole batch is sent
+                        // again, and what was delivered comes again with its uuid.
+                        let mut recent = self.recent();
+                        keys.iter().zip(&fresh).filter(|(_, &f)| f).flat_map(|(k, _)| k).for_each(|k| recent.remove(*k));
+                        return Err(e.into());
+                    }
+                }
             }
         }
         // Also for skipped sources: the claim in the store makes it once, and
@@ -286,25 +298,25 @@ impl Dispatcher {
 
     /// Sends one notification the bridge makes itself (e.g. the synthesised
     /// off-hook offering); returns how many sessions got it.
-    pub fn send(&self, to: &Target, ty: NotificationType, data: &Json) -> usize {
-        self.deliver(to, ty, data.to_string().into(), notification_uuid(None, 0), None)
+    pub async fn send(&self, to: &Target, ty: NotificationType, data: &Json) -> Result<usize, NotifyError> {
+        Ok(self.deliver(to, ty, data.to_string().into(), notification_uuid(None, 0), None).await?)
     }
 
     /// Queues one notification in every addressed session's mailbox; the
     /// debug line names it with the event's trace context, so an operator can
     /// follow a trace from the backend's event to the notification's uuid.
-    fn deliver(
+    async fn deliver(
         &self,
         to: &Target,
         ty: NotificationType,
         data: Box<str>,
         uuid: String,
         trace: Option<&TraceParent>,
-    ) -> usize {
+    ) -> Result<usize, StoreError> {
         let n = Arc::new(Notification { ty, uuid, data });
         let count = match to {
-            Target::Agent { tenant, agent } => self.sessions.deliver_to_agent(tenant, agent, &n),
-            Target::Tenant { tenant } => self.sessions.deliver_to_tenant(tenant, &n),
+            Target::Agent { tenant, agent } => self.sessions.deliver_agent(tenant, agent, &n).await?,
+            Target::Tenant { tenant } => self.sessions.deliver_tenant(tenant, &n).await?,
         };
         tracing::debug!(
             uuid = %n.uuid,
@@ -316,7 +328,7 @@ impl Dispatcher {
         if count == 0 {
             self.metrics.undeliverable.increment(1);
         }
-        count
+        Ok(count)
     }
 
     /// Applies only the event's directory change (catching up on provisioning

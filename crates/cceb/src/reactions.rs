@@ -8,7 +8,7 @@ use crate::bus::{Bus, BusError, OutRecord};
 use crate::metrics::Metrics;
 use crate::schema::{Record, SchemaSet};
 use crate::session::AgentId;
-use crate::store::{Store, StoreError};
+use crate::store::{Placement, Store, StoreError};
 use crate::sync::lock;
 use serde_json::{Map, Value as Json};
 use std::collections::HashSet;
@@ -55,6 +55,9 @@ pub struct BridgeRecords {
     /// Availability decisions, serialised per agent so one transition
     /// publishes one record; never held across a bus call.
     availability: Mutex<Availability>,
+    /// On a cluster store, where another node may decide the same agent at
+    /// once: each transition is claimed there first.
+    placement: Option<Arc<dyn Placement>>,
 }
 
 #[derive(Default)]
@@ -98,7 +101,14 @@ impl BridgeRecords {
         metrics: Arc<Metrics>,
         settings: ReactionSettings,
     ) -> Self {
-        BridgeRecords { store, bus, schemas, metrics, settings, availability: Mutex::default() }
+        BridgeRecords { store, bus, schemas, metrics, settings, availability: Mutex::default(), placement: None }
+    }
+
+    /// Claims each availability transition in the cluster store before
+    /// publishing it: nodes racing for one agent publish one record.
+    pub fn claimed_in(mut self, placement: Arc<dyn Placement>) -> Self {
+        self.placement = Some(placement);
+        self
     }
 
     /// Publishes the agent's chat availability if the count of its valid
@@ -135,6 +145,9 @@ impl BridgeRecords {
     }
 
     async fn decide_availability(&self, agent: &AgentId) {
+        if let Some(placement) = &self.placement {
+            return self.decide_claimed(placement.as_ref(), agent).await;
+        }
         let count = match self.store.availability_count(agent, 0).await {
             Ok(n) => n,
             Err(e) => {
@@ -165,6 +178,32 @@ impl BridgeRecords {
             Err(e) => {
                 tracing::warn!(error = %e, agent = %agent.agent_guid, "chat availability not published; will retry");
                 av.pending.insert(agent.clone());
+            }
+        }
+    }
+
+    /// The cluster's availability decision: the store says whether there is
+    /// a transition to publish and marks it published, once across nodes; a
+    /// record that cannot be published gives the mark back and is retried.
+    async fn decide_claimed(&self, placement: &dyn Placement, agent: &AgentId) {
+        let want = match placement.availability_claim(agent).await {
+            Ok(Some(want)) => want,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot claim a chat availability transition");
+                lock(&self.availability).pending.insert(agent.clone());
+                return;
+            }
+        };
+        let fields = Map::from_iter([("available".to_owned(), Json::Bool(want))]);
+        match self.publish_system(AVAILABILITY_RECORD, agent, fields).await {
+            Ok(()) => self.metrics.availability_published.increment(1),
+            Err(e) => {
+                tracing::warn!(error = %e, agent = %agent.agent_guid, "chat availability not published; will retry");
+                if let Err(e) = self.store.set_availability_published(agent, !want).await {
+                    tracing::warn!(error = %e, "cannot give a chat availability claim back");
+                }
+                lock(&self.availability).pending.insert(agent.clone());
             }
         }
     }

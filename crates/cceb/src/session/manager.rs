@@ -3,6 +3,7 @@
 //! after a restart. What follows from them (chat availability records,
 //! auto-accept) is told to [`Reactions`], above this module.
 
+use super::placed::Cluster;
 use super::{AgentId, Attachment, Full, Mailbox, Notification, Roster, Session, SessionKey};
 use crate::clock::Clock;
 use crate::fault::ErrorKind;
@@ -40,12 +41,15 @@ pub struct Opened {
 }
 
 pub struct Sessions {
-    roster: Arc<Roster>,
-    store: Arc<dyn Store>,
-    reactions: Arc<dyn Reactions>,
-    push: Arc<dyn Push>,
-    metrics: Arc<Metrics>,
-    settings: SessionSettings,
+    pub(super) roster: Arc<Roster>,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) reactions: Arc<dyn Reactions>,
+    pub(super) push: Arc<dyn Push>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) settings: SessionSettings,
+    /// Set on a cluster store: sessions are shared with the other nodes
+    /// (`placed.rs`).
+    pub(super) cluster: Option<Cluster>,
 }
 
 /// What follows from session lifecycle events and lives above this module:
@@ -73,13 +77,25 @@ impl Sessions {
         metrics: Arc<Metrics>,
         settings: SessionSettings,
     ) -> Self {
-        Sessions { roster, store, reactions, push, metrics, settings }
+        Sessions { roster, store, reactions, push, metrics, settings, cluster: None }
+    }
+
+    /// Shares the sessions with the other nodes of a cluster store.
+    pub fn clustered(mut self, cluster: Cluster) -> Self {
+        self.cluster = Some(cluster);
+        self
     }
 
     /// Brings back the long-lived sessions of the store, expires those whose
     /// TTL passed while the bridge was down, and publishes any availability
     /// change not yet published. Returns how many sessions came back.
     pub async fn restore(&self) -> Result<usize, StoreError> {
+        if let Some(c) = &self.cluster {
+            // Nothing to bring back: a session is read from the store when
+            // attached. Sessions whose TTL passed while no node ran end now.
+            self.sweep_placed(c).await;
+            return Ok(0);
+        }
         let stored = self.store.sessions().await?;
         let now = self.settings.clock.now_ms();
         let count = stored.len();
@@ -104,6 +120,9 @@ impl Sessions {
     /// for this agent, else creates a new one (long-lived when asked, or when
     /// a key was given).
     pub async fn open(self: &Arc<Self>, agent: AgentId, req: OpenRequest) -> Result<Opened, OpenError> {
+        if self.cluster.is_some() {
+            return self.open_placed(agent, req).await;
+        }
         if let Some(text) = &req.session_key {
             let found = self.find(&agent, text);
             // None: it ended between the lookup and now; a new session follows.
@@ -185,12 +204,12 @@ impl Sessions {
         (owned && session.valid_at(self.settings.clock.now_ms(), self.settings.ttl)).then_some(session)
     }
 
-    fn add(&self, session: Arc<Session>) {
+    pub(super) fn add(&self, session: Arc<Session>) {
         self.roster.add(session);
         self.metrics.sessions.increment(1.0);
     }
 
-    fn remove(&self, session: &Arc<Session>) -> bool {
+    pub(super) fn remove(&self, session: &Arc<Session>) -> bool {
         let removed = self.roster.remove(session);
         if removed {
             self.metrics.sessions.decrement(1.0);
@@ -200,13 +219,16 @@ impl Sessions {
 
     /// A connection's hold on a session, released however the connection's
     /// task ends (closed, failed, cancelled or panicked).
-    fn hold(self: &Arc<Self>, session: Arc<Session>, attachment: Attachment) -> Held {
+    pub(super) fn hold(self: &Arc<Self>, session: Arc<Session>, attachment: Attachment) -> Held {
         Held { sessions: self.clone(), session, attachment }
     }
 
     /// The connection of `attachment` is gone: a short-lived session ends, a
     /// long-lived one keeps its mailbox and starts counting its TTL.
     fn disconnected(&self, session: &Arc<Session>, attachment: &Attachment) {
+        if let Some(c) = &self.cluster {
+            return self.disconnected_placed(c, session, attachment);
+        }
         if session.is_long_lived() {
             session.detach(attachment.generation, self.settings.clock.now_ms());
         } else {
@@ -231,6 +253,9 @@ impl Sessions {
     /// Removes expired sessions, forgets expired store entries and retries
     /// unpublished availability changes. Run every second or so.
     pub async fn sweep(&self) {
+        if let Some(c) = &self.cluster {
+            return self.sweep_placed(c).await;
+        }
         let now = self.settings.clock.now_ms();
         let mut expired = Vec::new();
         for s in self.roster.all_long_lived() {
@@ -276,7 +301,7 @@ impl Sessions {
 
     /// Puts a notification in one session's mailbox; a disconnected
     /// long-lived session with a push token gets it announced.
-    fn deliver_to(&self, n: &Arc<Notification>, s: &Arc<Session>) {
+    pub(super) fn deliver_to(&self, n: &Arc<Notification>, s: &Arc<Session>) {
         let d = s.deliver(n);
         if d.dropped {
             self.metrics.mailbox_dropped.increment(1);
@@ -289,6 +314,9 @@ impl Sessions {
     /// An interaction was offered to the agent: accept it on the agent's
     /// behalf once, if a valid session of the agent asked for auto-accept.
     pub async fn offered(&self, tenant: &str, agent: &str, interaction: &str) {
+        if let Some(c) = &self.cluster {
+            return self.offered_placed(c, tenant, agent, interaction).await;
+        }
         let now = self.settings.clock.now_ms();
         let mut who = None;
         self.roster.for_agent(tenant, agent, |s| {
@@ -302,6 +330,9 @@ impl Sessions {
 
     /// On shutdown: every attached long-lived session starts its TTL now.
     pub fn detach_all(&self) {
+        if let Some(c) = &self.cluster {
+            return self.detach_all_placed(c);
+        }
         for s in self.roster.all_long_lived() {
             s.detach_any(self.settings.clock.now_ms());
         }

@@ -7,6 +7,7 @@
 mod key;
 mod mailbox;
 mod manager;
+mod placed;
 mod rate;
 mod roster;
 
@@ -14,12 +15,13 @@ pub use crate::model::{AgentId, Notification};
 pub use key::SessionKey;
 pub use mailbox::{Due, Mailbox, Pushed, Stalled};
 pub use manager::{Held, OpenError, OpenRequest, Opened, Reactions, SessionSettings, Sessions};
+pub use placed::{Cluster, Peers};
 pub use rate::TokenBucket;
 pub use roster::{Full, Roster};
 
 use crate::store::{SessionRecord, Store};
 use crate::sync::lock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -33,6 +35,11 @@ const SEQ_BLOCK: u64 = 1024;
 struct LongLived {
     key_hash: [u8; 32],
     store: Arc<dyn Store>,
+    /// Set on a cluster store, where the store decides seqs and attachments:
+    /// the generation of this node's attachment there. The mailbox then
+    /// mirrors the durable one (entries arrive with their seq, already
+    /// written) and nothing is written through but acks.
+    mirror: Option<AtomicU64>,
 }
 
 impl std::fmt::Debug for LongLived {
@@ -101,7 +108,24 @@ impl Session {
     /// mailbox sends only seqs durably reserved: call [`Session::reserve_seqs`].
     pub fn long_lived(record: &SessionRecord, mut mailbox: Mailbox, max_unacked: usize, store: Arc<dyn Store>) -> Self {
         mailbox.send_below(mailbox.next_seq());
-        let ll = LongLived { key_hash: record.key_hash, store };
+        Self::with_record(record, mailbox, max_unacked, LongLived { key_hash: record.key_hash, store, mirror: None })
+    }
+
+    /// A long-lived session attached by this node on a cluster store, under
+    /// the store's `generation`: its mailbox (read at the attach) mirrors the
+    /// durable one, entries arrive through [`Session::deliver_at`].
+    pub fn mirrored(
+        record: &SessionRecord,
+        mailbox: Mailbox,
+        max_unacked: usize,
+        store: Arc<dyn Store>,
+        generation: u64,
+    ) -> Self {
+        let mirror = Some(AtomicU64::new(generation));
+        Self::with_record(record, mailbox, max_unacked, LongLived { key_hash: record.key_hash, store, mirror })
+    }
+
+    fn with_record(record: &SessionRecord, mailbox: Mailbox, max_unacked: usize, ll: LongLived) -> Self {
         let mut s = Self::build(
             record.id.clone(),
             record.agent.clone(),
@@ -127,7 +151,7 @@ impl Session {
     }
 
     fn reserve_ahead(self: &Arc<Self>, st: &mut State, now: bool) {
-        let Some(ll) = &self.long_lived else { return };
+        let Some(ll) = self.long_lived.as_ref().filter(|ll| ll.mirror.is_none()) else { return };
         let next = st.mailbox.next_seq();
         if st.ended || !(now || next + SEQ_BLOCK / 2 >= st.seq_reserved) {
             return;
@@ -265,9 +289,54 @@ impl Session {
         if st.ended {
             return;
         }
-        if let Some(ll) = &self.long_lived {
+        // A mirrored session's record is the store's: it is changed there, one step at a time.
+        if let Some(ll) = self.long_lived.as_ref().filter(|ll| ll.mirror.is_none()) {
             ll.store.session_put(&self.record_of(ll, st));
         }
+    }
+
+    /// The store's generation of this node's attachment (cluster store).
+    pub fn store_generation(&self) -> Option<u64> {
+        self.long_lived.as_ref()?.mirror.as_ref().map(|g| g.load(Ordering::SeqCst))
+    }
+
+    /// This node attached the session again in the store, under `generation`.
+    pub fn set_store_generation(&self, generation: u64) {
+        if let Some(g) = self.long_lived.as_ref().and_then(|ll| ll.mirror.as_ref()) {
+            g.store(generation, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a connection holds the session now.
+    pub fn is_attached(&self) -> bool {
+        self.state().attached.is_some()
+    }
+
+    /// Another node attached the session under `generation`: the connection
+    /// here is taken over (4005) unless it is newer. Returns whether it was.
+    pub fn taken_elsewhere(&self, generation: u64) -> bool {
+        let mut st = self.state();
+        if self.store_generation().is_none_or(|g| g >= generation) {
+            return false;
+        }
+        if let Some((_, token)) = st.attached.take() {
+            token.cancel();
+        }
+        st.ended = true;
+        true
+    }
+
+    /// Puts an entry the store already holds at `seq` (mirrored session);
+    /// `None` when it is held already or the session ended.
+    pub fn deliver_at(&self, seq: u64, n: &Arc<Notification>) -> Option<Pushed> {
+        let mut st = self.state();
+        if st.ended {
+            return None;
+        }
+        let pushed = st.mailbox.push_at(seq, n.clone())?;
+        drop(st);
+        self.wake.notify_one();
+        Some(pushed)
     }
 
     /// Attaches a connection: any earlier one is taken over, and everything

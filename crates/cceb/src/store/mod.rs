@@ -203,15 +203,26 @@ pub struct Attached {
 /// Where one notification for an agent went ([`Placement::route`]).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Routed {
-    /// (node, session, seq): long-lived sessions attached to a node, with the
-    /// seq the notification got in their mailbox (durable already).
-    pub attached: Vec<(String, Arc<str>, u64)>,
+    /// (node, session, seq, push token): long-lived sessions attached to a
+    /// node, with the seq the notification got in their mailbox (durable
+    /// already) and their device token, if any.
+    pub attached: Vec<(String, Arc<str>, u64, Option<String>)>,
     /// (session, push token): detached long-lived sessions with a device token.
     pub detached: Vec<(Arc<str>, String)>,
     /// Nodes with short-lived sessions of the agent (live ones only).
     pub short_lived: Vec<String>,
     /// Mailbox entries dropped to make room.
     pub dropped: u64,
+}
+
+/// Whether an agent has room for one more long-lived session ([`Placement::admit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admitted {
+    Room,
+    /// Room made by ending this one, the least recently connected detached session.
+    Evicted(Arc<str>),
+    /// Every session of the agent is attached.
+    Full,
 }
 
 /// What a store shared by a cluster of nodes adds (the Redis store): seqs
@@ -222,6 +233,8 @@ pub trait Placement: Send + Sync + 'static {
     /// The record of one long-lived session of `agent` (to check a key
     /// before attaching); `None` when there is none.
     async fn record(&self, agent: &AgentId, id: &str) -> Result<Option<SessionRecord>, StoreError>;
+    /// Makes room for a new long-lived session of `agent` within `cap`.
+    async fn admit(&self, agent: &AgentId, cap: usize) -> Result<Admitted, StoreError>;
     /// Attaches the session to `node` unless it is gone or its TTL passed
     /// while detached (at `now_ms`).
     #[allow(clippy::too_many_arguments)]
@@ -250,8 +263,9 @@ pub trait Placement: Send + Sync + 'static {
         capacity: usize,
         live: &[String],
     ) -> Result<Routed, StoreError>;
-    /// Counts a short-lived session of `agent` on `node` in (`1`) or out (`-1`).
-    async fn short_lived(&self, agent: &AgentId, node: &str, delta: i64) -> Result<(), StoreError>;
+    /// Counts a short-lived session of `agent` on `node` in (`1`) or out
+    /// (`-1`). Buffered, in order with the other writes.
+    fn short_lived(&self, agent: &AgentId, node: &Arc<str>, delta: i64);
     /// Agents of the tenant with long-lived sessions.
     async fn tenant_agents(&self, tenant: &str) -> Result<Vec<AgentId>, StoreError>;
     /// Ends the sessions whose TTL passed by `now_ms` (detached, or attached
@@ -265,8 +279,9 @@ pub trait Placement: Send + Sync + 'static {
         id: &str,
         after: u64,
     ) -> Result<Vec<(u64, Arc<Notification>)>, StoreError>;
-    /// Whether a valid long-lived session of `agent` asked for auto-accept.
-    async fn auto_accepts(&self, agent: &AgentId, now_ms: u64, ttl: Duration) -> Result<bool, StoreError>;
+    /// The agent (with the IR instance of its session) when a valid
+    /// long-lived session of it asked for auto-accept.
+    async fn auto_accepts(&self, agent: &AgentId, now_ms: u64, ttl: Duration) -> Result<Option<AgentId>, StoreError>;
     /// Decides the agent's next availability record, once across the
     /// cluster: `Some(available)` when its sessions (any or none) disagree
     /// with what was last published, now marked published; `None` otherwise.

@@ -19,7 +19,7 @@
 //! `sync` fails.
 
 use super::{
-    AgentEntry, Attached, DedupKey, DirectoryOp, Placement, Routed, SessionRecord, Store, StoreError, StoredSession,
+    Admitted, AgentEntry, Attached, DedupKey, DirectoryOp, Placement, Routed, SessionRecord, Store, StoreError, StoredSession,
 };
 use crate::fault::ErrorKind;
 use crate::kv::{self, Kv};
@@ -170,11 +170,11 @@ return n
 
 /// Ends one session if its TTL passed: `KEYS` = (record, mailbox, the
 /// agent's sessions); `ARGV` = (id, now, ttl ms, whether `live` is known,
-/// live nodes...). Returns 0 when it ended it, -1 when it is gone, else
-/// when to look again.
+/// live nodes...). Returns (0, the session's IR instance) when it ended it,
+/// (-1, _) when it is gone, else (when to look again, _).
 const EXPIRE: &str = r"
-local f = redis.call('HMGET', KEYS[1], 'tenant', 'node', 'disconnected_at_ms')
-if not f[1] then return -1 end
+local f = redis.call('HMGET', KEYS[1], 'tenant', 'node', 'disconnected_at_ms', 'ir')
+if not f[1] then return {-1, ''} end
 local now = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 if f[2] then
@@ -184,25 +184,45 @@ if f[2] then
     redis.call('HDEL', KEYS[1], 'node')
     redis.call('HSET', KEYS[1], 'disconnected_at_ms', ARGV[2])
   end
-  return now + ttl
+  return {now + ttl, ''}
 end
 local at = tonumber(f[3] or ARGV[2])
-if at + ttl > now then return at + ttl end
+if at + ttl > now then return {at + ttl, ''} end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
-return 0
+return {0, f[4] or ''}
 ";
 
 /// Whether a valid session of the agent asked for auto-accept: `KEYS` =
 /// (the agent's sessions); `ARGV` = (key base, now, ttl ms).
 const AUTO_ACCEPTS: &str = r"
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local f = redis.call('HMGET', ARGV[1] .. 's:' .. id, 'auto_accept', 'node', 'disconnected_at_ms')
+  local f = redis.call('HMGET', ARGV[1] .. 's:' .. id, 'auto_accept', 'node', 'disconnected_at_ms', 'ir')
   if f[1] == '1' and (f[2] or not f[3] or tonumber(f[3]) + tonumber(ARGV[3]) > tonumber(ARGV[2])) then
-    return 1
+    return f[4] or ''
   end
 end
-return 0
+return false
+";
+
+/// Makes room for one more session of an agent: `KEYS` = (its sessions);
+/// `ARGV` = (key base, cap). 0: room; -1: every session attached; else the
+/// id of the least recently connected detached session, ended for it.
+const ADMIT: &str = r"
+local ids = redis.call('SMEMBERS', KEYS[1])
+if #ids < tonumber(ARGV[2]) then return 0 end
+local oldest, at = nil, nil
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', ARGV[1] .. 's:' .. id, 'node', 'disconnected_at_ms')
+  if not f[1] and f[2] then
+    local t = tonumber(f[2])
+    if not at or t < at then oldest, at = id, t end
+  end
+end
+if not oldest then return -1 end
+redis.call('DEL', ARGV[1] .. 's:' .. oldest, ARGV[1] .. 'm:' .. oldest)
+redis.call('SREM', KEYS[1], oldest)
+return oldest
 ";
 
 /// Claims the agent's next availability transition: `KEYS` = (sessions,
@@ -250,6 +270,8 @@ enum Write {
     /// The attachment of `generation` ended at `at`; the session is due to
     /// expire at `due` unless attached again.
     Detach { agent: AgentId, id: Arc<str>, generation: u64, at: u64, due: u64 },
+    /// A short-lived session of the agent on `node` came (1) or went (-1).
+    ShortLived { agent: AgentId, node: Arc<str>, delta: i64 },
 }
 
 #[derive(Default)]
@@ -294,11 +316,12 @@ pub struct RedisStore {
 struct Scripts {
     attach: Script,
     route: Script,
-    short_lived: Script,
     expire: Script,
     auto_accepts: Script,
     availability: Script,
+    admit: Script,
 }
+
 
 impl RedisStore {
     /// A store on `kv`; starts its flush and health tasks (stopped by `close`).
@@ -321,10 +344,10 @@ impl RedisStore {
         let scripts = Scripts {
             attach: Script::new(ATTACH),
             route: Script::new(ROUTE),
-            short_lived: Script::new(SHORT_LIVED),
             expire: Script::new(EXPIRE),
             auto_accepts: Script::new(AUTO_ACCEPTS),
             availability: Script::new(AVAILABILITY_CLAIM),
+            admit: Script::new(ADMIT),
         };
         RedisStore { inner, stop, tasks: Mutex::new(tasks), directory: Script::new(DIRECTORY_APPLY), scripts }
     }
@@ -503,6 +526,10 @@ impl Inner {
                         .arg(*at)
                         .ignore();
                     expiry.push((*due, index_member(agent, id)));
+                }
+                Write::ShortLived { agent, node, delta } => {
+                    let p = multi(&mut groups, kv.agent_key(agent, ""));
+                    p.cmd("EVAL").arg(SHORT_LIVED).arg(1).arg(kv.agent_key(agent, "short")).arg(&**node).arg(*delta).ignore();
                 }
                 Write::Dedup { key, window } => {
                     let p = multi(&mut groups, kv.tenant_key(&key.tenant, ""));
@@ -1022,7 +1049,7 @@ impl Placement for RedisStore {
             let seq = seq.parse::<u64>().map_err(|_| DecodeError::Field { id: id.to_string(), field: "next_seq" })?;
             routed.dropped += u64::from(dropped == "1");
             if !node.is_empty() {
-                routed.attached.push((node.clone(), id, seq));
+                routed.attached.push((node.clone(), id, seq, Some(token.clone()).filter(|t| !t.is_empty())));
             } else if !token.is_empty() {
                 routed.detached.push((id, token.clone()));
             }
@@ -1030,11 +1057,8 @@ impl Placement for RedisStore {
         Ok(routed)
     }
 
-    async fn short_lived(&self, agent: &AgentId, node: &str, delta: i64) -> Result<(), StoreError> {
-        let mut inv = self.scripts.short_lived.key(self.inner.kv.agent_key(agent, "short"));
-        inv.arg(node).arg(delta);
-        let _: i64 = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
-        Ok(())
+    fn short_lived(&self, agent: &AgentId, node: &Arc<str>, delta: i64) {
+        self.push(Write::ShortLived { agent: agent.clone(), node: node.clone(), delta }, None);
     }
 
     async fn tenant_agents(&self, tenant: &str) -> Result<Vec<AgentId>, StoreError> {
@@ -1070,7 +1094,7 @@ impl Placement for RedisStore {
                 .arg(now_ms)
                 .arg(ms(ttl));
             live_args(&mut inv, live);
-            let next: i64 = inv.invoke_async(&mut conn).await.map_err(store_error)?;
+            let (next, ir): (i64, String) = inv.invoke_async(&mut conn).await.map_err(store_error)?;
             match next {
                 0 => {
                     let _: () = redis::pipe()
@@ -1079,7 +1103,7 @@ impl Placement for RedisStore {
                         .exec_async(&mut conn)
                         .await
                         .map_err(store_error)?;
-                    ended.push(agent);
+                    ended.push(AgentId { ir_instance: ir.into(), ..agent });
                 }
                 n if n < 0 => {
                     let _: () = conn.zrem(kv.key("expiry"), &member).await.map_err(store_error)?;
@@ -1108,12 +1132,29 @@ impl Placement for RedisStore {
         members.iter().map(|m| decode_entry(id, m).map_err(StoreError::from)).collect()
     }
 
-    async fn auto_accepts(&self, agent: &AgentId, now_ms: u64, ttl: Duration) -> Result<bool, StoreError> {
+    async fn auto_accepts(&self, agent: &AgentId, now_ms: u64, ttl: Duration) -> Result<Option<AgentId>, StoreError> {
         let kv = &self.inner.kv;
         let mut inv = self.scripts.auto_accepts.key(kv.agent_key(agent, "sessions"));
         inv.arg(kv.agent_key(agent, "")).arg(now_ms).arg(ms(ttl));
-        let yes: i64 = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
-        Ok(yes == 1)
+        let ir: Option<String> = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        Ok(ir.map(|ir| AgentId { ir_instance: ir.into(), ..agent.clone() }))
+    }
+
+    async fn admit(&self, agent: &AgentId, cap: usize) -> Result<Admitted, StoreError> {
+        let kv = &self.inner.kv;
+        let mut inv = self.scripts.admit.key(kv.agent_key(agent, "sessions"));
+        inv.arg(kv.agent_key(agent, "")).arg(cap);
+        let reply: redis::Value = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        match reply {
+            redis::Value::Int(0) => Ok(Admitted::Room),
+            redis::Value::Int(_) => Ok(Admitted::Full),
+            redis::Value::BulkString(id) => {
+                let id: Arc<str> = String::from_utf8_lossy(&id).into();
+                let _: () = self.conn().srem(kv.key("sessions"), index_member(agent, &id)).await.map_err(store_error)?;
+                Ok(Admitted::Evicted(id))
+            }
+            other => Err(DecodeError::Index(format!("admit answered {other:?}")).into()),
+        }
     }
 
     async fn availability_claim(&self, agent: &AgentId) -> Result<Option<bool>, StoreError> {

@@ -4,6 +4,7 @@
 //! keys under a prefix of its own, so tests sharing the server never meet.
 
 use crate::support::*;
+use cceb_protocol::NotificationType as N;
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -249,4 +250,142 @@ async fn discovery_passes_over_a_node_loaded_past_the_bound() {
     })
     .await;
     drop(clients);
+}
+
+/// An event the backend port of `node` acknowledged (202).
+async fn post(node: &Node, record: &str, value: serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/backend/v1/events", node.server.backend))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"record": record, "value": value}))
+        .send()
+        .await
+        .expect("backend port answers");
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap_or_default());
+}
+
+async fn presence(node: &Node, agent: &str, state: &str) {
+    post(node, "AgentPresenceEvent", serde_json::json!({"tenantGuid": "t", "agentGuid": agent, "state": state})).await;
+}
+
+/// The values of the `record`s in the shared action log, read from `node`'s
+/// backend port.
+async fn published(node: &Node, record: &str) -> Vec<serde_json::Value> {
+    let page = backend_actions(&reqwest::Client::new(), &node.server.backend, 0, 0).await;
+    page["records"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["record"] == record)
+        .map(|r| r["value"].clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_event_posted_on_any_node_reaches_every_session_of_its_agent_on_every_other() {
+    use crate::sessions::{long_lived, resume, states};
+    let Some(redis) = redis() else { return };
+    let cluster = Cluster::new(redis);
+    let nodes = cluster.nodes(&["n1", "n2", "n3"]).await;
+    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut mobile = Client::connect(&n2.server.ws_url()).await;
+    let key = long_lived(&mut mobile, "t", "a", serde_json::json!({})).await.session_key.expect("key");
+    let mut desktop = Client::connect(&n3.server.ws_url()).await;
+    desktop.hello(&token("t", "a")).await;
+
+    presence(n1, "a", "ready").await;
+    let (_, on_mobile, _, data) = mobile.notification().await;
+    let (_, on_desktop, _, _) = desktop.notification().await;
+    assert_eq!((on_mobile.as_str(), &data["state"]), (on_desktop.as_str(), &serde_json::json!("ready")));
+    mobile.ack(&on_mobile).await;
+    desktop.ack(&on_desktop).await;
+
+    // Tenant-wide, posted on the node neither is attached to.
+    post(n1, "TenantUpdatedEvent", serde_json::json!({"tenantGuid": "t", "deltas": {"name": "Acme"}})).await;
+    for c in [&mut mobile, &mut desktop] {
+        let (ty, uuid, _, data) = c.notification().await;
+        assert_eq!((ty, &data["event_type"]), (N::Provisioning, &serde_json::json!("TenantUpdatedEvent")));
+        c.ack(&uuid).await;
+    }
+    mobile.round_trip("acked").await;
+
+    // The mobile leaves n2; what comes meanwhile waits in its mailbox, and it
+    // resumes on n1 with its key.
+    drop(mobile);
+    presence(n2, "a", "away").await;
+    let (_, away, _, _) = desktop.notification().await;
+    let (mut mobile, r) = resume(&n1.server.ws_url(), "t", "a", &key).await;
+    assert!(r.resumed);
+    let got = states(&mut mobile, 1).await;
+    assert_eq!((got[0].0.as_str(), got[0].2.as_str()), (away.as_str(), "away"), "same uuid");
+    assert!(mobile.round_trip("nothing-else").await.is_empty(), "the acked ones do not come again");
+
+    // Attached on n1 now: a resume on n3 takes it over.
+    let (_, r) = resume(&n3.server.ws_url(), "t", "a", &key).await;
+    assert!(r.resumed);
+    assert_eq!(mobile.closed().await.0, Some(4005), "taken over from another node");
+
+    // Actions published by every node are served by the backend port of any.
+    desktop.expect_ack_of_action("act-1", "ChangeAgentStateEvent", serde_json::json!({"state": "Away"})).await;
+    let actions = published(n2, "ChangeAgentStateEvent").await;
+    assert_eq!(actions.len(), 1, "{actions:?}");
+}
+
+#[tokio::test]
+async fn availability_gives_exactly_one_record_per_transition_when_two_nodes_race() {
+    use crate::sessions::long_lived;
+    let Some(redis) = redis() else { return };
+    let cluster = Cluster::new(redis);
+    let nodes = cluster.nodes(&["n1", "n2", "n3"]).await;
+    let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut x = Client::connect(&n1.server.ws_url()).await;
+    let mut y = Client::connect(&n2.server.ws_url()).await;
+    // The first session of the agent opens on two nodes at once.
+    let (_, _) =
+        tokio::join!(long_lived(&mut x, "t", "b", serde_json::json!({})), long_lived(&mut y, "t", "b", serde_json::json!({})));
+    let available = |v: &Vec<serde_json::Value>| v.iter().map(|r| r["available"].clone()).collect::<Vec<_>>();
+    assert_eq!(available(&published(n3, "AgentChatAvailabilityEvent").await), [serde_json::json!(true)]);
+    // And both end at once.
+    x.send(serde_json::json!({"type": "end_session", "uuid": "E1"})).await;
+    y.send(serde_json::json!({"type": "end_session", "uuid": "E2"})).await;
+    let (xa, ya) = tokio::join!(x.closed(), y.closed());
+    assert_eq!((xa.0, ya.0), (Some(1000), Some(1000)));
+    assert_eq!(
+        available(&published(n3, "AgentChatAvailabilityEvent").await),
+        [serde_json::json!(true), serde_json::json!(false)]
+    );
+}
+
+#[tokio::test]
+async fn a_killed_nodes_clients_resume_elsewhere_with_everything_acknowledged_and_the_same_uuids() {
+    use crate::sessions::{long_lived, resume, states};
+    let Some(redis) = redis() else { return };
+    let cluster = Cluster::new(redis);
+    let nodes = cluster.nodes(&["n1", "n2", "n3"]).await;
+    let mut c = Client::connect(&nodes[1].server.ws_url()).await;
+    let key = long_lived(&mut c, "t", "a", serde_json::json!({})).await.session_key.expect("key");
+    for s in ["s1", "s2", "s3"] {
+        presence(&nodes[0], "a", s).await;
+    }
+    let sent = states(&mut c, 3).await;
+    c.ack(&sent[0].0).await;
+    c.round_trip("acked").await;
+    let mut nodes = nodes.into_iter();
+    let (n1, n2, n3) = (nodes.next().expect("n1"), nodes.next().expect("n2"), nodes.next().expect("n3"));
+    n2.server.signal("-KILL");
+    drop(n2);
+    // Acknowledged by the backend ports while n2 is dead.
+    presence(&n3, "a", "s4").await;
+    presence(&n1, "a", "s5").await;
+    let (mut c, r) = resume(&n3.server.ws_url(), "t", "a", &key).await;
+    assert!(r.resumed);
+    let got = states(&mut c, 4).await;
+    let uuids: Vec<&str> = got.iter().map(|(u, _, _)| u.as_str()).collect();
+    assert_eq!(&uuids[..2], [sent[1].0.as_str(), sent[2].0.as_str()], "the unacked ones, with their uuids");
+    let data: Vec<&str> = got.iter().map(|(_, _, s)| s.as_str()).collect();
+    assert_eq!(data, ["s2", "s3", "s4", "s5"]);
+    for (uuid, _, _) in &got {
+        c.ack(uuid).await;
+    }
+    assert!(c.round_trip("nothing-else").await.is_empty());
 }

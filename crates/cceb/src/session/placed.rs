@@ -1,0 +1,407 @@
+//! Sessions on a cluster store (Redis): any node serves any agent. The store
+//! decides, one step per agent, what one node alone decided before: a
+//! long-lived session's seqs (every notification is appended to every
+//! long-lived mailbox of its agent, durably, by whichever node ingested it),
+//! its attachment (node and generation) and its expiry. A node holds a
+//! long-lived session in memory only while a connection of its own holds it;
+//! its mailbox there mirrors the durable one. Other nodes are told through
+//! [`Peers`]: the seqs for their attached sessions (a wake-up; the entries
+//! are durable already), the notifications themselves for their short-lived
+//! sessions, and takeovers.
+
+use super::{AgentId, Attachment, Mailbox, Notification, OpenError, OpenRequest, Opened, Session, SessionKey, Sessions};
+use crate::fault::ErrorKind;
+use crate::push::Announcement;
+use crate::store::{Admitted, Placement, SessionRecord, StoreError};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+/// What a node tells the others (implemented over Redis pub/sub by `cluster`).
+#[async_trait::async_trait]
+pub trait Peers: Send + Sync + 'static {
+    /// The nodes alive now, this one included; empty when not known.
+    fn live(&self) -> Vec<String>;
+    /// A notification for the agent's sessions attached on `node`: at these
+    /// seqs in long-lived mailboxes, and to its short-lived sessions when `short_lived`.
+    async fn agent(
+        &self,
+        node: &str,
+        agent: &AgentId,
+        n: &Notification,
+        seqs: Vec<(Arc<str>, u64)>,
+        short_lived: bool,
+    ) -> Result<(), StoreError>;
+    /// A tenant-wide notification for the tenant's short-lived sessions on `node`.
+    async fn tenant(&self, node: &str, tenant: &str, n: &Notification) -> Result<(), StoreError>;
+    /// `node`'s connection to the session is taken over by an attach under `generation`.
+    async fn takeover(&self, node: &str, session: &str, generation: u64) -> Result<(), StoreError>;
+}
+
+/// This node's part in a cluster.
+pub struct Cluster {
+    pub placement: Arc<dyn Placement>,
+    pub peers: Arc<dyn Peers>,
+    /// This node's id, as the store records attachments.
+    pub node: Arc<str>,
+}
+
+impl Sessions {
+    /// `hello` on a cluster store: resumes the session the key names (from
+    /// whichever node held it), or opens a new one.
+    pub(super) async fn open_placed(self: &Arc<Self>, agent: AgentId, req: OpenRequest) -> Result<Opened, OpenError> {
+        let Some(c) = &self.cluster else { return Err(OpenError::EndedAtOnce) };
+        if let Some(text) = &req.session_key {
+            if let Some(held) = self.resume_placed(c, &agent, text, &req).await? {
+                self.metrics.sessions_resumed.increment(1);
+                return Ok(Opened { held, key: Some(text.clone()), resumed: true });
+            }
+        }
+        let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        if !(req.long_lived || req.session_key.is_some()) {
+            let session = Arc::new(Session::new(id, agent.clone(), self.settings.max_unacked));
+            self.add(session.clone());
+            c.placement.short_lived(&agent, &c.node, 1);
+            let attachment = session.attach(req.auto_accept, None).ok_or(OpenError::EndedAtOnce)?;
+            return Ok(Opened { held: self.hold(session, attachment), key: None, resumed: false });
+        }
+        if !self.store.ready() {
+            return Err(StoreError::new(ErrorKind::Unavailable, "the store cannot write").into());
+        }
+        let cap = self.settings.max_sessions_per_agent;
+        let delta = match c.placement.admit(&agent, cap).await? {
+            Admitted::Room => 1,
+            Admitted::Evicted(old) => {
+                tracing::debug!(session = %old, agent = %agent.agent_guid, "session ended to make room");
+                self.metrics.sessions_evicted.increment(1);
+                0
+            }
+            Admitted::Full => return Err(OpenError::TooManySessions(cap)),
+        };
+        let (text, key) = SessionKey::generate(&id);
+        let record = SessionRecord {
+            id: id.clone(),
+            key_hash: key.hash,
+            agent: agent.clone(),
+            auto_accept: req.auto_accept,
+            push_token: req.push_token.clone(),
+            dropped: 0,
+            disconnected_at_ms: None,
+        };
+        self.store.session_put(&record);
+        // The key must survive a crash before the client is given it.
+        if let Err(e) = self.store.sync().await {
+            self.store.session_delete(&agent, &id);
+            self.reactions.availability_changed(&agent, delta - 1).await;
+            return Err(e.into());
+        }
+        let now = self.settings.clock.now_ms();
+        let attached = c
+            .placement
+            .attach(&agent, &id, &c.node, now, self.settings.ttl, req.auto_accept, req.push_token.as_deref())
+            .await?
+            .ok_or(OpenError::EndedAtOnce)?;
+        let (session, attachment) = self.mirror(attached.stored.record.clone(), attached, &req)?;
+        self.reactions.availability_changed(&agent, delta).await;
+        Ok(Opened { held: self.hold(session, attachment), key: Some(text), resumed: false })
+    }
+
+    /// The session `text` names, attached here, if the key is valid for the
+    /// agent; `None` (a new session follows) otherwise, telling the client
+    /// nothing more.
+    async fn resume_placed(
+        self: &Arc<Self>,
+        c: &Cluster,
+        agent: &AgentId,
+        text: &str,
+        req: &OpenRequest,
+    ) -> Result<Option<super::Held>, OpenError> {
+        let Some(key) = SessionKey::parse(text) else { return Ok(None) };
+        let record = c.placement.record(agent, &key.session_id).await?;
+        let stored = record.as_ref().map_or([0u8; 32], |r| r.key_hash);
+        // Compared whether or not the session exists, so timing does not tell which ids exist.
+        let owned = crate::secret::same(&stored, &key.hash) & record.as_ref().is_some_and(|r| same_agent(&r.agent, agent));
+        if !owned {
+            return Ok(None);
+        }
+        let now = self.settings.clock.now_ms();
+        let attached = c
+            .placement
+            .attach(agent, &key.session_id, &c.node, now, self.settings.ttl, req.auto_accept, req.push_token.as_deref())
+            .await?;
+        let Some(attached) = attached else { return Ok(None) };
+        if let Some(previous) = &attached.previous {
+            if let Err(e) = c.peers.takeover(previous, &key.session_id, attached.generation).await {
+                tracing::warn!(error = %e, node = %previous, "cannot tell a node its session was taken over");
+            }
+        }
+        let record = attached.stored.record.clone();
+        let (session, attachment) = self.mirror(record, attached, req)?;
+        Ok(Some(self.hold(session, attachment)))
+    }
+
+    /// The in-memory mirror of a session just attached in the store: the one
+    /// this node holds already (a takeover between two connections here), or
+    /// a new one from what the attach read.
+    fn mirror(
+        &self,
+        record: SessionRecord,
+        attached: crate::store::Attached,
+        req: &OpenRequest,
+    ) -> Result<(Arc<Session>, Attachment), OpenError> {
+        let (capacity, window) = (self.settings.mailbox_capacity, self.settings.max_unacked);
+        let here = self.roster.long_lived(&record.id).filter(|s| s.store_generation().is_some());
+        let session = match here {
+            Some(s) => s,
+            None => {
+                let mailbox = Mailbox::restore(capacity, window, 1, Vec::new());
+                let s = Arc::new(Session::mirrored(
+                    &record,
+                    mailbox,
+                    self.settings.max_unacked,
+                    self.store.clone(),
+                    attached.generation,
+                ));
+                self.add(s.clone());
+                s
+            }
+        };
+        session.set_store_generation(attached.generation);
+        for (seq, n) in &attached.stored.mailbox {
+            session.deliver_at(*seq, n);
+        }
+        let mut attachment =
+            session.attach(req.auto_accept, req.push_token.clone()).ok_or(OpenError::EndedAtOnce)?;
+        attachment.dropped = record.dropped;
+        Ok((session, attachment))
+    }
+
+    /// A connection here ended: a short-lived session ends; a long-lived one
+    /// is detached in the store (unless attached elsewhere since) and leaves
+    /// this node's memory.
+    pub(super) fn disconnected_placed(&self, c: &Cluster, session: &Arc<Session>, attachment: &Attachment) {
+        let Some(generation) = session.store_generation() else {
+            if self.remove(session) {
+                c.placement.short_lived(&session.agent, &c.node, -1);
+            }
+            return;
+        };
+        let now = self.settings.clock.now_ms();
+        if session.detach(attachment.generation, now) {
+            c.placement.detach(&session.agent, &session.id, generation, now, self.settings.ttl);
+            self.remove(session);
+            // Attached again here between the two steps: it stays.
+            if session.is_attached() {
+                self.add(session.clone());
+            }
+        }
+    }
+
+    /// Expiry on a cluster store: any node ends any session whose TTL passed;
+    /// each ends once, and its availability follows once.
+    pub(super) async fn sweep_placed(&self, c: &Cluster) {
+        // Buffered detaches first: a session detached here is then seen as such.
+        if let Err(e) = self.store.sync().await {
+            tracing::warn!(error = %e, "cannot flush before expiry");
+        }
+        let now = self.settings.clock.now_ms();
+        match c.placement.expire_due(now, self.settings.ttl, &c.peers.live()).await {
+            Ok(ended) => {
+                for agent in ended {
+                    tracing::debug!(agent = %agent.agent_guid, "session expired");
+                    self.metrics.sessions_expired.increment(1);
+                    self.reactions.availability_changed(&agent, -1).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "session expiry failed"),
+        }
+        if let Err(e) = self.store.expire().await {
+            tracing::warn!(error = %e, "store expiry failed");
+        }
+        self.reactions.retry().await;
+    }
+
+    pub(super) async fn offered_placed(&self, c: &Cluster, tenant: &str, agent: &str, interaction: &str) {
+        let now = self.settings.clock.now_ms();
+        let mut who = None;
+        self.roster.for_agent(tenant, agent, |s| {
+            if who.is_none() && s.auto_accept() && s.valid_at(now, self.settings.ttl) {
+                who = Some(s.agent.clone());
+            }
+        });
+        if who.is_none() {
+            let id = AgentId { tenant_guid: tenant.into(), agent_guid: agent.into(), ir_instance: "".into() };
+            match c.placement.auto_accepts(&id, now, self.settings.ttl).await {
+                Ok(found) => who = found,
+                Err(e) => tracing::warn!(error = %e, "cannot look for sessions that auto-accept"),
+            }
+        }
+        if let Some(who) = who {
+            self.reactions.accept(&who, interaction).await;
+        }
+    }
+
+    /// Shutdown: every long-lived session attached here is detached in the store.
+    pub(super) fn detach_all_placed(&self, c: &Cluster) {
+        let now = self.settings.clock.now_ms();
+        for s in self.roster.all_long_lived() {
+            if let Some(generation) = s.store_generation() {
+                s.detach_any(now);
+                c.placement.detach(&s.agent, &s.id, generation, now, self.settings.ttl);
+            }
+        }
+    }
+
+    /// Delivers one notification to every session of an agent, on whatever
+    /// node; returns how many sessions it reached. Durable for long-lived
+    /// sessions and handed to the nodes of short-lived ones when it returns.
+    pub async fn deliver_agent(&self, tenant: &str, agent: &str, n: &Arc<Notification>) -> Result<usize, StoreError> {
+        let Some(c) = &self.cluster else { return Ok(self.deliver_to_agent(tenant, agent, n)) };
+        let id = AgentId { tenant_guid: tenant.into(), agent_guid: agent.into(), ir_instance: "".into() };
+        let live = c.peers.live();
+        let mut reached = self.route(c, &id, n, &live, true).await?;
+        // Short-lived sessions here, whatever the store counted.
+        self.roster.for_agent(tenant, agent, |s| {
+            if !s.is_long_lived() {
+                self.deliver_to(n, s);
+                reached += 1;
+            }
+        });
+        Ok(reached)
+    }
+
+    /// Delivers one notification to every session of a tenant, on every node.
+    pub async fn deliver_tenant(&self, tenant: &str, n: &Arc<Notification>) -> Result<usize, StoreError> {
+        let Some(c) = &self.cluster else { return Ok(self.deliver_to_tenant(tenant, n)) };
+        let live = c.peers.live();
+        let mut reached = 0;
+        for agent in c.placement.tenant_agents(tenant).await? {
+            reached += self.route(c, &agent, n, &live, false).await?;
+        }
+        for s in self.roster.of_tenant(tenant) {
+            if !s.is_long_lived() {
+                self.deliver_to(n, &s);
+                reached += 1;
+            }
+        }
+        for node in live.iter().filter(|node| **node != *c.node) {
+            c.peers.tenant(node, tenant, n).await?;
+        }
+        Ok(reached)
+    }
+
+    /// Appends `n` to the agent's long-lived mailboxes and tells the nodes
+    /// where its sessions are attached; returns how many long-lived sessions
+    /// it went to.
+    async fn route(
+        &self,
+        c: &Cluster,
+        agent: &AgentId,
+        n: &Arc<Notification>,
+        live: &[String],
+        short_lived: bool,
+    ) -> Result<usize, StoreError> {
+        let routed = c.placement.route(agent, n, self.settings.mailbox_capacity, live).await?;
+        self.metrics.mailbox_dropped.increment(routed.dropped);
+        let reached = routed.attached.len() + routed.detached.len();
+        for (session_id, token) in routed.detached {
+            self.push.announce(Announcement { token, session_id, ty: n.ty, uuid: n.uuid.clone() });
+        }
+        let mut nodes: BTreeMap<String, Vec<(Arc<str>, u64)>> = BTreeMap::new();
+        for (node, session, seq, token) in routed.attached {
+            if *node == *c.node && !self.roster.long_lived(&session).is_some_and(|s| s.is_attached()) {
+                // Its connection here just ended; the store will hear of it with the next flush.
+                if let Some(token) = token {
+                    self.push.announce(Announcement { token, session_id: session, ty: n.ty, uuid: n.uuid.clone() });
+                }
+                continue;
+            }
+            // Attached to a node that died: its client resumes elsewhere and reads the mailbox.
+            if live.is_empty() || live.contains(&node) {
+                nodes.entry(node).or_default().push((session, seq));
+            }
+        }
+        let short: BTreeSet<String> =
+            if short_lived { routed.short_lived.into_iter().collect() } else { BTreeSet::new() };
+        for node in short.iter().filter(|node| !nodes.contains_key(*node)).cloned().collect::<Vec<_>>() {
+            nodes.insert(node, Vec::new());
+        }
+        for (node, seqs) in nodes {
+            if *node == *c.node {
+                self.deliver_here(&seqs, n);
+            } else {
+                let to_short = short.contains(&node);
+                c.peers.agent(&node, agent, n, seqs, to_short).await?;
+            }
+        }
+        Ok(reached)
+    }
+
+    /// Entries the store holds already, for long-lived sessions attached here.
+    fn deliver_here(&self, seqs: &[(Arc<str>, u64)], n: &Arc<Notification>) {
+        for (id, seq) in seqs {
+            if let Some(s) = self.roster.long_lived(id) {
+                if s.deliver_at(*seq, n).is_some_and(|p| p.dropped.is_some()) {
+                    self.metrics.mailbox_dropped.increment(1);
+                }
+            }
+        }
+    }
+
+    /// Another node routed a notification here.
+    pub fn delivered_elsewhere(
+        &self,
+        tenant: &str,
+        agent: &str,
+        n: &Arc<Notification>,
+        seqs: &[(Arc<str>, u64)],
+        short_lived: bool,
+    ) {
+        self.deliver_here(seqs, n);
+        if short_lived {
+            self.roster.for_agent(tenant, agent, |s| {
+                if !s.is_long_lived() {
+                    self.deliver_to(n, s);
+                }
+            });
+        }
+    }
+
+    /// Another node sent a tenant-wide notification for the short-lived sessions here.
+    pub fn tenant_elsewhere(&self, tenant: &str, n: &Arc<Notification>) {
+        for s in self.roster.of_tenant(tenant) {
+            if !s.is_long_lived() {
+                self.deliver_to(n, &s);
+            }
+        }
+    }
+
+    /// Another node attached the session under `generation`: the connection
+    /// here is closed (4005) and the session leaves this node's memory.
+    pub fn taken_elsewhere(&self, session: &str, generation: u64) {
+        if let Some(s) = self.roster.long_lived(session) {
+            if s.taken_elsewhere(generation) {
+                self.remove(&s);
+            }
+        }
+    }
+
+    /// Messages from other nodes may have been missed: every long-lived
+    /// session attached here reads its durable mailbox again.
+    pub async fn resync(&self) {
+        let Some(c) = &self.cluster else { return };
+        for s in self.roster.all_long_lived() {
+            match c.placement.mailbox_after(&s.agent, &s.id, 0).await {
+                Ok(entries) => {
+                    for (seq, n) in entries {
+                        s.deliver_at(seq, &n);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, session = %s.id, "cannot read a mailbox again"),
+            }
+        }
+    }
+}
+
+fn same_agent(a: &AgentId, b: &AgentId) -> bool {
+    a.tenant_guid == b.tenant_guid && a.agent_guid == b.agent_guid
+}
