@@ -263,7 +263,11 @@ impl Dispatcher {
                         // A cluster store refused part of it: the whole batch is sent
                         // again, and what was delivered comes again with its uuid.
                         let mut recent = self.recent();
-                        keys.iter().zip(&fresh).filter(|(_, &f)| f).flat_map(|(k, _)| k).for_each(|k| recent.remove(*k));
+                        keys.iter()
+                            .zip(&fresh)
+                            .filter(|(_, &f)| f)
+                            .flat_map(|(k, _)| k)
+                            .for_each(|k| recent.remove(*k));
                         return Err(e.into());
                     }
                 }

@@ -190,10 +190,10 @@ fn on_push(tx: &mpsc::Sender<Inbound>, missed: &AtomicBool, info: PushInfo) {
             }
         }
         PushKind::Disconnection => missed.store(true, Ordering::SeqCst),
-        PushKind::Subscribe | PushKind::SSubscribe if missed.swap(false, Ordering::SeqCst) => {
-            if tx.try_send(Inbound::Resync).is_err() {
-                missed.store(true, Ordering::SeqCst);
-            }
+        PushKind::Subscribe | PushKind::SSubscribe
+            if missed.swap(false, Ordering::SeqCst) && tx.try_send(Inbound::Resync).is_err() =>
+        {
+            missed.store(true, Ordering::SeqCst);
         }
         _ => {}
     }

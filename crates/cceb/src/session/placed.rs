@@ -9,7 +9,9 @@
 //! are durable already), the notifications themselves for their short-lived
 //! sessions, and takeovers.
 
-use super::{AgentId, Attachment, Mailbox, Notification, OpenError, OpenRequest, Opened, Session, SessionKey, Sessions};
+use super::{
+    AgentId, Attachment, Mailbox, Notification, OpenError, OpenRequest, Opened, Session, SessionKey, Sessions,
+};
 use crate::fault::ErrorKind;
 use crate::push::Announcement;
 use crate::store::{Admitted, Placement, SessionRecord, StoreError};
@@ -119,7 +121,8 @@ impl Sessions {
         let record = c.placement.record(agent, &key.session_id).await?;
         let stored = record.as_ref().map_or([0u8; 32], |r| r.key_hash);
         // Compared whether or not the session exists, so timing does not tell which ids exist.
-        let owned = crate::secret::same(&stored, &key.hash) & record.as_ref().is_some_and(|r| same_agent(&r.agent, agent));
+        let owned =
+            crate::secret::same(&stored, &key.hash) & record.as_ref().is_some_and(|r| same_agent(&r.agent, agent));
         if !owned {
             return Ok(None);
         }
@@ -169,8 +172,7 @@ impl Sessions {
         for (seq, n) in &attached.stored.mailbox {
             session.deliver_at(*seq, n);
         }
-        let mut attachment =
-            session.attach(req.auto_accept, req.push_token.clone()).ok_or(OpenError::EndedAtOnce)?;
+        let mut attachment = session.attach(req.auto_accept, req.push_token.clone()).ok_or(OpenError::EndedAtOnce)?;
         attachment.dropped = record.dropped;
         Ok((session, attachment))
     }

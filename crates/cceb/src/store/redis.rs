@@ -19,7 +19,8 @@
 //! `sync` fails.
 
 use super::{
-    Admitted, AgentEntry, Attached, DedupKey, DirectoryOp, Placement, Routed, SessionRecord, Store, StoreError, StoredSession,
+    Admitted, AgentEntry, Attached, DedupKey, DirectoryOp, Placement, Routed, SessionRecord, Store, StoreError,
+    StoredSession,
 };
 use crate::fault::ErrorKind;
 use crate::kv::{self, Kv};
@@ -262,16 +263,45 @@ fn store_error(e: RedisError) -> StoreError {
 #[derive(Debug)]
 enum Write {
     SessionPut(SessionRecord),
-    SessionDelete { agent: AgentId, id: Box<str> },
-    MailboxPut { agent: AgentId, session: Arc<str>, seq: u64, n: Arc<Notification> },
-    MailboxRemove { agent: AgentId, session: Arc<str>, seq: u64 },
-    SeqReserve { agent: AgentId, session: Arc<str>, upto: u64 },
-    Dedup { key: DedupKey, window: Duration },
+    SessionDelete {
+        agent: AgentId,
+        id: Box<str>,
+    },
+    MailboxPut {
+        agent: AgentId,
+        session: Arc<str>,
+        seq: u64,
+        n: Arc<Notification>,
+    },
+    MailboxRemove {
+        agent: AgentId,
+        session: Arc<str>,
+        seq: u64,
+    },
+    SeqReserve {
+        agent: AgentId,
+        session: Arc<str>,
+        upto: u64,
+    },
+    Dedup {
+        key: DedupKey,
+        window: Duration,
+    },
     /// The attachment of `generation` ended at `at`; the session is due to
     /// expire at `due` unless attached again.
-    Detach { agent: AgentId, id: Arc<str>, generation: u64, at: u64, due: u64 },
+    Detach {
+        agent: AgentId,
+        id: Arc<str>,
+        generation: u64,
+        at: u64,
+        due: u64,
+    },
     /// A short-lived session of the agent on `node` came (1) or went (-1).
-    ShortLived { agent: AgentId, node: Arc<str>, delta: i64 },
+    ShortLived {
+        agent: AgentId,
+        node: Arc<str>,
+        delta: i64,
+    },
 }
 
 #[derive(Default)]
@@ -321,7 +351,6 @@ struct Scripts {
     availability: Script,
     admit: Script,
 }
-
 
 impl RedisStore {
     /// A store on `kv`; starts its flush and health tasks (stopped by `close`).
@@ -529,7 +558,13 @@ impl Inner {
                 }
                 Write::ShortLived { agent, node, delta } => {
                     let p = multi(&mut groups, kv.agent_key(agent, ""));
-                    p.cmd("EVAL").arg(SHORT_LIVED).arg(1).arg(kv.agent_key(agent, "short")).arg(&**node).arg(*delta).ignore();
+                    p.cmd("EVAL")
+                        .arg(SHORT_LIVED)
+                        .arg(1)
+                        .arg(kv.agent_key(agent, "short"))
+                        .arg(&**node)
+                        .arg(*delta)
+                        .ignore();
                 }
                 Write::Dedup { key, window } => {
                     let p = multi(&mut groups, kv.tenant_key(&key.tenant, ""));
@@ -1097,13 +1132,15 @@ impl Placement for RedisStore {
             let (next, ir): (i64, String) = inv.invoke_async(&mut conn).await.map_err(store_error)?;
             match next {
                 0 => {
-                    let _: () = redis::pipe()
-                        .zrem(kv.key("expiry"), &member)
-                        .srem(kv.key("sessions"), &member)
-                        .exec_async(&mut conn)
-                        .await
-                        .map_err(store_error)?;
+                    // Ended: its availability follows whatever the indexes say.
                     ended.push(AgentId { ir_instance: ir.into(), ..agent });
+                    // Two keys in two slots (Redis Cluster): one command each. An
+                    // entry left behind is found gone and dropped by a later sweep.
+                    let zrem: Result<(), _> = conn.zrem(kv.key("expiry"), &member).await;
+                    let srem: Result<(), _> = conn.srem(kv.key("sessions"), &member).await;
+                    if let Err(e) = zrem.and(srem) {
+                        tracing::warn!(error = %e, "an expired session's index entries are left for the next sweep");
+                    }
                 }
                 n if n < 0 => {
                     let _: () = conn.zrem(kv.key("expiry"), &member).await.map_err(store_error)?;
@@ -1150,7 +1187,8 @@ impl Placement for RedisStore {
             redis::Value::Int(_) => Ok(Admitted::Full),
             redis::Value::BulkString(id) => {
                 let id: Arc<str> = String::from_utf8_lossy(&id).into();
-                let _: () = self.conn().srem(kv.key("sessions"), index_member(agent, &id)).await.map_err(store_error)?;
+                let _: () =
+                    self.conn().srem(kv.key("sessions"), index_member(agent, &id)).await.map_err(store_error)?;
                 Ok(Admitted::Evicted(id))
             }
             other => Err(DecodeError::Index(format!("admit answered {other:?}")).into()),

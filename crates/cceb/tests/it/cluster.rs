@@ -341,8 +341,10 @@ async fn availability_gives_exactly_one_record_per_transition_when_two_nodes_rac
     let mut x = Client::connect(&n1.server.ws_url()).await;
     let mut y = Client::connect(&n2.server.ws_url()).await;
     // The first session of the agent opens on two nodes at once.
-    let (_, _) =
-        tokio::join!(long_lived(&mut x, "t", "b", serde_json::json!({})), long_lived(&mut y, "t", "b", serde_json::json!({})));
+    let (_, _) = tokio::join!(
+        long_lived(&mut x, "t", "b", serde_json::json!({})),
+        long_lived(&mut y, "t", "b", serde_json::json!({}))
+    );
     let available = |v: &Vec<serde_json::Value>| v.iter().map(|r| r["available"].clone()).collect::<Vec<_>>();
     assert_eq!(available(&published(n3, "AgentChatAvailabilityEvent").await), [serde_json::json!(true)]);
     // And both end at once.

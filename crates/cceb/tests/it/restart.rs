@@ -43,14 +43,11 @@ impl Backend {
             cmd.env("CCEB_KAFKA_PROPERTIES", r#"{"session.timeout.ms"="6000","heartbeat.interval.ms"="1000"}"#);
         }
         let server = Server::spawn(&mut cmd);
-        match &self.kafka {
-            Some(k) => {
-                k.wait_ready(server.addr.parse().expect("an address")).await;
-                self.mark = k.actions_after(0, 0).await["next"].as_u64().unwrap_or(0);
-            }
-            // The backend port's log starts empty with every process (in memory),
-            // or goes on from `mark` (in Redis).
-            None => {}
+        // The backend port's log starts empty with every process (in memory),
+        // or goes on from `mark` (in Redis).
+        if let Some(k) = &self.kafka {
+            k.wait_ready(server.addr.parse().expect("an address")).await;
+            self.mark = k.actions_after(0, 0).await["next"].as_u64().unwrap_or(0);
         }
         server
     }

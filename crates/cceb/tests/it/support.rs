@@ -54,10 +54,9 @@ pub fn on_test_redis(s: &mut Settings) {
 /// Redis (`store = "redis"`): it outlives the process, so what a restarted
 /// bridge published starts after it.
 pub async fn shared_log_end(url: &str, prefix: &str) -> u64 {
-    let client = redis::Client::open(url.split(',').next().unwrap_or(url)).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
+    let kv = cceb::kv::Kv::connect(url, prefix, std::time::Duration::from_secs(5)).await.expect("redis");
     let offset: Option<u64> =
-        redis::cmd("GET").arg(format!("{prefix}:{{actions}}:offset")).query_async(&mut conn).await.expect("get");
+        redis::cmd("GET").arg(kv.key("{actions}:offset")).query_async(&mut kv.conn()).await.expect("get");
     offset.unwrap_or(0)
 }
 
@@ -67,9 +66,18 @@ pub fn data_prefix(data: &std::path::Path) -> String {
     format!("cceb-test-{name}")
 }
 
-/// Every key under `prefix` on the Redis at `url`, with its value as raw
-/// bytes (each member or field of a set, sorted set or hash).
+/// Every key under `prefix` on the Redis at `url` (on each node of a
+/// cluster's list), with its value as raw bytes (each member or field of a
+/// set, sorted set or hash).
 pub async fn redis_dump(url: &str, prefix: &str) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
+    let mut out = Vec::new();
+    for node in url.split(',') {
+        out.extend(redis_dump_node(node.trim(), prefix).await);
+    }
+    out
+}
+
+async fn redis_dump_node(url: &str, prefix: &str) -> Vec<(Vec<u8>, Vec<Vec<u8>>)> {
     let client = redis::Client::open(url).expect("redis url");
     let mut conn = client.get_multiplexed_async_connection().await.expect("redis");
     let mut keys: Vec<Vec<u8>> = Vec::new();
