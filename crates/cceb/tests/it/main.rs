@@ -10,6 +10,7 @@ mod backend;
 mod chaos;
 mod cli;
 mod cluster;
+mod cluster_chaos;
 mod console;
 mod durability;
 // The Kafka bus's tests and harness need the cargo feature `kafka`; without

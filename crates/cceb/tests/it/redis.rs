@@ -12,26 +12,26 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// A redis-server of one test: append-only file fsynced on every write, so
-/// whatever it acknowledged survives its kill.
-struct RedisServer {
+/// whatever it acknowledged survives its kill. Shared with `cluster_chaos`.
+pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
 }
 
 impl RedisServer {
-    fn start() -> RedisServer {
+    pub(crate) fn start() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let mut s = RedisServer { child: None, port, dir: tempfile::tempdir().expect("tempdir") };
         s.spawn();
         s
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
@@ -45,7 +45,7 @@ impl RedisServer {
     }
 
     /// Waits until it answers PING.
-    async fn answering(&self) {
+    pub(crate) async fn answering(&self) {
         let url = self.url();
         tokio::time::timeout(PATIENCE, async {
             loop {
@@ -63,7 +63,8 @@ impl RedisServer {
         .expect("redis-server answers");
     }
 
-    fn kill(&mut self) {
+    /// SIGKILL (`Child::kill`), then reaps it.
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
