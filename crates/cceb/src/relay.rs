@@ -106,9 +106,15 @@ impl Relay {
     ) -> Result<(Relay, mpsc::Receiver<Inbound>), KvError> {
         let (tx, rx) = mpsc::channel(INBOX);
         let missed = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicBool::new(false));
         let sender = {
-            let (tx, missed) = (tx.clone(), missed.clone());
+            let (tx, missed, dropped) = (tx.clone(), missed.clone(), dropped.clone());
             move |info: PushInfo| -> Result<(), ()> {
+                if matches!(info.kind, PushKind::Unsubscribe | PushKind::SUnsubscribe) {
+                    // The server dropped the subscription (a slot moved to another
+                    // shard): the client will not renew it by itself.
+                    dropped.store(true, Ordering::SeqCst);
+                }
                 on_push(&tx, &missed, info);
                 Ok(())
             }
@@ -126,7 +132,7 @@ impl Relay {
                 .map_err(connect_err)?;
             let mut conn = client.get_async_connection().await.map_err(connect_err)?;
             conn.ssubscribe(&channel).await.map_err(connect_err)?;
-            kv::Conn::Cluster(conn)
+            Subscriber::Cluster(conn)
         } else {
             let info = kv.urls()[0].as_str().into_connection_info().map_err(connect_err)?;
             let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
@@ -139,7 +145,7 @@ impl Relay {
                 .set_number_of_retries(1);
             let mut conn = ConnectionManager::new_with_config(client, config).await.map_err(connect_err)?;
             conn.subscribe(&channel).await.map_err(connect_err)?;
-            kv::Conn::Single(conn)
+            Subscriber::Single(conn)
         };
         // Nothing is sent on a subscribed connection otherwise: a ping makes a
         // dropped one reconnect (and resubscribe), and a failed one means
@@ -151,7 +157,15 @@ impl Relay {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(liveness) => {}
                 }
-                let ok = redis::cmd("PING").query_async::<Value>(&mut subscriber).await.is_ok();
+                let mut ok = subscriber.ping().await;
+                if ok && dropped.swap(false, Ordering::SeqCst) {
+                    ok = subscriber.subscribe(&channel).await;
+                    if !ok {
+                        dropped.store(true, Ordering::SeqCst);
+                    }
+                    // Whatever came meanwhile is gone.
+                    missed.store(true, Ordering::SeqCst);
+                }
                 if ok && (down || missed.swap(false, Ordering::SeqCst)) && tx.try_send(Inbound::Resync).is_err() {
                     missed.store(true, Ordering::SeqCst);
                 }
@@ -169,6 +183,29 @@ impl Relay {
         let mut conn = self.conn.clone();
         let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
         Ok(redis::cmd(command).arg(channel_of(&self.kv, node)).arg(text).query_async(&mut conn).await?)
+    }
+}
+
+/// The connection a node's subscription lives on.
+enum Subscriber {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Subscriber {
+    async fn ping(&mut self) -> bool {
+        let ping = redis::cmd("PING");
+        match self {
+            Subscriber::Single(c) => ping.query_async::<Value>(c).await.is_ok(),
+            Subscriber::Cluster(c) => ping.query_async::<Value>(c).await.is_ok(),
+        }
+    }
+
+    async fn subscribe(&mut self, channel: &str) -> bool {
+        match self {
+            Subscriber::Single(c) => c.subscribe(channel).await.is_ok(),
+            Subscriber::Cluster(c) => c.ssubscribe(channel).await.is_ok(),
+        }
     }
 }
 

@@ -73,6 +73,9 @@ pub struct Attachment {
     pub taken_over: CancellationToken,
     /// Mailbox entries dropped while no client was attached.
     pub dropped: u64,
+    /// The store's generation of this attachment (cluster store): its
+    /// detach is written only while the store still has it.
+    pub store_generation: Option<u64>,
 }
 
 /// What one delivery did, for metrics and push.
@@ -344,9 +347,25 @@ impl Session {
     /// follow what the client asks now.
     /// `None` once the session has ended.
     pub fn attach(&self, auto_accept: bool, push_token: Option<String>) -> Option<Attachment> {
+        self.attach_as(None, auto_accept, push_token)
+    }
+
+    /// [`Session::attach`], for a mirrored session under the store's
+    /// `generation`, in one step: no detach of an earlier connection can
+    /// come between the two and be written under the new generation.
+    pub fn attach_as(
+        &self,
+        store_generation: Option<u64>,
+        auto_accept: bool,
+        push_token: Option<String>,
+    ) -> Option<Attachment> {
         let mut st = self.state();
         if st.ended {
             return None;
+        }
+        if let (Some(g), Some(mirror)) = (store_generation, self.long_lived.as_ref().and_then(|ll| ll.mirror.as_ref()))
+        {
+            mirror.store(g, Ordering::SeqCst);
         }
         if let Some((_, old)) = st.attached.take() {
             old.cancel();
@@ -364,7 +383,7 @@ impl Session {
         let generation = st.generation;
         drop(st);
         self.wake.notify_one();
-        Some(Attachment { generation, taken_over, dropped })
+        Some(Attachment { generation, taken_over, dropped, store_generation: self.store_generation() })
     }
 
     /// Detaches the connection of `generation` if it is still the attached

@@ -15,8 +15,12 @@ use super::{
 use crate::fault::ErrorKind;
 use crate::push::Announcement;
 use crate::store::{Admitted, Placement, SessionRecord, StoreError};
+use futures_util::{StreamExt, TryStreamExt};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+
+/// Agents of one tenant routed at once by a tenant-wide notification.
+const TENANT_ROUTES: usize = 32;
 
 /// What a node tells the others (implemented over Redis pub/sub by `cluster`).
 #[async_trait::async_trait]
@@ -60,9 +64,14 @@ impl Sessions {
         }
         let id: Arc<str> = uuid::Uuid::new_v4().to_string().into();
         if !(req.long_lived || req.session_key.is_some()) {
-            let session = Arc::new(Session::new(id, agent.clone(), self.settings.max_unacked));
+            let session = Arc::new(Session::new(id.clone(), agent.clone(), self.settings.max_unacked));
             self.add(session.clone());
-            c.placement.short_lived(&agent, &c.node, 1);
+            c.placement.short_lived(&agent, &id, Some(&c.node));
+            // Known to the other nodes before the client is answered; a Redis
+            // outage does not keep a short-lived session from opening.
+            if let Err(e) = self.store.sync().await {
+                tracing::debug!(error = %e, "a short-lived session not yet known to the other nodes");
+            }
             let attachment = session.attach(req.auto_accept, None).ok_or(OpenError::EndedAtOnce)?;
             return Ok(Opened { held: self.hold(session, attachment), key: None, resumed: false });
         }
@@ -100,9 +109,19 @@ impl Sessions {
         let attached = c
             .placement
             .attach(&agent, &id, &c.node, now, self.settings.ttl, req.auto_accept, req.push_token.as_deref())
-            .await?
-            .ok_or(OpenError::EndedAtOnce)?;
-        let (session, attachment) = self.mirror(attached.stored.record.clone(), attached, &req)?;
+            .await
+            .map_err(OpenError::from)
+            .and_then(|a| a.ok_or(OpenError::EndedAtOnce))
+            .and_then(|a| self.mirror(a, &req));
+        let (session, attachment) = match attached {
+            Ok(held) => held,
+            Err(e) => {
+                // The client never gets the key: nothing may be left to count or to hold a slot.
+                self.store.session_delete(&agent, &id);
+                self.reactions.availability_changed(&agent, delta - 1).await;
+                return Err(e);
+            }
+        };
         self.reactions.availability_changed(&agent, delta).await;
         Ok(Opened { held: self.hold(session, attachment), key: Some(text), resumed: false })
     }
@@ -132,14 +151,24 @@ impl Sessions {
             .attach(agent, &key.session_id, &c.node, now, self.settings.ttl, req.auto_accept, req.push_token.as_deref())
             .await?;
         let Some(attached) = attached else { return Ok(None) };
-        if let Some(previous) = &attached.previous {
-            if let Err(e) = c.peers.takeover(previous, &key.session_id, attached.generation).await {
+        let (previous, generation) = (attached.previous.clone(), attached.generation);
+        let read_upto = attached.stored.mailbox.last().map_or(0, |(seq, _)| *seq);
+        let (session, attachment) = self.mirror(attached, req)?;
+        let held = self.hold(session.clone(), attachment);
+        // Routed to this node between the attach and the mirror's place in the
+        // roster, so found nobody here: read from the store.
+        match c.placement.mailbox_after(agent, &key.session_id, read_upto).await {
+            Ok(entries) => entries.into_iter().for_each(|(seq, n)| {
+                session.deliver_at(seq, &n);
+            }),
+            Err(e) => tracing::warn!(error = %e, "cannot read what came during the attach; a resync will"),
+        }
+        if let Some(previous) = previous {
+            if let Err(e) = c.peers.takeover(&previous, &key.session_id, generation).await {
                 tracing::warn!(error = %e, node = %previous, "cannot tell a node its session was taken over");
             }
         }
-        let record = attached.stored.record.clone();
-        let (session, attachment) = self.mirror(record, attached, req)?;
-        Ok(Some(self.hold(session, attachment)))
+        Ok(Some(held))
     }
 
     /// The in-memory mirror of a session just attached in the store: the one
@@ -147,10 +176,10 @@ impl Sessions {
     /// a new one from what the attach read.
     fn mirror(
         &self,
-        record: SessionRecord,
         attached: crate::store::Attached,
         req: &OpenRequest,
     ) -> Result<(Arc<Session>, Attachment), OpenError> {
+        let record = &attached.stored.record;
         let (capacity, window) = (self.settings.mailbox_capacity, self.settings.max_unacked);
         let here = self.roster.long_lived(&record.id).filter(|s| s.store_generation().is_some());
         let session = match here {
@@ -158,7 +187,7 @@ impl Sessions {
             None => {
                 let mailbox = Mailbox::restore(capacity, window, 1, Vec::new());
                 let s = Arc::new(Session::mirrored(
-                    &record,
+                    record,
                     mailbox,
                     self.settings.max_unacked,
                     self.store.clone(),
@@ -168,11 +197,12 @@ impl Sessions {
                 s
             }
         };
-        session.set_store_generation(attached.generation);
         for (seq, n) in &attached.stored.mailbox {
             session.deliver_at(*seq, n);
         }
-        let mut attachment = session.attach(req.auto_accept, req.push_token.clone()).ok_or(OpenError::EndedAtOnce)?;
+        let mut attachment = session
+            .attach_as(Some(attached.generation), req.auto_accept, req.push_token.clone())
+            .ok_or(OpenError::EndedAtOnce)?;
         attachment.dropped = record.dropped;
         Ok((session, attachment))
     }
@@ -181,12 +211,15 @@ impl Sessions {
     /// is detached in the store (unless attached elsewhere since) and leaves
     /// this node's memory.
     pub(super) fn disconnected_placed(&self, c: &Cluster, session: &Arc<Session>, attachment: &Attachment) {
-        let Some(generation) = session.store_generation() else {
+        if !session.is_long_lived() {
             if self.remove(session) {
-                c.placement.short_lived(&session.agent, &c.node, -1);
+                c.placement.short_lived(&session.agent, &session.id, None);
             }
             return;
-        };
+        }
+        // The generation this connection attached under, not the session's
+        // now: a newer attach here must not be detached by this one's end.
+        let Some(generation) = attachment.store_generation else { return };
         let now = self.settings.clock.now_ms();
         if session.detach(attachment.generation, now) {
             c.placement.detach(&session.agent, &session.id, generation, now, self.settings.ttl);
@@ -275,10 +308,13 @@ impl Sessions {
     pub async fn deliver_tenant(&self, tenant: &str, n: &Arc<Notification>) -> Result<usize, StoreError> {
         let Some(c) = &self.cluster else { return Ok(self.deliver_to_tenant(tenant, n)) };
         let live = c.peers.live();
-        let mut reached = 0;
-        for agent in c.placement.tenant_agents(tenant).await? {
-            reached += self.route(c, &agent, n, &live, false).await?;
-        }
+        let agents = c.placement.tenant_agents(tenant).await?;
+        // Made first, so the stream's type names no closure over a borrow (a future
+        // of a closure taking `&AgentId` is not `Send` for every lifetime).
+        let routes: Vec<_> = agents.iter().map(|agent| Box::pin(self.route(c, agent, n, &live, false))).collect();
+        let routed: Vec<usize> =
+            futures_util::stream::iter(routes).buffer_unordered(TENANT_ROUTES).try_collect().await?;
+        let mut reached: usize = routed.iter().sum();
         for s in self.roster.of_tenant(tenant) {
             if !s.is_long_lived() {
                 self.deliver_to(n, &s);
@@ -286,7 +322,9 @@ impl Sessions {
             }
         }
         for node in live.iter().filter(|node| **node != *c.node) {
-            c.peers.tenant(node, tenant, n).await?;
+            if let Err(e) = c.peers.tenant(node, tenant, n).await {
+                tracing::warn!(error = %e, %node, "cannot send a tenant-wide notification to a node");
+            }
         }
         Ok(reached)
     }
@@ -302,37 +340,44 @@ impl Sessions {
         live: &[String],
         short_lived: bool,
     ) -> Result<usize, StoreError> {
-        let routed = c.placement.route(agent, n, self.settings.mailbox_capacity, live).await?;
+        let now = self.settings.clock.now_ms();
+        let routed = c.placement.route(agent, n, self.settings.mailbox_capacity, now).await?;
         self.metrics.mailbox_dropped.increment(routed.dropped);
         let reached = routed.attached.len() + routed.detached.len();
-        for (session_id, token) in routed.detached {
+        let announce = |session_id: Arc<str>, token: String| {
             self.push.announce(Announcement { token, session_id, ty: n.ty, uuid: n.uuid.clone() });
+        };
+        for (session_id, token) in routed.detached {
+            announce(session_id, token);
         }
         let mut nodes: BTreeMap<String, Vec<(Arc<str>, u64)>> = BTreeMap::new();
         for (node, session, seq, token) in routed.attached {
-            if *node == *c.node && !self.roster.long_lived(&session).is_some_and(|s| s.is_attached()) {
-                // Its connection here just ended; the store will hear of it with the next flush.
-                if let Some(token) = token {
-                    self.push.announce(Announcement { token, session_id: session, ty: n.ty, uuid: n.uuid.clone() });
-                }
-                continue;
+            let gone = if *node == *c.node {
+                // Its connection here just ended; the store hears of it with the next flush.
+                !self.roster.long_lived(&session).is_some_and(|s| s.is_attached())
+            } else {
+                // Its node is not in a view that is known: dead, as far as this node can tell.
+                !live.is_empty() && !live.contains(&node)
+            };
+            if let Some(token) = token.filter(|_| gone) {
+                announce(session.clone(), token);
             }
-            // Attached to a node that died: its client resumes elsewhere and reads the mailbox.
-            if live.is_empty() || live.contains(&node) {
-                nodes.entry(node).or_default().push((session, seq));
-            }
+            // Told whatever this node's view says: a node that just joined may
+            // not be in it yet, and a message to a dead node costs nothing.
+            nodes.entry(node).or_default().push((session, seq));
         }
         let short: BTreeSet<String> =
             if short_lived { routed.short_lived.into_iter().collect() } else { BTreeSet::new() };
-        for node in short.iter().filter(|node| !nodes.contains_key(*node)).cloned().collect::<Vec<_>>() {
-            nodes.insert(node, Vec::new());
+        for node in &short {
+            nodes.entry(node.clone()).or_default();
         }
         for (node, seqs) in nodes {
             if *node == *c.node {
                 self.deliver_here(&seqs, n);
-            } else {
-                let to_short = short.contains(&node);
-                c.peers.agent(&node, agent, n, seqs, to_short).await?;
+            } else if let Err(e) = c.peers.agent(&node, agent, n, seqs, short.contains(&node)).await {
+                // The entries are durable: the node reads them when it resyncs,
+                // its clients when they resume.
+                tracing::warn!(error = %e, %node, "cannot tell a node of a notification");
             }
         }
         Ok(reached)

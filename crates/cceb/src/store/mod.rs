@@ -209,7 +209,7 @@ pub struct Routed {
     pub attached: Vec<(String, Arc<str>, u64, Option<String>)>,
     /// (session, push token): detached long-lived sessions with a device token.
     pub detached: Vec<(Arc<str>, String)>,
-    /// Nodes with short-lived sessions of the agent (live ones only).
+    /// Nodes with short-lived sessions of the agent.
     pub short_lived: Vec<String>,
     /// Mailbox entries dropped to make room.
     pub dropped: u64,
@@ -253,19 +253,19 @@ pub trait Placement: Send + Sync + 'static {
     /// durable with the next `sync`.
     fn detach(&self, agent: &AgentId, id: &Arc<str>, generation: u64, now_ms: u64, ttl: Duration);
     /// Appends `n` to the mailbox of every long-lived session of `agent`,
-    /// each at its next seq, keeping at most `capacity` entries. `live`: the
-    /// nodes alive now (short-lived sessions on others are forgotten; empty:
-    /// unknown, nothing is forgotten).
+    /// each at its next seq, keeping at most `capacity` entries; once per
+    /// uuid (a source sent again after a failure part-way appends nothing
+    /// twice, and routes nothing).
     async fn route(
         &self,
         agent: &AgentId,
         n: &Notification,
         capacity: usize,
-        live: &[String],
+        now_ms: u64,
     ) -> Result<Routed, StoreError>;
-    /// Counts a short-lived session of `agent` on `node` in (`1`) or out
-    /// (`-1`). Buffered, in order with the other writes.
-    fn short_lived(&self, agent: &AgentId, node: &Arc<str>, delta: i64);
+    /// Records a short-lived session of `agent` as open on `node` (`Some`)
+    /// or closed. Buffered, in order with the other writes; idempotent.
+    fn short_lived(&self, agent: &AgentId, session: &Arc<str>, node: Option<&Arc<str>>);
     /// Agents of the tenant with long-lived sessions.
     async fn tenant_agents(&self, tenant: &str) -> Result<Vec<AgentId>, StoreError>;
     /// Ends the sessions whose TTL passed by `now_ms` (detached, or attached

@@ -116,12 +116,17 @@ redis.call('HSET', KEYS[1], 'dropped', '0')
 return {gen, f[3] or '', dropped, redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1)}
 ";
 
-/// Appends a notification to every long-lived session of one agent:
-/// `KEYS` = (the agent's sessions, its short-lived count per node); `ARGV` =
-/// (the agent's key base, the entry after its seq, capacity, whether `live`
-/// is known, live nodes...). Returns (flat (session, seq, node, push token,
-/// dropped) for each session, nodes with short-lived sessions).
+/// Appends a notification to every long-lived session of one agent, once
+/// per uuid: `KEYS` = (the agent's sessions, its short-lived sessions'
+/// nodes, the uuids it routed lately); `ARGV` = (the agent's key base, the
+/// entry after its seq, capacity, uuid, now). Returns (flat (session, seq,
+/// node, push token, dropped) for each session, nodes with short-lived
+/// sessions), both empty for a uuid routed already (a source sent again
+/// after a failure part-way: what it appended stays, nothing twice).
 const ROUTE: &str = r#"
+if redis.call('ZSCORE', KEYS[3], ARGV[4]) then return {{}, {}} end
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -4097)
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local s = ARGV[1] .. 's:' .. id
@@ -147,27 +152,16 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     table.insert(out, tostring(dropped))
   end
 end
-local live = {}
-for i = 5, #ARGV do live[ARGV[i]] = true end
 local nodes = {}
-local short = redis.call('HGETALL', KEYS[2])
-for i = 1, #short, 2 do
-  if ARGV[4] == '1' and not live[short[i]] then
-    redis.call('HDEL', KEYS[2], short[i])
-  elseif tonumber(short[i + 1]) > 0 then
-    table.insert(nodes, short[i])
+local seen = {}
+for _, node in ipairs(redis.call('HVALS', KEYS[2])) do
+  if not seen[node] then
+    seen[node] = true
+    table.insert(nodes, node)
   end
 end
 return {out, nodes}
 "#;
-
-/// Counts a short-lived session on a node in or out: `KEYS` = (counts);
-/// `ARGV` = (node, delta).
-const SHORT_LIVED: &str = r"
-local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
-if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return n
-";
 
 /// Ends one session if its TTL passed: `KEYS` = (record, mailbox, the
 /// agent's sessions); `ARGV` = (id, now, ttl ms, whether `live` is known,
@@ -296,11 +290,11 @@ enum Write {
         at: u64,
         due: u64,
     },
-    /// A short-lived session of the agent on `node` came (1) or went (-1).
+    /// A short-lived session of the agent opened on `node` (`Some`) or closed.
     ShortLived {
         agent: AgentId,
-        node: Arc<str>,
-        delta: i64,
+        session: Arc<str>,
+        node: Option<Arc<str>>,
     },
 }
 
@@ -524,7 +518,9 @@ impl Inner {
                     index.insert(index_member(&r.agent, &r.id), true);
                     // The tenant's agents with long-lived sessions: what a tenant-wide event walks.
                     let t = multi(&mut groups, kv.tenant_key(&r.agent.tenant_guid, ""));
-                    t.sadd(kv.tenant_key(&r.agent.tenant_guid, "agents"), agent_member(&r.agent)).ignore();
+                    // Without the IR instance: one member per agent, routed once.
+                    let who = AgentId { ir_instance: "".into(), ..r.agent.clone() };
+                    t.sadd(kv.tenant_key(&r.agent.tenant_guid, "agents"), agent_member(&who)).ignore();
                 }
                 Write::SessionDelete { agent, id } => {
                     let p = multi(&mut groups, kv.agent_key(agent, ""));
@@ -556,15 +552,14 @@ impl Inner {
                         .ignore();
                     expiry.push((*due, index_member(agent, id)));
                 }
-                Write::ShortLived { agent, node, delta } => {
+                Write::ShortLived { agent, session, node } => {
+                    // One field per session: idempotent, so a flush sent again counts nothing twice.
                     let p = multi(&mut groups, kv.agent_key(agent, ""));
-                    p.cmd("EVAL")
-                        .arg(SHORT_LIVED)
-                        .arg(1)
-                        .arg(kv.agent_key(agent, "short"))
-                        .arg(&**node)
-                        .arg(*delta)
-                        .ignore();
+                    let key = kv.agent_key(agent, "short");
+                    match node {
+                        Some(node) => p.hset(key, &**session, &**node).ignore(),
+                        None => p.hdel(key, &**session).ignore(),
+                    };
                 }
                 Write::Dedup { key, window } => {
                     let p = multi(&mut groups, kv.tenant_key(&key.tenant, ""));
@@ -1069,12 +1064,17 @@ impl Placement for RedisStore {
         agent: &AgentId,
         n: &Notification,
         capacity: usize,
-        live: &[String],
+        now_ms: u64,
     ) -> Result<Routed, StoreError> {
         let kv = &self.inner.kv;
         let mut inv = self.scripts.route.key(kv.agent_key(agent, "sessions"));
-        inv.key(kv.agent_key(agent, "short")).arg(kv.agent_key(agent, "")).arg(entry_rest(n)).arg(capacity);
-        live_args(&mut inv, live);
+        inv.key(kv.agent_key(agent, "short"))
+            .key(kv.agent_key(agent, "routed"))
+            .arg(kv.agent_key(agent, ""))
+            .arg(entry_rest(n))
+            .arg(capacity)
+            .arg(&n.uuid)
+            .arg(now_ms);
         let (flat, short_lived): (Vec<String>, Vec<String>) =
             inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
         let mut routed = Routed { short_lived, ..Routed::default() };
@@ -1092,8 +1092,8 @@ impl Placement for RedisStore {
         Ok(routed)
     }
 
-    fn short_lived(&self, agent: &AgentId, node: &Arc<str>, delta: i64) {
-        self.push(Write::ShortLived { agent: agent.clone(), node: node.clone(), delta }, None);
+    fn short_lived(&self, agent: &AgentId, session: &Arc<str>, node: Option<&Arc<str>>) {
+        self.push(Write::ShortLived { agent: agent.clone(), session: session.clone(), node: node.cloned() }, None);
     }
 
     async fn tenant_agents(&self, tenant: &str) -> Result<Vec<AgentId>, StoreError> {
