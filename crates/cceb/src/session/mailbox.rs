@@ -51,7 +51,19 @@ pub struct Mailbox {
     sendable_below: u64,
     /// Since when the window has been full with no ack.
     full_since: Option<Instant>,
+    /// A mirrored mailbox (cluster store, where entries come with the seq the
+    /// store gave them, from whichever node): the seq that must come before
+    /// later ones are sent, so seqs go out in increasing order even when two
+    /// nodes' messages cross.
+    awaited: Option<u64>,
+    /// Since when an entry waits for `awaited`.
+    gap_since: Option<Instant>,
 }
+
+/// Longest an entry waits for a lower seq (a message from another node still
+/// on its way) before it is sent anyway: a lost message must not hold up the
+/// rest; the store keeps the missing one, read at the next resync or resume.
+pub const GAP_WAIT: Duration = Duration::from_secs(1);
 
 impl Mailbox {
     /// An mailbox that keeps at most `capacity` entries, dropping the oldest,
@@ -65,6 +77,8 @@ impl Mailbox {
             window,
             sendable_below: u64::MAX,
             full_since: None,
+            awaited: None,
+            gap_since: None,
         }
     }
 
@@ -79,7 +93,17 @@ impl Mailbox {
         let entries: VecDeque<Entry> =
             entries.into_iter().map(|(seq, n)| Entry { seq, n, sent_at: None, first_sent: None }).collect();
         let next_seq = entries.back().map_or(next_seq, |e| next_seq.max(e.seq + 1));
-        Mailbox { next_seq, entries, cursor: 0, capacity, window, sendable_below: u64::MAX, full_since: None }
+        Mailbox {
+            next_seq,
+            entries,
+            cursor: 0,
+            capacity,
+            window,
+            sendable_below: u64::MAX,
+            full_since: None,
+            awaited: None,
+            gap_since: None,
+        }
     }
 
     /// Seq the next notification gets.
@@ -139,12 +163,31 @@ impl Mailbox {
         let at = self.cursor + self.entries.iter().skip(self.cursor).take_while(|e| e.seq < seq).count();
         self.entries.insert(at, Entry { seq, n, sent_at: None, first_sent: None });
         self.next_seq = self.next_seq.max(seq + 1);
+        self.advance();
         let mut dropped = None;
         if self.entries.len() > self.capacity {
             dropped = self.entries.pop_front().map(|e| e.seq);
             self.cursor = self.cursor.saturating_sub(1);
         }
         Some(Pushed { seq, dropped })
+    }
+
+    /// Everything up to `upto` was read from the store in one step (its gaps
+    /// are acks and drops, not messages on their way): later entries are sent
+    /// in seq order from `upto + 1`.
+    pub fn contiguous_upto(&mut self, upto: u64) {
+        let next = upto.saturating_add(1);
+        if self.awaited.is_none_or(|a| a < next) {
+            self.awaited = Some(next);
+        }
+        self.advance();
+    }
+
+    fn advance(&mut self) {
+        while let Some(a) = self.awaited.filter(|a| self.entries.iter().skip(self.cursor).any(|e| e.seq == *a)) {
+            self.awaited = Some(a + 1);
+            self.gap_since = None;
+        }
     }
 
     /// Removes an acknowledged notification; returns its seq and how long it
@@ -186,10 +229,26 @@ impl Mailbox {
             }
             soonest(e.sent_at.unwrap_or(now) + ack_timeout);
         }
+        // The first unsent entry past a gap in a mirrored mailbox: sent once
+        // the gap filled, or once it waited `GAP_WAIT`.
+        let held = self.awaited.and_then(|a| self.entries.iter().skip(self.cursor).map(|e| e.seq).find(|&s| s > a));
+        if let (Some(first), Some(a)) = (held, self.awaited) {
+            if self.entries.iter().skip(self.cursor).all(|e| e.seq != a) {
+                let since = *self.gap_since.get_or_insert(now);
+                if since + GAP_WAIT <= now {
+                    self.awaited = Some(first);
+                    self.gap_since = None;
+                    self.advance();
+                } else {
+                    soonest(since + GAP_WAIT);
+                }
+            }
+        }
+        let awaited = self.awaited;
         let room = self.window.saturating_sub(self.cursor);
         let mut sent = 0;
         for e in self.entries.iter_mut().skip(self.cursor).take(room) {
-            if e.seq >= self.sendable_below {
+            if e.seq >= self.sendable_below || awaited.is_some_and(|a| e.seq > a) {
                 break;
             }
             e.sent_at = Some(now);
@@ -303,6 +362,42 @@ mod tests {
         assert_eq!(o.next_seq(), 5);
         assert_eq!(o.ack("b", t0).map(|(seq, _)| seq), Some(2));
         assert_eq!(o.push_at(6, n("f")), Some(Pushed { seq: 6, dropped: None }), "a gap is kept: 5 may come");
+    }
+
+    #[test]
+    fn a_mirrored_mailbox_sends_seqs_in_order_holding_what_comes_after_a_gap_until_it_fills() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut o = Mailbox::new(10, 10);
+        o.push_at(3, n("c"));
+        o.push_at(5, n("e"));
+        // Read from the store in one step up to 5: 4 was acked before.
+        o.contiguous_upto(5);
+        let mut out = Vec::new();
+        o.take_due(t0, timeout, &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(3, false), (5, false)]);
+        // 7 arrives before 6 (two nodes' messages crossed): it waits for 6.
+        o.push_at(7, n("g"));
+        out.clear();
+        let next = o.take_due(t0, timeout, &mut out).expect("not stalled");
+        assert!(out.is_empty(), "7 waits for 6");
+        assert_eq!(next, Some(t0 + GAP_WAIT), "looked at again when the wait is over");
+        o.push_at(6, n("f"));
+        o.take_due(t0, timeout, &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(6, false), (7, false)], "in order once 6 came");
+        // 9 without 8: sent after GAP_WAIT (8's message was lost; the store keeps it).
+        o.push_at(9, n("i"));
+        out.clear();
+        o.take_due(t0 + GAP_WAIT - Duration::from_millis(1), timeout, &mut out).expect("not stalled");
+        assert!(out.is_empty());
+        let later = t0 + GAP_WAIT + Duration::from_millis(1);
+        o.take_due(later, timeout, &mut out).expect("not stalled");
+        o.take_due(later + GAP_WAIT, timeout, &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(9, false)]);
+        o.push_at(10, n("j"));
+        out.clear();
+        o.take_due(later + GAP_WAIT, timeout, &mut out).expect("not stalled");
+        assert_eq!(seqs(&out), [(10, false)], "no gap after 9: at once");
     }
 
     #[test]

@@ -329,6 +329,13 @@ impl Session {
         true
     }
 
+    /// Everything the store held up to `upto` is in the mailbox (read in one
+    /// step): later seqs are sent in order from there (mirrored session).
+    pub fn contiguous_upto(&self, upto: u64) {
+        self.state().mailbox.contiguous_upto(upto);
+        self.wake.notify_one();
+    }
+
     /// Puts an entry the store already holds at `seq` (mirrored session);
     /// `None` when it is held already or the session ended.
     pub fn deliver_at(&self, seq: u64, n: &Arc<Notification>) -> Option<Pushed> {

@@ -158,9 +158,13 @@ impl Sessions {
         // Routed to this node between the attach and the mirror's place in the
         // roster, so found nobody here: read from the store.
         match c.placement.mailbox_after(agent, &key.session_id, read_upto).await {
-            Ok(entries) => entries.into_iter().for_each(|(seq, n)| {
-                session.deliver_at(seq, &n);
-            }),
+            Ok(entries) => {
+                let upto = entries.last().map_or(read_upto, |(seq, _)| *seq);
+                for (seq, n) in entries {
+                    session.deliver_at(seq, &n);
+                }
+                session.contiguous_upto(upto);
+            }
             Err(e) => tracing::warn!(error = %e, "cannot read what came during the attach; a resync will"),
         }
         if let Some(previous) = previous {
@@ -200,6 +204,7 @@ impl Sessions {
         for (seq, n) in &attached.stored.mailbox {
             session.deliver_at(*seq, n);
         }
+        session.contiguous_upto(attached.stored.mailbox.last().map_or(0, |(seq, _)| *seq));
         let mut attachment = session
             .attach_as(Some(attached.generation), req.auto_accept, req.push_token.clone())
             .ok_or(OpenError::EndedAtOnce)?;
@@ -439,8 +444,12 @@ impl Sessions {
         for s in self.roster.all_long_lived() {
             match c.placement.mailbox_after(&s.agent, &s.id, 0).await {
                 Ok(entries) => {
+                    let upto = entries.last().map(|(seq, _)| *seq);
                     for (seq, n) in entries {
                         s.deliver_at(seq, &n);
+                    }
+                    if let Some(upto) = upto {
+                        s.contiguous_upto(upto);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, session = %s.id, "cannot read a mailbox again"),
