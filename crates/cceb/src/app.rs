@@ -123,6 +123,8 @@ impl Bridge {
             ),
             StoreKind::Embedded => None,
         };
+        // This process, as membership and the store's attachments know it.
+        let instance = uuid::Uuid::new_v4().simple().to_string();
         let redis_store = kv.as_ref().map(|kv| Arc::new(RedisStore::new(kv.clone())));
         let store: Arc<dyn Store> = match &redis_store {
             Some(r) => r.clone(),
@@ -216,6 +218,10 @@ impl Bridge {
                 placement: placement.clone(),
                 peers: peers.clone(),
                 node: settings.node_id.as_str().into(),
+                instance: instance.as_str().into(),
+                // Past a dead node's TTL and the heartbeat every view is read at.
+                reap_after: Duration::from_millis(2 * settings.node_ttl_ms + settings.node_heartbeat_ms),
+                absent: Default::default(),
             }),
             _ => sessions,
         });
@@ -279,6 +285,7 @@ impl Bridge {
                         endpoint: ws_endpoint.clone(),
                         heartbeat: Duration::from_millis(settings.node_heartbeat_ms),
                         ttl: Duration::from_millis(settings.node_ttl_ms),
+                        instance: instance.clone(),
                     },
                     metrics.clone(),
                 )

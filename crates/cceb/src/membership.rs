@@ -93,6 +93,9 @@ pub struct MembershipSettings {
     pub endpoint: String,
     pub heartbeat: Duration,
     pub ttl: Duration,
+    /// Random per process: tells a restarted node from its previous life
+    /// (the store records attachments under it too).
+    pub instance: String,
 }
 
 /// Writes this node's record (unless another instance holds the id), drops
@@ -171,8 +174,8 @@ impl Membership {
             ids_key: kv.key("{nodes}:ids"),
             record_prefix: kv.key("{nodes}:node:"),
             kv,
+            instance: settings.instance.clone(),
             settings,
-            instance: uuid::Uuid::new_v4().simple().to_string(),
             draining: AtomicBool::new(false),
             metrics,
             view: RwLock::new(None),

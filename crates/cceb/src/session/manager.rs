@@ -93,6 +93,7 @@ impl Sessions {
         if let Some(c) = &self.cluster {
             // Nothing to bring back: a session is read from the store when
             // attached. Sessions whose TTL passed while no node ran end now.
+            self.reap_previous(c).await?;
             self.sweep_placed(c).await;
             return Ok(0);
         }

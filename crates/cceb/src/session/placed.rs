@@ -15,9 +15,11 @@ use super::{
 use crate::fault::ErrorKind;
 use crate::push::Announcement;
 use crate::store::{Admitted, Placement, SessionRecord, StoreError};
+use crate::sync::lock;
 use futures_util::{StreamExt, TryStreamExt};
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Agents of one tenant routed at once by a tenant-wide notification.
 const TENANT_ROUTES: usize = 32;
@@ -49,6 +51,14 @@ pub struct Cluster {
     pub peers: Arc<dyn Peers>,
     /// This node's id, as the store records attachments.
     pub node: Arc<str>,
+    /// This process (a restarted node has the same id, another instance).
+    pub instance: Arc<str>,
+    /// How long a node with sessions attached must be missing from this
+    /// node's view before they are detached (a node that just joined is in
+    /// every view well before).
+    pub reap_after: Duration,
+    /// Nodes with attached sessions missing from the view, since when (ms).
+    pub absent: Mutex<HashMap<String, u64>>,
 }
 
 impl Sessions {
@@ -108,7 +118,16 @@ impl Sessions {
         let now = self.settings.clock.now_ms();
         let attached = c
             .placement
-            .attach(&agent, &id, &c.node, now, self.settings.ttl, req.auto_accept, req.push_token.as_deref())
+            .attach(
+                &agent,
+                &id,
+                &c.node,
+                &c.instance,
+                now,
+                self.settings.ttl,
+                req.auto_accept,
+                req.push_token.as_deref(),
+            )
             .await
             .map_err(OpenError::from)
             .and_then(|a| a.ok_or(OpenError::EndedAtOnce))
@@ -148,7 +167,16 @@ impl Sessions {
         let now = self.settings.clock.now_ms();
         let attached = c
             .placement
-            .attach(agent, &key.session_id, &c.node, now, self.settings.ttl, req.auto_accept, req.push_token.as_deref())
+            .attach(
+                agent,
+                &key.session_id,
+                &c.node,
+                &c.instance,
+                now,
+                self.settings.ttl,
+                req.auto_accept,
+                req.push_token.as_deref(),
+            )
             .await?;
         let Some(attached) = attached else { return Ok(None) };
         let (previous, generation) = (attached.previous.clone(), attached.generation);
@@ -227,7 +255,7 @@ impl Sessions {
         let Some(generation) = attachment.store_generation else { return };
         let now = self.settings.clock.now_ms();
         if session.detach(attachment.generation, now) {
-            c.placement.detach(&session.agent, &session.id, generation, now, self.settings.ttl);
+            c.placement.detach(&session.agent, &session.id, &c.node, generation, now, self.settings.ttl);
             self.remove(session);
             // Attached again here between the two steps: it stays.
             if session.is_attached() {
@@ -244,7 +272,9 @@ impl Sessions {
             tracing::warn!(error = %e, "cannot flush before expiry");
         }
         let now = self.settings.clock.now_ms();
-        match c.placement.expire_due(now, self.settings.ttl, &c.peers.live()).await {
+        let live = c.peers.live();
+        self.reap_absent(c, &live, now).await;
+        match c.placement.expire_due(now, self.settings.ttl, &live).await {
             Ok(ended) => {
                 for agent in ended {
                     tracing::debug!(agent = %agent.agent_guid, "session expired");
@@ -258,6 +288,48 @@ impl Sessions {
             tracing::warn!(error = %e, "store expiry failed");
         }
         self.reactions.retry().await;
+    }
+
+    /// Sessions attached to a node missing from the view for `reap_after`
+    /// are detached as of now: their TTL starts, pushes go to their devices,
+    /// and they no longer hold a slot under the cap as if connected.
+    async fn reap_absent(&self, c: &Cluster, live: &[String], now: u64) {
+        if live.is_empty() {
+            // Not known who is alive: nobody is declared dead.
+            return;
+        }
+        let nodes = match c.placement.attached_nodes().await {
+            Ok(nodes) => nodes,
+            Err(e) => return tracing::warn!(error = %e, "cannot list the nodes sessions are attached to"),
+        };
+        let due: Vec<String> = {
+            let mut absent = lock(&c.absent);
+            absent.retain(|n, _| nodes.contains(n) && !live.contains(n));
+            let after = u64::try_from(c.reap_after.as_millis()).unwrap_or(u64::MAX);
+            nodes
+                .iter()
+                .filter(|n| !live.contains(n) && **n != *c.node)
+                .filter(|n| now.saturating_sub(*absent.entry((*n).clone()).or_insert(now)) >= after)
+                .cloned()
+                .collect()
+        };
+        for node in due {
+            match c.placement.reap(&node, None, now, self.settings.ttl).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(%node, sessions = n, "sessions of a node that left detached"),
+                Err(e) => tracing::warn!(error = %e, %node, "cannot detach the sessions of a node that left"),
+            }
+        }
+    }
+
+    /// At start: sessions this node id held in a previous life (killed) are detached now.
+    pub(super) async fn reap_previous(&self, c: &Cluster) -> Result<(), StoreError> {
+        let now = self.settings.clock.now_ms();
+        let n = c.placement.reap(&c.node, Some(&c.instance), now, self.settings.ttl).await?;
+        if n > 0 {
+            tracing::info!(sessions = n, "sessions attached to this node's previous instance detached");
+        }
+        Ok(())
     }
 
     pub(super) async fn offered_placed(&self, c: &Cluster, tenant: &str, agent: &str, interaction: &str) {
@@ -286,7 +358,7 @@ impl Sessions {
         for s in self.roster.all_long_lived() {
             if let Some(generation) = s.store_generation() {
                 s.detach_any(now);
-                c.placement.detach(&s.agent, &s.id, generation, now, self.settings.ttl);
+                c.placement.detach(&s.agent, &s.id, &c.node, generation, now, self.settings.ttl);
             }
         }
     }

@@ -235,14 +235,15 @@ pub trait Placement: Send + Sync + 'static {
     async fn record(&self, agent: &AgentId, id: &str) -> Result<Option<SessionRecord>, StoreError>;
     /// Makes room for a new long-lived session of `agent` within `cap`.
     async fn admit(&self, agent: &AgentId, cap: usize) -> Result<Admitted, StoreError>;
-    /// Attaches the session to `node` unless it is gone or its TTL passed
-    /// while detached (at `now_ms`).
+    /// Attaches the session to `node` (its process `instance`) unless it is
+    /// gone or its TTL passed while detached (at `now_ms`).
     #[allow(clippy::too_many_arguments)]
     async fn attach(
         &self,
         agent: &AgentId,
         id: &str,
         node: &str,
+        instance: &str,
         now_ms: u64,
         ttl: Duration,
         auto_accept: bool,
@@ -251,7 +252,13 @@ pub trait Placement: Send + Sync + 'static {
     /// Records that the attachment of `generation` ended at `now_ms`, if it
     /// is still the session's (a later attach elsewhere wins). Buffered:
     /// durable with the next `sync`.
-    fn detach(&self, agent: &AgentId, id: &Arc<str>, generation: u64, now_ms: u64, ttl: Duration);
+    fn detach(&self, agent: &AgentId, id: &Arc<str>, node: &str, generation: u64, now_ms: u64, ttl: Duration);
+    /// Detaches, as of `now_ms`, every session attached to `node` under an
+    /// instance other than `alive` (every instance: `None`): the node died,
+    /// or restarted. Returns how many.
+    async fn reap(&self, node: &str, alive: Option<&str>, now_ms: u64, ttl: Duration) -> Result<usize, StoreError>;
+    /// The nodes sessions are attached to (some may be dead).
+    async fn attached_nodes(&self) -> Result<Vec<String>, StoreError>;
     /// Appends `n` to the mailbox of every long-lived session of `agent`,
     /// each at its next seq, keeping at most `capacity` entries; once per
     /// uuid (a source sent again after a failure part-way appends nothing

@@ -88,7 +88,7 @@ return prev
 /// `ARGV` = (generation, disconnected at).
 const DETACH: &str = r"
 if redis.call('HGET', KEYS[1], 'gen') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 'node')
+  redis.call('HDEL', KEYS[1], 'node', 'instance')
   redis.call('HSET', KEYS[1], 'disconnected_at_ms', ARGV[2])
   return 1
 end
@@ -97,14 +97,14 @@ return 0
 
 /// Attaches a session to a node and reads it back in the same step:
 /// `KEYS` = (record, mailbox); `ARGV` = (node, now, ttl ms, auto_accept,
-/// push token, whether there is one). Nil when the session is gone or its
+/// push token, whether there is one, the node's instance). Nil when the session is gone or its
 /// TTL passed while detached.
 const ATTACH: &str = r"
 local f = redis.call('HMGET', KEYS[1], 'tenant', 'disconnected_at_ms', 'node')
 if not f[1] then return false end
 if f[2] and not f[3] and tonumber(f[2]) + tonumber(ARGV[3]) <= tonumber(ARGV[2]) then return false end
 local gen = redis.call('HINCRBY', KEYS[1], 'gen', 1)
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'auto_accept', ARGV[4])
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'instance', ARGV[7], 'auto_accept', ARGV[4])
 redis.call('HDEL', KEYS[1], 'disconnected_at_ms')
 if ARGV[6] == '1' then
   redis.call('HSET', KEYS[1], 'push_token', ARGV[5])
@@ -114,6 +114,18 @@ end
 local dropped = redis.call('HGET', KEYS[1], 'dropped') or '0'
 redis.call('HSET', KEYS[1], 'dropped', '0')
 return {gen, f[3] or '', dropped, redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1)}
+";
+
+/// Detaches a session attached to a node under a dead instance: `KEYS` =
+/// (record); `ARGV` = (node, the live instance or '', now). 1: detached;
+/// 0: not attached to that node (any more); -1: the live instance holds it.
+const REAP: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'node', 'instance')
+if f[1] ~= ARGV[1] then return 0 end
+if ARGV[2] ~= '' and f[2] == ARGV[2] then return -1 end
+redis.call('HDEL', KEYS[1], 'node', 'instance')
+redis.call('HSET', KEYS[1], 'disconnected_at_ms', ARGV[3])
+return 1
 ";
 
 /// Appends a notification to every long-lived session of one agent, once
@@ -286,6 +298,7 @@ enum Write {
     Detach {
         agent: AgentId,
         id: Arc<str>,
+        node: Box<str>,
         generation: u64,
         at: u64,
         due: u64,
@@ -344,6 +357,7 @@ struct Scripts {
     auto_accepts: Script,
     availability: Script,
     admit: Script,
+    reap: Script,
 }
 
 impl RedisStore {
@@ -371,6 +385,7 @@ impl RedisStore {
             auto_accepts: Script::new(AUTO_ACCEPTS),
             availability: Script::new(AVAILABILITY_CLAIM),
             admit: Script::new(ADMIT),
+            reap: Script::new(REAP),
         };
         RedisStore { inner, stop, tasks: Mutex::new(tasks), directory: Script::new(DIRECTORY_APPLY), scripts }
     }
@@ -498,6 +513,8 @@ impl Inner {
         let mut index: HashMap<String, bool> = HashMap::new();
         // Sessions that may expire, and when (a candidate that is not is skipped by the sweep).
         let mut expiry: Vec<(u64, String)> = Vec::new();
+        // Per node: sessions no longer attached there (each node's index has its own slot).
+        let mut unattached: HashMap<String, Vec<String>> = HashMap::new();
         for w in writes {
             match w {
                 Write::SessionPut(r) => {
@@ -541,7 +558,7 @@ impl Inner {
                     let p = multi(&mut groups, kv.agent_key(agent, ""));
                     p.hset(kv.agent_key(agent, &format!("s:{session}")), "next_seq", *upto).ignore();
                 }
-                Write::Detach { agent, id, generation, at, due } => {
+                Write::Detach { agent, id, node, generation, at, due } => {
                     let p = multi(&mut groups, kv.agent_key(agent, ""));
                     p.cmd("EVAL")
                         .arg(DETACH)
@@ -551,6 +568,7 @@ impl Inner {
                         .arg(*at)
                         .ignore();
                     expiry.push((*due, index_member(agent, id)));
+                    unattached.entry(node_key(kv, node, "attached")).or_default().push(index_member(agent, id));
                 }
                 Write::ShortLived { agent, session, node } => {
                     // One field per session: idempotent, so a flush sent again counts nothing twice.
@@ -586,6 +604,11 @@ impl Inner {
             p.zadd_multiple(kv.key("expiry"), &expiry).ignore();
             pipes.push(p);
         }
+        for (key, members) in unattached {
+            let mut p = redis::pipe();
+            p.srem(key, members).ignore();
+            pipes.push(p);
+        }
         futures_util::stream::iter(pipes)
             .map(|p| {
                 let mut conn = kv.conn();
@@ -605,6 +628,11 @@ fn multi(groups: &mut HashMap<String, Pipeline>, tag: String) -> &mut Pipeline {
         p.atomic();
         p
     })
+}
+
+/// A key of one node, in a slot of its own (the sessions attached there).
+fn node_key(kv: &Kv, node: &str, rest: &str) -> String {
+    kv.key(&format!("{{n:{}}}:{rest}", kv::agent_tag("node", node)))
 }
 
 fn dedup_key(kv: &Kv, key: &DedupKey) -> String {
@@ -1021,12 +1049,17 @@ impl Placement for RedisStore {
         agent: &AgentId,
         id: &str,
         node: &str,
+        instance: &str,
         now_ms: u64,
         ttl: Duration,
         auto_accept: bool,
         push_token: Option<&str>,
     ) -> Result<Option<Attached>, StoreError> {
         let kv = &self.inner.kv;
+        // Indexed first: a node that dies right after the attach is reaped.
+        let mut conn = self.conn();
+        let _: () = conn.sadd(node_key(kv, node, "attached"), index_member(agent, id)).await.map_err(store_error)?;
+        let _: () = conn.sadd(kv.key("attached-nodes"), node).await.map_err(store_error)?;
         let mut inv = self.scripts.attach.key(kv.agent_key(agent, &format!("s:{id}")));
         inv.key(kv.agent_key(agent, &format!("m:{id}")))
             .arg(node)
@@ -1034,7 +1067,8 @@ impl Placement for RedisStore {
             .arg(ms(ttl))
             .arg(if auto_accept { "1" } else { "0" })
             .arg(push_token.unwrap_or_default())
-            .arg(if push_token.is_some() { "1" } else { "0" });
+            .arg(if push_token.is_some() { "1" } else { "0" })
+            .arg(instance);
         type Reply = Option<(u64, String, u64, HashMap<String, String>, Vec<String>)>;
         let reply: Reply = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
         let Some((generation, previous, dropped, fields, members)) = reply else { return Ok(None) };
@@ -1054,9 +1088,46 @@ impl Placement for RedisStore {
         Ok(Some(Attached { stored: StoredSession { record, next_seq, mailbox }, generation, previous }))
     }
 
-    fn detach(&self, agent: &AgentId, id: &Arc<str>, generation: u64, now_ms: u64, ttl: Duration) {
+    fn detach(&self, agent: &AgentId, id: &Arc<str>, node: &str, generation: u64, now_ms: u64, ttl: Duration) {
         let due = now_ms.saturating_add(ms(ttl));
-        self.push(Write::Detach { agent: agent.clone(), id: id.clone(), generation, at: now_ms, due }, None);
+        let (agent, id, node) = (agent.clone(), id.clone(), node.into());
+        self.push(Write::Detach { agent, id, node, generation, at: now_ms, due }, None);
+    }
+
+    async fn reap(&self, node: &str, alive: Option<&str>, now_ms: u64, ttl: Duration) -> Result<usize, StoreError> {
+        let kv = &self.inner.kv;
+        let mut conn = self.conn();
+        let index = node_key(kv, node, "attached");
+        let members: Vec<String> = conn.smembers(&index).await.map_err(store_error)?;
+        let mut reaped = 0;
+        let mut kept = 0;
+        for member in members {
+            let Ok((agent, id)) = decode_index(&member) else {
+                let _: () = conn.srem(&index, &member).await.map_err(store_error)?;
+                continue;
+            };
+            let mut inv = self.scripts.reap.key(kv.agent_key(&agent, &format!("s:{id}")));
+            inv.arg(node).arg(alive.unwrap_or_default()).arg(now_ms);
+            let done: i64 = inv.invoke_async(&mut conn).await.map_err(store_error)?;
+            if done < 0 {
+                kept += 1;
+                continue;
+            }
+            if done == 1 {
+                reaped += 1;
+                let due = now_ms.saturating_add(ms(ttl));
+                let _: () = conn.zadd(kv.key("expiry"), &member, due).await.map_err(store_error)?;
+            }
+            let _: () = conn.srem(&index, &member).await.map_err(store_error)?;
+        }
+        if kept == 0 && alive.is_none() {
+            let _: () = conn.srem(kv.key("attached-nodes"), node).await.map_err(store_error)?;
+        }
+        Ok(reaped)
+    }
+
+    async fn attached_nodes(&self) -> Result<Vec<String>, StoreError> {
+        self.conn().smembers(self.inner.kv.key("attached-nodes")).await.map_err(store_error)
     }
 
     async fn route(

@@ -4,6 +4,7 @@
 //! keys under a prefix of its own, so tests sharing the server never meet.
 
 use crate::support::*;
+use cceb_protocol::outgoing::ServerMessage;
 use cceb_protocol::NotificationType as N;
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Command, Stdio};
@@ -390,4 +391,60 @@ async fn a_killed_nodes_clients_resume_elsewhere_with_everything_acknowledged_an
         c.ack(uuid).await;
     }
     assert!(c.round_trip("nothing-else").await.is_empty());
+}
+
+/// A long-lived `hello` for `agent` on `node`: its session id, or the close
+/// code it was refused with.
+async fn try_long_lived(node: &Node, agent: &str) -> Result<String, Option<u16>> {
+    let mut c = Client::connect(&node.server.ws_url()).await;
+    let hello = serde_json::json!({"token": token("t", agent), "long_lived": true});
+    c.send(serde_json::json!({"type": "hello", "uuid": "h", "data": hello})).await;
+    match c.read().await {
+        Read::Msg(ServerMessage::HelloReply { reply, .. }) => Ok(reply.session_id),
+        // A refusal: its error, then the close.
+        Read::Msg(ServerMessage::Error { .. }) => Err(c.closed().await.0),
+        Read::Msg(other) => panic!("expected a hello_reply, got {other:?}"),
+        Read::Closed(code) => Err(code),
+    }
+}
+
+#[tokio::test]
+async fn the_sessions_of_a_killed_node_count_as_disconnected_once_it_restarts_or_is_gone() {
+    use crate::sessions::long_lived;
+    let Some(redis) = redis() else { return };
+    let cluster = Cluster::new(redis);
+    // One long-lived session per agent: a second one is admitted only by
+    // ending a disconnected one, never a connected one.
+    let cap: [(&str, &str); 1] = [("CCEB_MAX_SESSIONS_PER_AGENT", "1")];
+    let n1 = cluster.node("n1", &cap);
+    let n2 = cluster.node("n2", &cap);
+    seen(&n1, 2).await;
+    seen(&n2, 2).await;
+    let mut x = Client::connect(&n2.server.ws_url()).await;
+    long_lived(&mut x, "t", "x", serde_json::json!({})).await;
+    assert_eq!(try_long_lived(&n1, "x").await, Err(Some(4006)), "x's session is connected: no room");
+    n2.server.signal("-KILL");
+    drop(n2);
+    drop(x);
+    // Restarted under the same id: what its previous life held is disconnected as it starts.
+    let n2 = cluster.node("n2", &cap);
+    assert!(try_long_lived(&n1, "x").await.is_ok(), "room made by ending the disconnected one");
+
+    // Killed for good: once it has been gone long enough, the others detach its sessions.
+    let mut y = Client::connect(&n2.server.ws_url()).await;
+    long_lived(&mut y, "t", "y", serde_json::json!({})).await;
+    n2.server.signal("-KILL");
+    drop(n2);
+    drop(y);
+    let admitted = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match try_long_lived(&n1, "y").await {
+                Ok(id) => return id,
+                Err(Some(4006)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(code) => panic!("refused with {code:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(admitted.is_ok(), "the dead node's session was detached and made room");
 }
