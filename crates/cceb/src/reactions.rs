@@ -206,6 +206,31 @@ impl BridgeRecords {
                 lock(&self.availability).pending.insert(agent.clone());
             }
         }
+        // Published, or given back and retried here: the lease is not needed.
+        if let Err(e) = placement.availability_done(agent).await {
+            tracing::warn!(error = %e, "cannot release a chat availability lease");
+        }
+    }
+
+    /// Transitions whose claimer died before publishing them (cluster store).
+    async fn overdue(&self, placement: &dyn Placement) {
+        let overdue = match placement.availability_overdue().await {
+            Ok(overdue) => overdue,
+            Err(e) => return tracing::warn!(error = %e, "cannot look for unpublished chat availability"),
+        };
+        for (agent, available) in overdue {
+            let fields = Map::from_iter([("available".to_owned(), Json::Bool(available))]);
+            match self.publish_system(AVAILABILITY_RECORD, &agent, fields).await {
+                Ok(()) => {
+                    self.metrics.availability_published.increment(1);
+                    if let Err(e) = placement.availability_done(&agent).await {
+                        tracing::warn!(error = %e, "cannot release a chat availability lease");
+                    }
+                }
+                // Leased to this node: tried again when the lease runs out.
+                Err(e) => tracing::warn!(error = %e, agent = %agent.agent_guid, "chat availability not published"),
+            }
+        }
     }
 
     /// Publishes a record the bridge makes on the agent's behalf
@@ -242,6 +267,9 @@ impl crate::session::Reactions for BridgeRecords {
     }
 
     async fn retry(&self) {
+        if let Some(placement) = &self.placement {
+            self.overdue(placement.as_ref()).await;
+        }
         let pending: Vec<AgentId> = lock(&self.availability).pending.drain().collect();
         for agent in pending {
             self.changed(&agent, 0).await;

@@ -239,6 +239,9 @@ impl Sessions {
 
     /// `end_session`: the session, its key and its mailbox are gone.
     pub async fn end(&self, session: &Arc<Session>) -> Result<(), StoreError> {
+        if let (Some(c), Some(generation)) = (&self.cluster, session.store_generation()) {
+            return self.end_placed(c, session, generation).await;
+        }
         if !session.is_long_lived() || !session.end(None) {
             return Ok(());
         }

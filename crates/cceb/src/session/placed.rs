@@ -264,6 +264,27 @@ impl Sessions {
         }
     }
 
+    /// `end_session` on a cluster store: the session is deleted only while
+    /// this node's attachment is still the store's; one taken over on another
+    /// node meanwhile (its takeover message lost) is left to that node, and
+    /// this connection is closed as taken over (4005).
+    pub(super) async fn end_placed(
+        &self,
+        c: &Cluster,
+        session: &Arc<Session>,
+        generation: u64,
+    ) -> Result<(), StoreError> {
+        if c.placement.end(&session.agent, &session.id, generation).await? {
+            if session.end(None) {
+                self.remove(session);
+            }
+            self.reactions.availability_changed(&session.agent, -1).await;
+        } else if session.taken_elsewhere(u64::MAX) {
+            self.remove(session);
+        }
+        Ok(())
+    }
+
     /// Expiry on a cluster store: any node ends any session whose TTL passed;
     /// each ends once, and its availability follows once.
     pub(super) async fn sweep_placed(&self, c: &Cluster) {

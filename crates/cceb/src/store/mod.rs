@@ -253,6 +253,9 @@ pub trait Placement: Send + Sync + 'static {
     /// is still the session's (a later attach elsewhere wins). Buffered:
     /// durable with the next `sync`.
     fn detach(&self, agent: &AgentId, id: &Arc<str>, node: &str, generation: u64, now_ms: u64, ttl: Duration);
+    /// Deletes the session and its mailbox if `generation` is still its
+    /// attachment's (`end_session`); `false`: attached again since, elsewhere.
+    async fn end(&self, agent: &AgentId, id: &str, generation: u64) -> Result<bool, StoreError>;
     /// Detaches, as of `now_ms`, every session attached to `node` under an
     /// instance other than `alive` (every instance: `None`): the node died,
     /// or restarted. Returns how many.
@@ -293,4 +296,11 @@ pub trait Placement: Send + Sync + 'static {
     /// cluster: `Some(available)` when its sessions (any or none) disagree
     /// with what was last published, now marked published; `None` otherwise.
     async fn availability_claim(&self, agent: &AgentId) -> Result<Option<bool>, StoreError>;
+    /// The record of a claimed transition is published (or will be retried by
+    /// its claimer): no other node publishes it again.
+    async fn availability_done(&self, agent: &AgentId) -> Result<(), StoreError>;
+    /// Transitions claimed but not published within a lease (their claimer
+    /// died): the agent and the availability to publish, each leased anew to
+    /// the caller.
+    async fn availability_overdue(&self) -> Result<Vec<(AgentId, bool)>, StoreError>;
 }

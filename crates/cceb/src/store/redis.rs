@@ -116,6 +116,15 @@ redis.call('HSET', KEYS[1], 'dropped', '0')
 return {gen, f[3] or '', dropped, redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1)}
 ";
 
+/// Deletes a session if its attachment is still the caller's: `KEYS` =
+/// (record, mailbox, the agent's sessions); `ARGV` = (id, generation).
+const END: &str = r"
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+";
+
 /// Detaches a session attached to a node under a dead instance: `KEYS` =
 /// (record); `ARGV` = (node, the live instance or '', now). 1: detached;
 /// 0: not attached to that node (any more); -1: the live instance holds it.
@@ -358,6 +367,7 @@ struct Scripts {
     availability: Script,
     admit: Script,
     reap: Script,
+    end: Script,
 }
 
 impl RedisStore {
@@ -386,6 +396,7 @@ impl RedisStore {
             availability: Script::new(AVAILABILITY_CLAIM),
             admit: Script::new(ADMIT),
             reap: Script::new(REAP),
+            end: Script::new(END),
         };
         RedisStore { inner, stop, tasks: Mutex::new(tasks), directory: Script::new(DIRECTORY_APPLY), scripts }
     }
@@ -1021,6 +1032,17 @@ impl Store for RedisStore {
     }
 }
 
+/// How long a claimed availability transition may take to publish before
+/// another node publishes it: far past any publish bound.
+const AVAILABILITY_LEASE: Duration = Duration::from_secs(30);
+
+/// When a lease taken now runs out, by the wall clock (a lease between
+/// processes; the injected clock decides only what the contract times).
+fn lease_deadline() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    ms(now + AVAILABILITY_LEASE)
+}
+
 fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -1092,6 +1114,56 @@ impl Placement for RedisStore {
         let due = now_ms.saturating_add(ms(ttl));
         let (agent, id, node) = (agent.clone(), id.clone(), node.into());
         self.push(Write::Detach { agent, id, node, generation, at: now_ms, due }, None);
+    }
+
+    async fn availability_done(&self, agent: &AgentId) -> Result<(), StoreError> {
+        let member = agent_member(&AgentId { ir_instance: "".into(), ..agent.clone() });
+        self.conn().zrem(self.inner.kv.key("availability-leases"), member).await.map_err(store_error)
+    }
+
+    async fn availability_overdue(&self) -> Result<Vec<(AgentId, bool)>, StoreError> {
+        let kv = &self.inner.kv;
+        let lease = kv.key("availability-leases");
+        let mut conn = self.conn();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&lease)
+            .arg("-inf")
+            .arg(lease_deadline().saturating_sub(ms(AVAILABILITY_LEASE)))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100)
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let mut out = Vec::new();
+        for member in due {
+            // Leased anew to this caller first: nodes sweeping at once seldom both take it.
+            let _: () = conn.zadd(&lease, &member, lease_deadline()).await.map_err(store_error)?;
+            let Ok(agent) = decode_agent(&member) else {
+                let _: () = conn.zrem(&lease, &member).await.map_err(store_error)?;
+                continue;
+            };
+            let published: Option<String> =
+                conn.hget(kv.agent_key(&agent, "avail"), "published").await.map_err(store_error)?;
+            out.push((agent, published.as_deref() == Some("1")));
+        }
+        Ok(out)
+    }
+
+    async fn end(&self, agent: &AgentId, id: &str, generation: u64) -> Result<bool, StoreError> {
+        let kv = &self.inner.kv;
+        let mut inv = self.scripts.end.key(kv.agent_key(agent, &format!("s:{id}")));
+        inv.key(kv.agent_key(agent, &format!("m:{id}"))).key(kv.agent_key(agent, "sessions")).arg(id).arg(generation);
+        let mut conn = self.conn();
+        let ended: i64 = inv.invoke_async(&mut conn).await.map_err(store_error)?;
+        if ended == 1 {
+            // Another slot: a member left behind is found gone and dropped later.
+            let dropped: Result<(), _> = conn.srem(kv.key("sessions"), index_member(agent, id)).await;
+            if let Err(e) = dropped {
+                tracing::warn!(error = %e, "an ended session's index entry is left for later");
+            }
+        }
+        Ok(ended == 1)
     }
 
     async fn reap(&self, node: &str, alive: Option<&str>, now_ms: u64, ttl: Duration) -> Result<usize, StoreError> {
@@ -1268,13 +1340,22 @@ impl Placement for RedisStore {
 
     async fn availability_claim(&self, agent: &AgentId) -> Result<Option<bool>, StoreError> {
         let kv = &self.inner.kv;
+        // Leased before it is claimed: a claimer that dies before publishing
+        // leaves the lease, and another node publishes when it runs out.
+        let lease = kv.key("availability-leases");
+        let member = agent_member(&AgentId { ir_instance: "".into(), ..agent.clone() });
+        let mut conn = self.conn();
+        let _: () = conn.zadd(&lease, &member, lease_deadline()).await.map_err(store_error)?;
         let mut inv = self.scripts.availability.key(kv.agent_key(agent, "sessions"));
         inv.key(kv.agent_key(agent, "avail"));
-        let claimed: i64 = inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
+        let claimed: i64 = inv.invoke_async(&mut conn).await.map_err(store_error)?;
         let available = match claimed {
             1 => true,
             0 => false,
-            _ => return Ok(None),
+            _ => {
+                let _: () = conn.zrem(&lease, &member).await.map_err(store_error)?;
+                return Ok(None);
+            }
         };
         let index = kv.key("available");
         let mut conn = self.conn();
