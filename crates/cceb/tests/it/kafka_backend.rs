@@ -38,13 +38,19 @@ pub struct KafkaBackend {
 impl KafkaBackend {
     /// Creates this bridge's topics and points `s` at them.
     pub async fn create(brokers: &str, s: &mut Settings) -> KafkaBackend {
+        Self::create_partitioned(brokers, s, 1).await
+    }
+
+    /// `create`, with `partitions` partitions per topic (a consumer group of
+    /// several bridges shares them).
+    pub async fn create_partitioned(brokers: &str, s: &mut Settings, partitions: i32) -> KafkaBackend {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let (events, provisioning, actions) = (format!("ev-{id}"), format!("prov-{id}"), format!("act-{id}"));
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
         let topics: Vec<NewTopic> = [&events, &provisioning, &actions]
             .iter()
-            .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+            .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
             .collect();
         for r in admin.create_topics(&topics, &AdminOptions::new()).await.expect("create topics") {
             r.expect("topic created");

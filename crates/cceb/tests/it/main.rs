@@ -22,6 +22,8 @@ mod kafka_backend;
 #[cfg(not(feature = "kafka"))]
 #[path = "no_kafka_backend.rs"]
 mod kafka_backend;
+#[cfg(feature = "kafka")]
+mod kafka_cluster;
 mod lifecycle;
 mod limits;
 mod notifications;
