@@ -505,6 +505,8 @@ struct ClusterRun {
     /// Redis `used_memory` growth per long-lived session, per queued notification.
     bytes_per_session: f64,
     bytes_per_queued: f64,
+    /// Redis commands during the load: (name, calls, µs in Redis), most time first.
+    commands: Vec<(String, u64, u64)>,
 }
 
 async fn cluster_run(a: &Args, nodes: usize, embedded: bool) -> anyhow::Result<ClusterRun> {
@@ -542,6 +544,9 @@ async fn cluster_run(a: &Args, nodes: usize, embedded: bool) -> anyhow::Result<C
         let bridges = servers.iter().map(Server::cpu_seconds).sum::<anyhow::Result<f64>>()?;
         Ok((bridges, redis.as_ref().map_or(Ok(0.0), Redis::cpu_seconds)?))
     };
+    if let Some(r) = &redis {
+        r.reset_stats().await?;
+    }
     let (cpu0, started) = (cpu(&servers)?, Instant::now());
     // One poster per node: poster p posts, to node p, the events of the agents
     // on node p - 1, so every notification crosses nodes. The embedded run
@@ -561,6 +566,10 @@ async fn cluster_run(a: &Args, nodes: usize, embedded: bool) -> anyhow::Result<C
     readers.wait_for(a.cluster_events as u64, Duration::from_secs(120)).await;
     let elapsed = started.elapsed();
     let cpu1 = cpu(&servers)?;
+    let commands = match &redis {
+        Some(r) => r.command_stats().await?,
+        None => vec![],
+    };
     let delivered = readers.received.load(Ordering::Relaxed);
     let h = readers.finish().await?;
     // Every session is detached now; each gets `waiting` notifications queued.
@@ -588,6 +597,7 @@ async fn cluster_run(a: &Args, nodes: usize, embedded: bool) -> anyhow::Result<C
         cpu_redis: cpu1.1 - cpu0.1,
         bytes_per_session: per(m0, m1, k),
         bytes_per_queued: per(m2, m3, queued),
+        commands,
     })
 }
 
@@ -612,6 +622,14 @@ async fn cluster(a: &Args) -> anyhow::Result<()> {
         let (bridges, redis_cpu) = (per_100k(c.cpu_bridges, c.delivered), per_100k(c.cpu_redis, c.delivered));
         let base_cpu = per_100k(base.cpu_bridges, base.delivered);
         let target = if a.rate == 0 { "max".to_owned() } else { a.rate.to_string() };
+        // The five costliest: calls and µs of Redis time per notification.
+        let commands = |c: &ClusterRun| {
+            let n = c.delivered.max(1) as f64;
+            let top = c.commands.iter().take(5);
+            top.map(|(name, calls, usec)| format!("{name} {:.2}× {:.1} µs", *calls as f64 / n, *usec as f64 / n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         report(
             "cluster",
             &[
@@ -632,6 +650,7 @@ async fn cluster(a: &Args) -> anyhow::Result<()> {
                 ("Redis hop: extra CPU s per 100k", format!("{:.2}", bridges + redis_cpu - base_cpu)),
                 ("Redis bytes per long-lived session", format!("{:.0}", c.bytes_per_session)),
                 ("Redis bytes per queued notif.", format!("{:.0}", c.bytes_per_queued)),
+                ("Redis commands per notification", commands(&c)),
             ],
             json!({"nodes": nodes, "redis_aof": a.redis_aof, "sessions": a.cluster_sessions, "events": a.cluster_events,
                    "target_rate": target, "batch": a.batch,
@@ -642,7 +661,8 @@ async fn cluster(a: &Args) -> anyhow::Result<()> {
                                 "p99_ms": ms(&base.h, 0.99), "p999_ms": ms(&base.h, 0.999), "max_ms": base.h.max() as f64 / 1000.0,
                                 "cpu_s_per_100k": base_cpu},
                    "extra_cpu_s_per_100k": bridges + redis_cpu - base_cpu,
-                   "redis_bytes_per_session": c.bytes_per_session, "redis_bytes_per_queued_notification": c.bytes_per_queued}),
+                   "redis_bytes_per_session": c.bytes_per_session, "redis_bytes_per_queued_notification": c.bytes_per_queued,
+                   "redis_commands": c.commands.iter().map(|(name, calls, usec)| json!({"command": name, "calls": calls, "usec": usec})).collect::<Vec<_>>()}),
         );
     }
     Ok(())

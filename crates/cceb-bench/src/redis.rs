@@ -69,6 +69,27 @@ impl Redis {
         Ok(line.trim().parse()?)
     }
 
+    /// Zeroes the command statistics (`CONFIG RESETSTAT`).
+    pub async fn reset_stats(&self) -> anyhow::Result<()> {
+        self.command("CONFIG RESETSTAT").await.map(drop)
+    }
+
+    /// `INFO commandstats`: (command, calls, µs spent) for each command run
+    /// since the last [`Redis::reset_stats`], most time first.
+    pub async fn command_stats(&self) -> anyhow::Result<Vec<(String, u64, u64)>> {
+        let info = self.command("INFO commandstats").await?;
+        let mut out = Vec::new();
+        for line in info.lines() {
+            let Some((name, rest)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
+            let field = |k: &str| {
+                rest.split(',').find_map(|f| f.strip_prefix(k)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0)
+            };
+            out.push((name.to_owned(), field("calls"), field("usec")));
+        }
+        out.sort_by_key(|(_, _, usec)| std::cmp::Reverse(*usec));
+        Ok(out)
+    }
+
     /// One inline command; the reply's text (a simple string, or a bulk string's body).
     async fn command(&self, cmd: &str) -> anyhow::Result<String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port)).await?;
