@@ -261,11 +261,16 @@ fn read_and_ack(conns: impl IntoIterator<Item = Connection>) -> Readers {
 }
 
 impl Readers {
-    /// Until `n` notifications arrived, or `timeout`.
+    /// Until `n` notifications arrived, or `timeout`, or 10 s without one.
     async fn wait_for(&self, n: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while self.received.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        let (mut last, mut moved) = (self.received.load(Ordering::Relaxed), Instant::now());
+        while last < n && Instant::now() < deadline && moved.elapsed() < Duration::from_secs(10) {
             tokio::time::sleep(Duration::from_millis(5)).await;
+            let now = self.received.load(Ordering::Relaxed);
+            if now != last {
+                (last, moved) = (now, Instant::now());
+            }
         }
     }
 
@@ -572,6 +577,11 @@ async fn cluster_run(a: &Args, nodes: usize, embedded: bool) -> anyhow::Result<C
     };
     let delivered = readers.received.load(Ordering::Relaxed);
     let h = readers.finish().await?;
+    if delivered != a.cluster_events as u64 {
+        // Long-lived sessions lose nothing: fewer is a broken bridge (or tool), not a slow one.
+        let on = if embedded { "one embedded node".to_owned() } else { format!("{nodes} nodes") };
+        bail!("cluster: {delivered} of {} notifications delivered on {on}", a.cluster_events);
+    }
     // Every session is detached now; each gets `waiting` notifications queued.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let m2 = used().await?;
