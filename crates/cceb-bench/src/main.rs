@@ -1,6 +1,7 @@
 //! `cceb-bench`: drives a real `cceb serve` process over loopback and reports
 //! what it measured. BENCHMARKS.md says how to run it and holds the figures.
 
+mod redis;
 mod server;
 
 use anyhow::{bail, Context};
@@ -9,8 +10,9 @@ use cceb_client::cceb_protocol::outgoing::{HelloReply, ServerMessage};
 use cceb_client::{Connection, Error};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
+use redis::Redis;
 use serde_json::{json, Map, Value};
-use server::Server;
+use server::{Backend, Server};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,6 +23,7 @@ enum Scenario {
     Fanout,
     Actions,
     Resume,
+    Cluster,
     All,
 }
 
@@ -63,9 +66,23 @@ struct Args {
     /// resume: long-lived sessions that disconnect and come back.
     #[arg(long, default_value_t = 1_000)]
     resume_sessions: usize,
-    /// resume: notifications waiting in each mailbox.
+    /// resume: notifications waiting in each mailbox (cluster: queued to
+    /// each disconnected session to measure Redis memory per notification).
     #[arg(long, default_value_t = 10)]
     waiting: usize,
+    /// cluster: node counts to run, each against one embedded node.
+    #[arg(long, value_delimiter = ',', default_value = "2,3")]
+    nodes: Vec<usize>,
+    /// cluster: long-lived sessions, spread over the nodes.
+    #[arg(long, default_value_t = 1_000)]
+    cluster_sessions: usize,
+    /// cluster: events to inject (each posted to a node the agent is not on).
+    #[arg(long, default_value_t = 200_000)]
+    cluster_events: usize,
+    /// cluster: redis-server with `appendonly yes`, `appendfsync everysec`
+    /// (default: no persistence, `--save '' --appendonly no`).
+    #[arg(long)]
+    redis_aof: bool,
 }
 
 #[tokio::main]
@@ -74,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
     if a.quick {
         (a.sessions, a.fanout_sessions, a.events, a.action_sessions, a.actions) = (500, 100, 20_000, 20, 5_000);
         a.resume_sessions = 100;
+        (a.nodes, a.cluster_sessions, a.cluster_events) = (vec![2], 100, 5_000);
     }
     raise_fd_limit(a.sessions.max(a.fanout_sessions) as u64 * 2 + 1024)?;
     let run = |s| a.scenario == s || a.scenario == Scenario::All;
@@ -88,6 +106,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Scenario::Resume) {
         resume(&a).await?;
+    }
+    if run(Scenario::Cluster) {
+        cluster(&a).await?;
     }
     Ok(())
 }
@@ -134,7 +155,17 @@ async fn open_with(
     parallel: usize,
     hello: impl Fn(usize) -> Hello,
 ) -> anyhow::Result<Vec<(Connection, HelloReply)>> {
-    let url = server.ws_url();
+    open_on(std::slice::from_ref(server), n, parallel, hello).await
+}
+
+/// Like [`open_with`], agent i's session on `servers[i % servers.len()]`.
+async fn open_on(
+    servers: &[Server],
+    n: usize,
+    parallel: usize,
+    hello: impl Fn(usize) -> Hello,
+) -> anyhow::Result<Vec<(Connection, HelloReply)>> {
+    let urls: Vec<String> = servers.iter().map(Server::ws_url).collect();
     let mut out = Vec::with_capacity(n);
     let mut ids = (0..n).peekable();
     while ids.peek().is_some() {
@@ -142,8 +173,9 @@ async fn open_with(
         let tasks: Vec<_> = chunk
             .into_iter()
             .map(|i| {
+                let server = &servers[i % servers.len()];
                 let hello = Hello { token: server.token("tenant-1", &format!("agent-{i}")), ..hello(i) };
-                let url = url.clone();
+                let url = urls[i % urls.len()].clone();
                 tokio::spawn(async move { connect_hello(&url, hello).await })
             })
             .collect();
@@ -186,66 +218,113 @@ fn now_micros() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
-async fn fanout(a: &Args) -> anyhow::Result<()> {
-    let server = Server::start(&a.cceb, &[]).await?;
-    let long_lived = a.long_lived;
-    let sessions = open_with(&server, a.fanout_sessions, 256, |_| Hello { long_lived, ..Hello::default() }).await?;
-    let sessions = sessions.into_iter().map(|(conn, _)| conn);
+/// Sessions that read every notification, record the time from its post
+/// (the event's `state` holds the post time, µs) to receipt, and ack it.
+struct Readers {
+    received: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
+}
+
+fn read_and_ack(conns: impl IntoIterator<Item = Connection>) -> Readers {
     let received = Arc::new(AtomicU64::new(0));
-    let mut readers = Vec::new();
-    for mut conn in sessions {
-        let received = received.clone();
-        readers.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-            loop {
-                match conn.next().await {
-                    Ok(ServerMessage::Notification { uuid, data, .. }) => {
-                        let sent: u64 = data["state"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
-                        let _ = h.record(now_micros().saturating_sub(sent).max(1));
-                        received.fetch_add(1, Ordering::Relaxed);
-                        if conn.ack(&uuid).await.is_err() {
-                            break;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks = conns
+        .into_iter()
+        .map(|mut conn| {
+            let (received, mut stopped) = (received.clone(), stopped.clone());
+            tokio::spawn(async move {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
+                loop {
+                    let next = tokio::select! {
+                        next = conn.next() => next,
+                        _ = stopped.changed() => break,
+                    };
+                    match next {
+                        Ok(ServerMessage::Notification { uuid, data, .. }) => {
+                            let sent: u64 = data["state"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+                            let _ = h.record(now_micros().saturating_sub(sent).max(1));
+                            received.fetch_add(1, Ordering::Relaxed);
+                            if conn.ack(&uuid).await.is_err() {
+                                break;
+                            }
                         }
+                        Ok(_) | Err(Error::Protocol(_)) => {}
+                        Err(_) => break,
                     }
-                    Ok(_) | Err(Error::Protocol(_)) => {}
-                    Err(_) => break,
                 }
+                h
+            })
+        })
+        .collect();
+    Readers { received, stop, tasks }
+}
+
+impl Readers {
+    /// Until `n` notifications arrived, or `timeout`, or 10 s without one.
+    async fn wait_for(&self, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let (mut last, mut moved) = (self.received.load(Ordering::Relaxed), Instant::now());
+        while last < n && Instant::now() < deadline && moved.elapsed() < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let now = self.received.load(Ordering::Relaxed);
+            if now != last {
+                (last, moved) = (now, Instant::now());
             }
-            h
-        }));
+        }
     }
-    let (cpu0, started) = (server.cpu_seconds()?, Instant::now());
-    let per_batch = Duration::from_secs_f64(if a.rate == 0 { 0.0 } else { a.batch as f64 / a.rate as f64 });
+
+    /// Stops every reader (its connection closed) and merges their histograms.
+    async fn finish(self) -> anyhow::Result<Histogram<u64>> {
+        let _ = self.stop.send(true);
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        for t in self.tasks {
+            h.add(t.await?)?;
+        }
+        Ok(h)
+    }
+}
+
+/// Posts `events` presence events to `backend` in `batch`-event requests at
+/// `rate` events/s (0: as fast as it goes), round-robin over `agents`, each
+/// stamped with its request's time.
+async fn post(backend: Backend, agents: Vec<usize>, events: usize, batch: usize, rate: u64) -> anyhow::Result<()> {
+    let per_batch = Duration::from_secs_f64(if rate == 0 { 0.0 } else { batch as f64 / rate as f64 });
     let mut sent = 0;
     let mut next_at = Instant::now();
-    while sent < a.events {
-        let n = a.batch.min(a.events - sent);
+    while sent < events {
+        let n = batch.min(events - sent);
         let t = now_micros().to_string();
         let body: Vec<Value> = (sent..sent + n)
             .map(|i| {
-                let agent = format!("agent-{}", i % a.fanout_sessions);
+                let agent = format!("agent-{}", agents[i % agents.len()]);
                 json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"tenant-1","agentGuid": agent,"state": t}})
             })
             .collect();
-        server.post_events(&Value::Array(body)).await?;
+        backend.post_events(&Value::Array(body)).await?;
         sent += n;
         if !per_batch.is_zero() {
             next_at += per_batch;
             tokio::time::sleep_until(next_at.into()).await;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while received.load(Ordering::Relaxed) < a.events as u64 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    Ok(())
+}
+
+async fn fanout(a: &Args) -> anyhow::Result<()> {
+    let server = Server::start(&a.cceb, &[]).await?;
+    let long_lived = a.long_lived;
+    let sessions = open_with(&server, a.fanout_sessions, 256, |_| Hello { long_lived, ..Hello::default() }).await?;
+    let readers = read_and_ack(sessions.into_iter().map(|(conn, _)| conn));
+    let (cpu0, started) = (server.cpu_seconds()?, Instant::now());
+    let agents: Vec<usize> = (0..a.fanout_sessions).collect();
+    post(server.backend(), agents, a.events, a.batch, a.rate).await?;
+    readers.wait_for(a.events as u64, Duration::from_secs(120)).await;
     let elapsed = started.elapsed();
     let cpu = server.cpu_seconds()? - cpu0;
     server.stop().await?;
-    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for r in readers {
-        h.add(r.await?)?;
-    }
-    let got = received.load(Ordering::Relaxed);
+    let got = readers.received.load(Ordering::Relaxed);
+    let h = readers.finish().await?;
     let rate = got as f64 / elapsed.as_secs_f64();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let cpu_per_100k = cpu / (got.max(1) as f64 / 100_000.0);
@@ -415,5 +494,186 @@ async fn resume(a: &Args) -> anyhow::Result<()> {
         json!({"sessions": k, "waiting": waiting, "resumed_ms": last_hello.as_secs_f64() * 1000.0,
                "drained_ms": last_drained.as_secs_f64() * 1000.0, "resume_per_s": rate, "server_cpu_s": cpu}),
     );
+    Ok(())
+}
+
+/// One run of the cluster scenario's load: on `nodes` bridges sharing one
+/// Redis, or (`embedded`) on one bridge with the embedded store, the
+/// generator shaped the same either way.
+struct ClusterRun {
+    delivered: u64,
+    per_s: f64,
+    h: Histogram<u64>,
+    /// CPU seconds of the bridges and of redis-server during the load.
+    cpu_bridges: f64,
+    cpu_redis: f64,
+    /// Redis `used_memory` growth per long-lived session, per queued notification.
+    bytes_per_session: f64,
+    bytes_per_queued: f64,
+    /// Redis commands during the load: (name, calls, µs in Redis), most time first.
+    commands: Vec<(String, u64, u64)>,
+}
+
+async fn cluster_run(a: &Args, nodes: usize, embedded: bool) -> anyhow::Result<ClusterRun> {
+    let redis = if embedded { None } else { Some(Redis::start(a.redis_aof).await?) };
+    let mut servers = Vec::new();
+    for k in 0..if embedded { 1 } else { nodes } {
+        let env: Vec<(String, String)> = match &redis {
+            None => vec![],
+            Some(r) => vec![
+                ("CCEB_STORE".into(), "redis".into()),
+                ("CCEB_REDIS_URL".into(), r.url()),
+                ("CCEB_REDIS_PREFIX".into(), "bench".into()),
+                ("CCEB_NODE_ID".into(), format!("node-{k}")),
+            ],
+        };
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        servers.push(Server::start(&a.cceb, &env).await?);
+    }
+    // Every node sees the others (one heartbeat, 1 s by default).
+    tokio::time::sleep(Duration::from_millis(if embedded { 300 } else { 1_500 })).await;
+    let used = || async {
+        match &redis {
+            Some(r) => r.used_memory().await,
+            None => Ok(0),
+        }
+    };
+    let k = a.cluster_sessions;
+    let m0 = used().await?;
+    // Agent i on node i % nodes.
+    let sessions = open_on(&servers, k, 256, |_| Hello { long_lived: true, ..Hello::default() }).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m1 = used().await?;
+    let readers = read_and_ack(sessions.into_iter().map(|(conn, _)| conn));
+    let cpu = |servers: &[Server]| -> anyhow::Result<(f64, f64)> {
+        let bridges = servers.iter().map(Server::cpu_seconds).sum::<anyhow::Result<f64>>()?;
+        Ok((bridges, redis.as_ref().map_or(Ok(0.0), Redis::cpu_seconds)?))
+    };
+    if let Some(r) = &redis {
+        r.reset_stats().await?;
+    }
+    let (cpu0, started) = (cpu(&servers)?, Instant::now());
+    // One poster per node: poster p posts, to node p, the events of the agents
+    // on node p - 1, so every notification crosses nodes. The embedded run
+    // has the same posters, all posting to its one node.
+    let posters: Vec<_> = (0..nodes)
+        .map(|p| {
+            let group = (p + nodes - 1) % nodes;
+            let agents: Vec<usize> = (0..k).filter(|i| i % nodes == group).collect();
+            let events = a.cluster_events / nodes + usize::from(p < a.cluster_events % nodes);
+            let backend = servers[p % servers.len()].backend();
+            tokio::spawn(post(backend, agents, events, a.batch, a.rate / nodes as u64))
+        })
+        .collect();
+    for p in posters {
+        p.await??;
+    }
+    readers.wait_for(a.cluster_events as u64, Duration::from_secs(120)).await;
+    let elapsed = started.elapsed();
+    let cpu1 = cpu(&servers)?;
+    let commands = match &redis {
+        Some(r) => r.command_stats().await?,
+        None => vec![],
+    };
+    let delivered = readers.received.load(Ordering::Relaxed);
+    let h = readers.finish().await?;
+    if delivered != a.cluster_events as u64 {
+        // Long-lived sessions lose nothing: fewer is a broken bridge (or tool), not a slow one.
+        let on = if embedded { "one embedded node".to_owned() } else { format!("{nodes} nodes") };
+        bail!("cluster: {delivered} of {} notifications delivered on {on}", a.cluster_events);
+    }
+    // Every session is detached now; each gets `waiting` notifications queued.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m2 = used().await?;
+    let queued = k * a.waiting;
+    if !embedded {
+        let agents: Vec<usize> = (0..k).collect();
+        post(servers[0].backend(), agents, queued, a.batch, 0).await?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let m3 = used().await?;
+    for s in servers {
+        s.stop().await?;
+    }
+    if let Some(r) = redis {
+        r.stop().await?;
+    }
+    let per = |a: u64, b: u64, n: usize| (b as f64 - a as f64) / n.max(1) as f64;
+    Ok(ClusterRun {
+        delivered,
+        per_s: delivered as f64 / elapsed.as_secs_f64(),
+        h,
+        cpu_bridges: cpu1.0 - cpu0.0,
+        cpu_redis: cpu1.1 - cpu0.1,
+        bytes_per_session: per(m0, m1, k),
+        bytes_per_queued: per(m2, m3, queued),
+        commands,
+    })
+}
+
+async fn cluster(a: &Args) -> anyhow::Result<()> {
+    if !redis::available() {
+        eprintln!("cluster: redis-server is not on the PATH; skipped");
+        return Ok(());
+    }
+    let persistence = if a.redis_aof { "appendonly yes, appendfsync everysec" } else { "save '', appendonly no" };
+    for &nodes in &a.nodes {
+        if nodes < 2 {
+            bail!("cluster: --nodes must be at least 2 (a notification has to cross nodes)");
+        }
+        // The same load on one embedded node, then on the cluster, in the same minutes.
+        let base = cluster_run(a, nodes, true).await?;
+        let c = cluster_run(a, nodes, false).await?;
+        let per_100k = |cpu: f64, n: u64| cpu / (n.max(1) as f64 / 100_000.0);
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        let lat = |h: &Histogram<u64>| {
+            format!("{:.2} / {:.2} / {:.2} / {:.2}", ms(h, 0.5), ms(h, 0.99), ms(h, 0.999), h.max() as f64 / 1000.0)
+        };
+        let (bridges, redis_cpu) = (per_100k(c.cpu_bridges, c.delivered), per_100k(c.cpu_redis, c.delivered));
+        let base_cpu = per_100k(base.cpu_bridges, base.delivered);
+        let target = if a.rate == 0 { "max".to_owned() } else { a.rate.to_string() };
+        // The five costliest: calls and µs of Redis time per notification.
+        let commands = |c: &ClusterRun| {
+            let n = c.delivered.max(1) as f64;
+            let top = c.commands.iter().take(5);
+            top.map(|(name, calls, usec)| format!("{name} {:.2}× {:.1} µs", *calls as f64 / n, *usec as f64 / n))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        report(
+            "cluster",
+            &[
+                ("nodes", nodes.to_string()),
+                ("redis persistence", persistence.to_owned()),
+                ("long-lived sessions", a.cluster_sessions.to_string()),
+                ("target rate (/s)", target.clone()),
+                ("cluster: delivered+acked", format!("{} of {}", c.delivered, a.cluster_events)),
+                ("cluster: notifications/s", format!("{:.0}", c.per_s)),
+                ("cluster: p50/p99/p99.9/max (ms)", lat(&c.h)),
+                ("cluster: CPU s per 100k (bridges)", format!("{bridges:.2}")),
+                ("cluster: CPU s per 100k (redis)", format!("{redis_cpu:.2}")),
+                ("cluster: CPU s per 100k (all)", format!("{:.2}", bridges + redis_cpu)),
+                ("embedded: delivered+acked", format!("{} of {}", base.delivered, a.cluster_events)),
+                ("embedded: notifications/s", format!("{:.0}", base.per_s)),
+                ("embedded: p50/p99/p99.9/max (ms)", lat(&base.h)),
+                ("embedded: CPU s per 100k", format!("{base_cpu:.2}")),
+                ("Redis hop: extra CPU s per 100k", format!("{:.2}", bridges + redis_cpu - base_cpu)),
+                ("Redis bytes per long-lived session", format!("{:.0}", c.bytes_per_session)),
+                ("Redis bytes per queued notif.", format!("{:.0}", c.bytes_per_queued)),
+                ("Redis commands per notification", commands(&c)),
+            ],
+            json!({"nodes": nodes, "redis_aof": a.redis_aof, "sessions": a.cluster_sessions, "events": a.cluster_events,
+                   "target_rate": target, "batch": a.batch,
+                   "cluster": {"delivered": c.delivered, "per_s": c.per_s, "p50_ms": ms(&c.h, 0.5), "p99_ms": ms(&c.h, 0.99),
+                               "p999_ms": ms(&c.h, 0.999), "max_ms": c.h.max() as f64 / 1000.0,
+                               "cpu_s_per_100k_bridges": bridges, "cpu_s_per_100k_redis": redis_cpu},
+                   "embedded": {"delivered": base.delivered, "per_s": base.per_s, "p50_ms": ms(&base.h, 0.5),
+                                "p99_ms": ms(&base.h, 0.99), "p999_ms": ms(&base.h, 0.999), "max_ms": base.h.max() as f64 / 1000.0,
+                                "cpu_s_per_100k": base_cpu},
+                   "extra_cpu_s_per_100k": bridges + redis_cpu - base_cpu,
+                   "redis_bytes_per_session": c.bytes_per_session, "redis_bytes_per_queued_notification": c.bytes_per_queued,
+                   "redis_commands": c.commands.iter().map(|(name, calls, usec)| json!({"command": name, "calls": calls, "usec": usec})).collect::<Vec<_>>()}),
+        );
+    }
     Ok(())
 }

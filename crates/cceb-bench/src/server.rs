@@ -22,6 +22,33 @@ pub struct Server {
     http: reqwest::Client,
 }
 
+/// The backend port of one server (`POST /backend/v1/events`).
+#[derive(Clone)]
+pub struct Backend {
+    http: reqwest::Client,
+    url: String,
+}
+
+impl Backend {
+    pub async fn post_events(&self, body: &Value) -> anyhow::Result<()> {
+        let r = self.http.post(&self.url).bearer_auth(ADMIN).json(body).send().await?;
+        if r.status().as_u16() != 202 {
+            bail!("backend port answered {}: {}", r.status(), r.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+}
+
+/// User + system CPU seconds process `pid` has used.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').context("stat format")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    Ok(ticks / 100.0)
+}
+
 impl Server {
     pub async fn start(bin: &str, env: &[(&str, &str)]) -> anyhow::Result<Server> {
         let data = tempfile::tempdir()?;
@@ -77,17 +104,12 @@ impl Server {
     }
 
     pub async fn post_events(&self, body: &Value) -> anyhow::Result<()> {
-        let r = self
-            .http
-            .post(format!("http://{}/backend/v1/events", self.backend))
-            .bearer_auth(ADMIN)
-            .json(body)
-            .send()
-            .await?;
-        if r.status().as_u16() != 202 {
-            bail!("backend port answered {}: {}", r.status(), r.text().await.unwrap_or_default());
-        }
-        Ok(())
+        self.backend().post_events(body).await
+    }
+
+    /// A handle on the backend port that tasks can own.
+    pub fn backend(&self) -> Backend {
+        Backend { http: self.http.clone(), url: format!("http://{}/backend/v1/events", self.backend) }
     }
 
     /// Resident set size of the server, KiB.
@@ -99,12 +121,7 @@ impl Server {
 
     /// User + system CPU seconds the server has used.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;
-        // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-        let rest = stat.rsplit_once(')').context("stat format")?.1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
-        Ok(ticks / 100.0)
+        cpu_seconds(self.pid)
     }
 
     pub async fn stop(mut self) -> anyhow::Result<()> {
