@@ -140,14 +140,18 @@ return 1
 /// Appends a notification to every long-lived session of one agent, once
 /// per uuid: `KEYS` = (the agent's sessions, its short-lived sessions'
 /// nodes, the uuids it routed lately); `ARGV` = (the agent's key base, the
-/// entry after its seq, capacity, uuid, now). Returns (flat (session, seq,
-/// node, push token, dropped) for each session, nodes with short-lived
-/// sessions), both empty for a uuid routed already (a source sent again
-/// after a failure part-way: what it appended stays, nothing twice).
+/// entry after its seq, capacity, uuid, now, the retry window in ms).
+/// Returns (flat (session, seq, node, push token, dropped) for each session,
+/// nodes with short-lived sessions), both empty for a uuid routed within the
+/// window already (a source sent again after a failure part-way: what it
+/// appended stays, nothing twice). The uuids kept are those of the window, at
+/// most 128 (a set that small stays compact), and the set expires with it.
 const ROUTE: &str = r#"
 if redis.call('ZSCORE', KEYS[3], ARGV[4]) then return {{}, {}} end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[5]) - tonumber(ARGV[6]))
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
-redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -4097)
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -129)
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local s = ARGV[1] .. 's:' .. id
@@ -1032,6 +1036,13 @@ impl Store for RedisStore {
     }
 }
 
+/// How long `ROUTE` remembers a notification's uuid: a source sent again
+/// within it (a backend retrying a 503, a Kafka record read again after a
+/// failed ingest, both seconds apart) appends nothing twice; one sent again
+/// later is appended again, under the same uuid (the client sees it as a
+/// redelivery).
+const RETRY_WINDOW: Duration = Duration::from_secs(60);
+
 /// How long a claimed availability transition may take to publish before
 /// another node publishes it: far past any publish bound.
 const AVAILABILITY_LEASE: Duration = Duration::from_secs(30);
@@ -1217,7 +1228,8 @@ impl Placement for RedisStore {
             .arg(entry_rest(n))
             .arg(capacity)
             .arg(&n.uuid)
-            .arg(now_ms);
+            .arg(now_ms)
+            .arg(ms(RETRY_WINDOW));
         let (flat, short_lived): (Vec<String>, Vec<String>) =
             inv.invoke_async(&mut self.conn()).await.map_err(store_error)?;
         let mut routed = Routed { short_lived, ..Routed::default() };
