@@ -295,6 +295,7 @@ impl Bridge {
         };
         if let (Some(peers), Some(r)) = (&peers, &registration) {
             peers.joined(r.membership());
+            sessions.reap_previous().await?;
         }
         let routes = Arc::new(Public {
             conn,

@@ -369,9 +369,14 @@ impl Conn {
                             Ok(())
                         }
                         ClientMessage::EndSession { uuid } => {
-                            if let Err(e) = self.cx.sessions.end(session).await {
-                                self.send_error(&uuid, ErrorCode::BackendUnavailable, &e.to_string(), None).await;
-                                continue;
+                            match self.cx.sessions.end(session, attachment).await {
+                                Ok(true) => {}
+                                // Attached elsewhere since (cluster): not this connection's to end.
+                                Ok(false) => return Some(Close(close::TAKEN_OVER, "session taken over")),
+                                Err(e) => {
+                                    self.send_error(&uuid, ErrorCode::BackendUnavailable, &e.to_string(), None).await;
+                                    continue;
+                                }
                             }
                             return match self.send(outgoing::ack(&uuid)).await {
                                 Ok(()) => Some(Close(close::NORMAL, "session ended")),

@@ -186,8 +186,8 @@ impl BridgeRecords {
     /// a transition to publish and marks it published, once across nodes; a
     /// record that cannot be published gives the mark back and is retried.
     async fn decide_claimed(&self, placement: &dyn Placement, agent: &AgentId) {
-        let want = match placement.availability_claim(agent).await {
-            Ok(Some(want)) => want,
+        let (want, lease) = match placement.availability_claim(agent).await {
+            Ok(Some(claimed)) => claimed,
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot claim a chat availability transition");
@@ -207,7 +207,7 @@ impl BridgeRecords {
             }
         }
         // Published, or given back and retried here: the lease is not needed.
-        if let Err(e) = placement.availability_done(agent).await {
+        if let Err(e) = placement.availability_done(&lease).await {
             tracing::warn!(error = %e, "cannot release a chat availability lease");
         }
     }
@@ -218,12 +218,12 @@ impl BridgeRecords {
             Ok(overdue) => overdue,
             Err(e) => return tracing::warn!(error = %e, "cannot look for unpublished chat availability"),
         };
-        for (agent, available) in overdue {
+        for (agent, available, lease) in overdue {
             let fields = Map::from_iter([("available".to_owned(), Json::Bool(available))]);
             match self.publish_system(AVAILABILITY_RECORD, &agent, fields).await {
                 Ok(()) => {
                     self.metrics.availability_published.increment(1);
-                    if let Err(e) = placement.availability_done(&agent).await {
+                    if let Err(e) = placement.availability_done(&lease).await {
                         tracing::warn!(error = %e, "cannot release a chat availability lease");
                     }
                 }

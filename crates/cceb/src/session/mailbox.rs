@@ -58,12 +58,17 @@ pub struct Mailbox {
     awaited: Option<u64>,
     /// Since when an entry waits for `awaited`.
     gap_since: Option<Instant>,
+    /// Seqs passed over after `GAP_WAIT` (from, to exclusive), the newest few:
+    /// one of them arriving late is still taken; any other seq below
+    /// `awaited` was held already (sent, acked), so it is not taken again.
+    skipped: VecDeque<(u64, u64)>,
 }
 
 /// Longest an entry waits for a lower seq (a message from another node still
 /// on its way) before it is sent anyway: a lost message must not hold up the
-/// rest; the store keeps the missing one, read at the next resync or resume.
-pub const GAP_WAIT: Duration = Duration::from_secs(1);
+/// rest. The sweep (every second) reads the missing one from the store before
+/// that; past it, it is read at the next resync or resume.
+pub const GAP_WAIT: Duration = Duration::from_secs(3);
 
 impl Mailbox {
     /// An mailbox that keeps at most `capacity` entries, dropping the oldest,
@@ -79,6 +84,7 @@ impl Mailbox {
             full_since: None,
             awaited: None,
             gap_since: None,
+            skipped: VecDeque::new(),
         }
     }
 
@@ -93,17 +99,7 @@ impl Mailbox {
         let entries: VecDeque<Entry> =
             entries.into_iter().map(|(seq, n)| Entry { seq, n, sent_at: None, first_sent: None }).collect();
         let next_seq = entries.back().map_or(next_seq, |e| next_seq.max(e.seq + 1));
-        Mailbox {
-            next_seq,
-            entries,
-            cursor: 0,
-            capacity,
-            window,
-            sendable_below: u64::MAX,
-            full_since: None,
-            awaited: None,
-            gap_since: None,
-        }
+        Mailbox { next_seq, entries, ..Mailbox::new(capacity, window) }
     }
 
     /// Seq the next notification gets.
@@ -160,6 +156,10 @@ impl Mailbox {
         if self.entries.iter().any(|e| e.seq == seq) {
             return None;
         }
+        if self.awaited.is_some_and(|a| seq < a) && !self.skipped.iter().any(|&(from, to)| (from..to).contains(&seq)) {
+            // Held before (sent, and acked since): not new.
+            return None;
+        }
         let at = self.cursor + self.entries.iter().skip(self.cursor).take_while(|e| e.seq < seq).count();
         self.entries.insert(at, Entry { seq, n, sent_at: None, first_sent: None });
         self.next_seq = self.next_seq.max(seq + 1);
@@ -179,8 +179,17 @@ impl Mailbox {
         let next = upto.saturating_add(1);
         if self.awaited.is_none_or(|a| a < next) {
             self.awaited = Some(next);
+            self.gap_since = None;
         }
         self.advance();
+    }
+
+    /// The seq a mirrored mailbox waits for before what it holds after it.
+    pub fn gap(&self) -> Option<u64> {
+        let a = self.awaited?;
+        let held_after = self.entries.iter().skip(self.cursor).any(|e| e.seq > a);
+        let missing = self.entries.iter().skip(self.cursor).all(|e| e.seq != a);
+        (held_after && missing).then_some(a)
     }
 
     fn advance(&mut self) {
@@ -236,6 +245,10 @@ impl Mailbox {
             if self.entries.iter().skip(self.cursor).all(|e| e.seq != a) {
                 let since = *self.gap_since.get_or_insert(now);
                 if since + GAP_WAIT <= now {
+                    self.skipped.push_back((a, first));
+                    if self.skipped.len() > 16 {
+                        self.skipped.pop_front();
+                    }
                     self.awaited = Some(first);
                     self.gap_since = None;
                     self.advance();
@@ -289,6 +302,9 @@ impl Mailbox {
         }
         if let Some(since) = self.full_since {
             next = Some(next.map_or(since + ack_timeout, |n| n.min(since + ack_timeout)));
+        }
+        if let Some(since) = self.gap_since {
+            next = Some(next.map_or(since + GAP_WAIT, |n| n.min(since + GAP_WAIT)));
         }
         next
     }

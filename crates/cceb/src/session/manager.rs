@@ -93,7 +93,6 @@ impl Sessions {
         if let Some(c) = &self.cluster {
             // Nothing to bring back: a session is read from the store when
             // attached. Sessions whose TTL passed while no node ran end now.
-            self.reap_previous(c).await?;
             self.sweep_placed(c).await;
             return Ok(0);
         }
@@ -238,12 +237,14 @@ impl Sessions {
     }
 
     /// `end_session`: the session, its key and its mailbox are gone.
-    pub async fn end(&self, session: &Arc<Session>) -> Result<(), StoreError> {
-        if let (Some(c), Some(generation)) = (&self.cluster, session.store_generation()) {
+    /// `false`: the session was attached elsewhere since (cluster store):
+    /// not this connection's to end.
+    pub async fn end(&self, session: &Arc<Session>, attachment: &Attachment) -> Result<bool, StoreError> {
+        if let (Some(c), Some(generation)) = (&self.cluster, attachment.store_generation) {
             return self.end_placed(c, session, generation).await;
         }
         if !session.is_long_lived() || !session.end(None) {
-            return Ok(());
+            return Ok(true);
         }
         self.remove(session);
         self.store.session_delete(&session.agent, &session.id);
@@ -251,7 +252,7 @@ impl Sessions {
         // until durable): its availability goes with it.
         let synced = self.store.sync().await;
         self.reactions.availability_changed(&session.agent, -1).await;
-        synced
+        synced.map(|()| true)
     }
 
     /// Removes expired sessions, forgets expired store entries and retries
@@ -582,7 +583,7 @@ mod tests {
         let two = f.sessions.open(agent(), long_lived(None)).await.expect("open");
         assert_eq!(published(&f, "available").await, [("AgentChatAvailabilityEvent".to_owned(), true.into())]);
         drop(two);
-        f.sessions.end(&one.held.session).await.expect("end");
+        f.sessions.end(&one.held.session, &one.held.attachment).await.expect("end");
         assert_eq!(published(&f, "available").await.len(), 1, "the other session is still valid");
         f.clock.advance(TTL - Duration::from_millis(1));
         f.sessions.sweep().await;

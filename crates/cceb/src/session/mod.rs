@@ -336,6 +336,11 @@ impl Session {
         self.wake.notify_one();
     }
 
+    /// The seq a mirrored session's connection waits for (see `Mailbox::gap`).
+    pub fn gap(&self) -> Option<u64> {
+        self.state().mailbox.gap()
+    }
+
     /// Puts an entry the store already holds at `seq` (mirrored session);
     /// `None` when it is held already or the session ended.
     pub fn deliver_at(&self, seq: u64, n: &Arc<Notification>) -> Option<Pushed> {

@@ -115,19 +115,8 @@ impl Sessions {
             self.reactions.availability_changed(&agent, delta - 1).await;
             return Err(e.into());
         }
-        let now = self.settings.clock.now_ms();
-        let attached = c
-            .placement
-            .attach(
-                &agent,
-                &id,
-                &c.node,
-                &c.instance,
-                now,
-                self.settings.ttl,
-                req.auto_accept,
-                req.push_token.as_deref(),
-            )
+        let attached = self
+            .attach_here(c, &agent, &id, &req)
             .await
             .map_err(OpenError::from)
             .and_then(|a| a.ok_or(OpenError::EndedAtOnce))
@@ -141,6 +130,7 @@ impl Sessions {
                 return Err(e);
             }
         };
+        self.catch_up(c, &session, 0).await;
         self.reactions.availability_changed(&agent, delta).await;
         Ok(Opened { held: self.hold(session, attachment), key: Some(text), resumed: false })
     }
@@ -164,43 +154,47 @@ impl Sessions {
         if !owned {
             return Ok(None);
         }
-        let now = self.settings.clock.now_ms();
-        let attached = c
-            .placement
-            .attach(
-                agent,
-                &key.session_id,
-                &c.node,
-                &c.instance,
-                now,
-                self.settings.ttl,
-                req.auto_accept,
-                req.push_token.as_deref(),
-            )
-            .await?;
-        let Some(attached) = attached else { return Ok(None) };
+        let Some(attached) = self.attach_here(c, agent, &key.session_id, req).await? else { return Ok(None) };
         let (previous, generation) = (attached.previous.clone(), attached.generation);
         let read_upto = attached.stored.mailbox.last().map_or(0, |(seq, _)| *seq);
         let (session, attachment) = self.mirror(attached, req)?;
         let held = self.hold(session.clone(), attachment);
-        // Routed to this node between the attach and the mirror's place in the
-        // roster, so found nobody here: read from the store.
-        match c.placement.mailbox_after(agent, &key.session_id, read_upto).await {
-            Ok(entries) => {
-                let upto = entries.last().map_or(read_upto, |(seq, _)| *seq);
-                for (seq, n) in entries {
-                    session.deliver_at(seq, &n);
-                }
-                session.contiguous_upto(upto);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot read what came during the attach; a resync will"),
-        }
+        self.catch_up(c, &session, read_upto).await;
         if let Some(previous) = previous {
             if let Err(e) = c.peers.takeover(&previous, &key.session_id, generation).await {
                 tracing::warn!(error = %e, node = %previous, "cannot tell a node its session was taken over");
             }
         }
         Ok(Some(held))
+    }
+
+    /// Reads the session's entries past `after` from the store: what was
+    /// routed here while the session was not in the roster yet (found nobody),
+    /// or what a lost or late wake-up left out.
+    async fn catch_up(&self, c: &Cluster, session: &Arc<Session>, after: u64) {
+        match c.placement.mailbox_after(&session.agent, &session.id, after).await {
+            Ok(entries) => {
+                let upto = entries.last().map_or(after, |(seq, _)| *seq);
+                for (seq, n) in entries {
+                    session.deliver_at(seq, &n);
+                }
+                session.contiguous_upto(upto);
+            }
+            Err(e) => tracing::warn!(error = %e, session = %session.id, "cannot read a mailbox; a later sweep will"),
+        }
+    }
+
+    /// Attaches the session to this node in the store, as `req` asks.
+    async fn attach_here(
+        &self,
+        c: &Cluster,
+        agent: &AgentId,
+        id: &str,
+        req: &OpenRequest,
+    ) -> Result<Option<crate::store::Attached>, StoreError> {
+        let now = self.settings.clock.now_ms();
+        let (ttl, token) = (self.settings.ttl, req.push_token.as_deref());
+        c.placement.attach(agent, id, &c.node, &c.instance, now, ttl, req.auto_accept, token).await
     }
 
     /// The in-memory mirror of a session just attached in the store: the one
@@ -273,16 +267,15 @@ impl Sessions {
         c: &Cluster,
         session: &Arc<Session>,
         generation: u64,
-    ) -> Result<(), StoreError> {
-        if c.placement.end(&session.agent, &session.id, generation).await? {
-            if session.end(None) {
-                self.remove(session);
-            }
-            self.reactions.availability_changed(&session.agent, -1).await;
-        } else if session.taken_elsewhere(u64::MAX) {
+    ) -> Result<bool, StoreError> {
+        if !c.placement.end(&session.agent, &session.id, generation).await? {
+            return Ok(false);
+        }
+        if session.end(None) {
             self.remove(session);
         }
-        Ok(())
+        self.reactions.availability_changed(&session.agent, -1).await;
+        Ok(true)
     }
 
     /// Expiry on a cluster store: any node ends any session whose TTL passed;
@@ -294,8 +287,15 @@ impl Sessions {
         }
         let now = self.settings.clock.now_ms();
         let live = c.peers.live();
+        // A connection waiting for a seq whose wake-up was lost (or is late):
+        // the store has it; read before `GAP_WAIT` passes it over.
+        for s in self.roster.all_long_lived() {
+            if let Some(gap) = s.gap() {
+                self.catch_up(c, &s, gap.saturating_sub(1)).await;
+            }
+        }
         self.reap_absent(c, &live, now).await;
-        match c.placement.expire_due(now, self.settings.ttl, &live).await {
+        match c.placement.expire_due(now, self.settings.ttl).await {
             Ok(ended) => {
                 for agent in ended {
                     tracing::debug!(agent = %agent.agent_guid, "session expired");
@@ -343,8 +343,11 @@ impl Sessions {
         }
     }
 
-    /// At start: sessions this node id held in a previous life (killed) are detached now.
-    pub(super) async fn reap_previous(&self, c: &Cluster) -> Result<(), StoreError> {
+    /// Once this node holds its id (joined, before it serves): sessions the
+    /// id held in a previous life (killed) are detached now. Not before the
+    /// join: a second process refused the id must not touch the live one's.
+    pub async fn reap_previous(&self) -> Result<(), StoreError> {
+        let Some(c) = &self.cluster else { return Ok(()) };
         let now = self.settings.clock.now_ms();
         let n = c.placement.reap(&c.node, Some(&c.instance), now, self.settings.ttl).await?;
         if n > 0 {

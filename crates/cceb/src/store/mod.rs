@@ -278,10 +278,9 @@ pub trait Placement: Send + Sync + 'static {
     fn short_lived(&self, agent: &AgentId, session: &Arc<str>, node: Option<&Arc<str>>);
     /// Agents of the tenant with long-lived sessions.
     async fn tenant_agents(&self, tenant: &str) -> Result<Vec<AgentId>, StoreError>;
-    /// Ends the sessions whose TTL passed by `now_ms` (detached, or attached
-    /// to a node not in `live` — its TTL then counts from now); returns the
+    /// Ends the detached sessions whose TTL passed by `now_ms`; returns the
     /// agent of each session ended, once per session, whichever node asks.
-    async fn expire_due(&self, now_ms: u64, ttl: Duration, live: &[String]) -> Result<Vec<AgentId>, StoreError>;
+    async fn expire_due(&self, now_ms: u64, ttl: Duration) -> Result<Vec<AgentId>, StoreError>;
     /// Mailbox entries of a session past `after` (a node catching up).
     async fn mailbox_after(
         &self,
@@ -293,14 +292,16 @@ pub trait Placement: Send + Sync + 'static {
     /// long-lived session of it asked for auto-accept.
     async fn auto_accepts(&self, agent: &AgentId, now_ms: u64, ttl: Duration) -> Result<Option<AgentId>, StoreError>;
     /// Decides the agent's next availability record, once across the
-    /// cluster: `Some(available)` when its sessions (any or none) disagree
-    /// with what was last published, now marked published; `None` otherwise.
-    async fn availability_claim(&self, agent: &AgentId) -> Result<Option<bool>, StoreError>;
-    /// The record of a claimed transition is published (or will be retried by
-    /// its claimer): no other node publishes it again.
-    async fn availability_done(&self, agent: &AgentId) -> Result<(), StoreError>;
-    /// Transitions claimed but not published within a lease (their claimer
-    /// died): the agent and the availability to publish, each leased anew to
-    /// the caller.
-    async fn availability_overdue(&self) -> Result<Vec<(AgentId, bool)>, StoreError>;
+    /// cluster: `Some((available, lease))` when its sessions (any or none)
+    /// disagree with what was last published, now marked published and
+    /// leased to the caller until [`Placement::availability_done`]; `None`
+    /// otherwise.
+    async fn availability_claim(&self, agent: &AgentId) -> Result<Option<(bool, String)>, StoreError>;
+    /// The record of a claimed transition is published (or given back and
+    /// retried by its claimer): its lease ends, nobody publishes it again.
+    async fn availability_done(&self, lease: &str) -> Result<(), StoreError>;
+    /// Transitions claimed but not published within their lease (their
+    /// claimer died): the agent, the availability to publish and the lease,
+    /// taken over by the caller.
+    async fn availability_overdue(&self) -> Result<Vec<(AgentId, bool, String)>, StoreError>;
 }

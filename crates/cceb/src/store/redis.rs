@@ -189,21 +189,16 @@ return {out, nodes}
 "#;
 
 /// Ends one session if its TTL passed: `KEYS` = (record, mailbox, the
-/// agent's sessions); `ARGV` = (id, now, ttl ms, whether `live` is known,
-/// live nodes...). Returns (0, the session's IR instance) when it ended it,
-/// (-1, _) when it is gone, else (when to look again, _).
+/// agent's sessions); `ARGV` = (id, now, ttl ms). Returns (0, the session's
+/// IR instance) when it ended it, (-1, _) when it is gone, else (when to look
+/// again, _). An attached session is looked at again a TTL later: if its
+/// node dies meanwhile, `REAP` detaches it first.
 const EXPIRE: &str = r"
 local f = redis.call('HMGET', KEYS[1], 'tenant', 'node', 'disconnected_at_ms', 'ir')
 if not f[1] then return {-1, ''} end
 local now = tonumber(ARGV[2])
 local ttl = tonumber(ARGV[3])
 if f[2] then
-  local live = ARGV[4] ~= '1'
-  for i = 5, #ARGV do if ARGV[i] == f[2] then live = true end end
-  if not live then
-    redis.call('HDEL', KEYS[1], 'node')
-    redis.call('HSET', KEYS[1], 'disconnected_at_ms', ARGV[2])
-  end
   return {now + ttl, ''}
 end
 local at = tonumber(f[3] or ARGV[2])
@@ -1058,14 +1053,6 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Whether `live` lists the nodes alive (empty: not known), then them.
-fn live_args(inv: &mut redis::ScriptInvocation<'_>, live: &[String]) {
-    inv.arg(if live.is_empty() { "0" } else { "1" });
-    for node in live {
-        inv.arg(node);
-    }
-}
-
 #[async_trait]
 impl Placement for RedisStore {
     async fn record(&self, agent: &AgentId, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -1089,6 +1076,9 @@ impl Placement for RedisStore {
         push_token: Option<&str>,
     ) -> Result<Option<Attached>, StoreError> {
         let kv = &self.inner.kv;
+        // A detach of this session still buffered would take the index entry
+        // back out after the SADD below: flushed first.
+        self.sync().await?;
         // Indexed first: a node that dies right after the attach is reaped.
         let mut conn = self.conn();
         let _: () = conn.sadd(node_key(kv, node, "attached"), index_member(agent, id)).await.map_err(store_error)?;
@@ -1125,40 +1115,6 @@ impl Placement for RedisStore {
         let due = now_ms.saturating_add(ms(ttl));
         let (agent, id, node) = (agent.clone(), id.clone(), node.into());
         self.push(Write::Detach { agent, id, node, generation, at: now_ms, due }, None);
-    }
-
-    async fn availability_done(&self, agent: &AgentId) -> Result<(), StoreError> {
-        let member = agent_member(&AgentId { ir_instance: "".into(), ..agent.clone() });
-        self.conn().zrem(self.inner.kv.key("availability-leases"), member).await.map_err(store_error)
-    }
-
-    async fn availability_overdue(&self) -> Result<Vec<(AgentId, bool)>, StoreError> {
-        let kv = &self.inner.kv;
-        let lease = kv.key("availability-leases");
-        let mut conn = self.conn();
-        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-            .arg(&lease)
-            .arg("-inf")
-            .arg(lease_deadline().saturating_sub(ms(AVAILABILITY_LEASE)))
-            .arg("LIMIT")
-            .arg(0)
-            .arg(100)
-            .query_async(&mut conn)
-            .await
-            .map_err(store_error)?;
-        let mut out = Vec::new();
-        for member in due {
-            // Leased anew to this caller first: nodes sweeping at once seldom both take it.
-            let _: () = conn.zadd(&lease, &member, lease_deadline()).await.map_err(store_error)?;
-            let Ok(agent) = decode_agent(&member) else {
-                let _: () = conn.zrem(&lease, &member).await.map_err(store_error)?;
-                continue;
-            };
-            let published: Option<String> =
-                conn.hget(kv.agent_key(&agent, "avail"), "published").await.map_err(store_error)?;
-            out.push((agent, published.as_deref() == Some("1")));
-        }
-        Ok(out)
     }
 
     async fn end(&self, agent: &AgentId, id: &str, generation: u64) -> Result<bool, StoreError> {
@@ -1257,7 +1213,7 @@ impl Placement for RedisStore {
         Ok(members.iter().map(|m| decode_agent(m)).collect::<Result<_, _>>()?)
     }
 
-    async fn expire_due(&self, now_ms: u64, ttl: Duration, live: &[String]) -> Result<Vec<AgentId>, StoreError> {
+    async fn expire_due(&self, now_ms: u64, ttl: Duration) -> Result<Vec<AgentId>, StoreError> {
         const BATCH: usize = 256;
         let kv = &self.inner.kv;
         let mut conn = self.conn();
@@ -1283,7 +1239,6 @@ impl Placement for RedisStore {
                 .arg(&id)
                 .arg(now_ms)
                 .arg(ms(ttl));
-            live_args(&mut inv, live);
             let (next, ir): (i64, String) = inv.invoke_async(&mut conn).await.map_err(store_error)?;
             match next {
                 0 => {
@@ -1350,14 +1305,21 @@ impl Placement for RedisStore {
         }
     }
 
-    async fn availability_claim(&self, agent: &AgentId) -> Result<Option<bool>, StoreError> {
+    async fn availability_claim(&self, agent: &AgentId) -> Result<Option<(bool, String)>, StoreError> {
         let kv = &self.inner.kv;
-        // Leased before it is claimed: a claimer that dies before publishing
-        // leaves the lease, and another node publishes when it runs out.
-        let lease = kv.key("availability-leases");
-        let member = agent_member(&AgentId { ir_instance: "".into(), ..agent.clone() });
+        // Leased before it is claimed, under a lease of this claim alone: a
+        // claimer that dies before publishing leaves it, and another node
+        // publishes when it runs out.
+        let leases = kv.key("availability-leases");
+        let lease = serde_json::json!([
+            &*agent.tenant_guid,
+            &*agent.agent_guid,
+            &*agent.ir_instance,
+            uuid::Uuid::new_v4().simple().to_string()
+        ])
+        .to_string();
         let mut conn = self.conn();
-        let _: () = conn.zadd(&lease, &member, lease_deadline()).await.map_err(store_error)?;
+        let _: () = conn.zadd(&leases, &lease, lease_deadline()).await.map_err(store_error)?;
         let mut inv = self.scripts.availability.key(kv.agent_key(agent, "sessions"));
         inv.key(kv.agent_key(agent, "avail"));
         let claimed: i64 = inv.invoke_async(&mut conn).await.map_err(store_error)?;
@@ -1365,19 +1327,52 @@ impl Placement for RedisStore {
             1 => true,
             0 => false,
             _ => {
-                let _: () = conn.zrem(&lease, &member).await.map_err(store_error)?;
+                let _: () = conn.zrem(&leases, &lease).await.map_err(store_error)?;
                 return Ok(None);
             }
         };
         let index = kv.key("available");
-        let mut conn = self.conn();
         let _: () = if available {
             conn.sadd(index, agent_member(agent)).await
         } else {
             conn.srem(index, agent_member(agent)).await
         }
         .map_err(store_error)?;
-        Ok(Some(available))
+        Ok(Some((available, lease)))
+    }
+
+    async fn availability_done(&self, lease: &str) -> Result<(), StoreError> {
+        self.conn().zrem(self.inner.kv.key("availability-leases"), lease).await.map_err(store_error)
+    }
+
+    async fn availability_overdue(&self) -> Result<Vec<(AgentId, bool, String)>, StoreError> {
+        let kv = &self.inner.kv;
+        let leases = kv.key("availability-leases");
+        let mut conn = self.conn();
+        let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(&leases)
+            .arg("-inf")
+            .arg(lease_deadline().saturating_sub(ms(AVAILABILITY_LEASE)))
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100)
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let mut out = Vec::new();
+        for lease in due {
+            // Taken over by this caller first: nodes sweeping at once seldom both take it.
+            let _: () = conn.zadd(&leases, &lease, lease_deadline()).await.map_err(store_error)?;
+            let Ok((tenant, agent, ir, _)) = serde_json::from_str::<(String, String, String, String)>(&lease) else {
+                let _: () = conn.zrem(&leases, &lease).await.map_err(store_error)?;
+                continue;
+            };
+            let agent = AgentId { tenant_guid: tenant.into(), agent_guid: agent.into(), ir_instance: ir.into() };
+            let published: Option<String> =
+                conn.hget(kv.agent_key(&agent, "avail"), "published").await.map_err(store_error)?;
+            out.push((agent, published.as_deref() == Some("1"), lease));
+        }
+        Ok(out)
     }
 }
 
