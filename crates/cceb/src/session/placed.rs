@@ -538,6 +538,20 @@ impl Sessions {
     pub async fn resync(&self) {
         let Some(c) = &self.cluster else { return };
         for s in self.roster.all_long_lived() {
+            // Cut off long enough, this node was taken for dead and its sessions
+            // detached by the others: taken back, unless attached elsewhere since.
+            if let Some(generation) = s.store_generation().filter(|_| s.is_attached()) {
+                match c.placement.reclaim(&s.agent, &s.id, generation, &c.node, &c.instance).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        if s.taken_elsewhere(u64::MAX) {
+                            self.remove(&s);
+                        }
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, session = %s.id, "cannot take a session back"),
+                }
+            }
             match c.placement.mailbox_after(&s.agent, &s.id, 0).await {
                 Ok(entries) => {
                     let upto = entries.last().map(|(seq, _)| *seq);

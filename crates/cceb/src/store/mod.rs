@@ -253,6 +253,18 @@ pub trait Placement: Send + Sync + 'static {
     /// is still the session's (a later attach elsewhere wins). Buffered:
     /// durable with the next `sync`.
     fn detach(&self, agent: &AgentId, id: &Arc<str>, node: &str, generation: u64, now_ms: u64, ttl: Duration);
+    /// Takes a session back for `node` (`instance`) under `generation` after
+    /// the others detached it (this node was missing from their views): `true`
+    /// while it is still this attachment's, `false` once attached elsewhere
+    /// since, or gone.
+    async fn reclaim(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        generation: u64,
+        node: &str,
+        instance: &str,
+    ) -> Result<bool, StoreError>;
     /// Deletes the session and its mailbox if `generation` is still its
     /// attachment's (`end_session`); `false`: attached again since, elsewhere.
     async fn end(&self, agent: &AgentId, id: &str, generation: u64) -> Result<bool, StoreError>;

@@ -116,6 +116,19 @@ redis.call('HSET', KEYS[1], 'dropped', '0')
 return {gen, f[3] or '', dropped, redis.call('HGETALL', KEYS[1]), redis.call('ZRANGE', KEYS[2], 0, -1)}
 ";
 
+/// Takes a detached session back for the node that held it, if no other
+/// attach came since: `KEYS` = (record); `ARGV` = (generation, node,
+/// instance). 1: held (again); 0: attached elsewhere since, or gone.
+const RECLAIM: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'gen', 'node', 'instance')
+if f[1] ~= ARGV[1] then return 0 end
+if f[2] ~= ARGV[2] or f[3] ~= ARGV[3] then
+  redis.call('HSET', KEYS[1], 'node', ARGV[2], 'instance', ARGV[3])
+  redis.call('HDEL', KEYS[1], 'disconnected_at_ms')
+end
+return 1
+";
+
 /// Deletes a session if its attachment is still the caller's: `KEYS` =
 /// (record, mailbox, the agent's sessions); `ARGV` = (id, generation).
 const END: &str = r"
@@ -367,6 +380,7 @@ struct Scripts {
     admit: Script,
     reap: Script,
     end: Script,
+    reclaim: Script,
 }
 
 impl RedisStore {
@@ -396,6 +410,7 @@ impl RedisStore {
             admit: Script::new(ADMIT),
             reap: Script::new(REAP),
             end: Script::new(END),
+            reclaim: Script::new(RECLAIM),
         };
         RedisStore { inner, stop, tasks: Mutex::new(tasks), directory: Script::new(DIRECTORY_APPLY), scripts }
     }
@@ -1115,6 +1130,24 @@ impl Placement for RedisStore {
         let due = now_ms.saturating_add(ms(ttl));
         let (agent, id, node) = (agent.clone(), id.clone(), node.into());
         self.push(Write::Detach { agent, id, node, generation, at: now_ms, due }, None);
+    }
+
+    async fn reclaim(
+        &self,
+        agent: &AgentId,
+        id: &str,
+        generation: u64,
+        node: &str,
+        instance: &str,
+    ) -> Result<bool, StoreError> {
+        let kv = &self.inner.kv;
+        let mut conn = self.conn();
+        let _: () = conn.sadd(node_key(kv, node, "attached"), index_member(agent, id)).await.map_err(store_error)?;
+        let _: () = conn.sadd(kv.key("attached-nodes"), node).await.map_err(store_error)?;
+        let mut inv = self.scripts.reclaim.key(kv.agent_key(agent, &format!("s:{id}")));
+        inv.arg(generation).arg(node).arg(instance);
+        let held: i64 = inv.invoke_async(&mut conn).await.map_err(store_error)?;
+        Ok(held == 1)
     }
 
     async fn end(&self, agent: &AgentId, id: &str, generation: u64) -> Result<bool, StoreError> {

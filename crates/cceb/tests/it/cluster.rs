@@ -448,3 +448,42 @@ async fn the_sessions_of_a_killed_node_count_as_disconnected_once_it_restarts_or
     .await;
     assert!(admitted.is_ok(), "the dead node's session was detached and made room");
 }
+
+#[tokio::test]
+async fn a_node_taken_for_dead_takes_its_sessions_back_when_it_hears_from_redis_again() {
+    use crate::sessions::{long_lived, states};
+    let Some(redis) = redis() else { return };
+    let cluster = Cluster::new(redis.clone());
+    let nodes = cluster.nodes(&["n1", "n2"]).await;
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let mut c = Client::connect(&n2.server.ws_url()).await;
+    let session = long_lived(&mut c, "t", "r", serde_json::json!({})).await.session_id;
+    // What the others do to a node missing from their views past its TTL
+    // (cut off from Redis): its sessions detached in the store.
+    let kv = cceb::kv::Kv::connect(&redis, &cluster.prefix, Duration::from_secs(5)).await.expect("redis");
+    let agent = cceb::model::AgentId { tenant_guid: "t".into(), agent_guid: "r".into(), ir_instance: "".into() };
+    let record = kv.agent_key(&agent, &format!("s:{session}"));
+    let _: () =
+        redis::cmd("HDEL").arg(&record).arg("node").arg("instance").query_async(&mut kv.conn()).await.expect("hdel");
+    // Its subscription drops and comes back, as a cut-off node's does.
+    for url in redis.split(',') {
+        let client = redis::Client::open(url.trim()).expect("url");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("conn");
+        let _: redis::Value =
+            redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut conn).await.expect("kill");
+    }
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let node: Option<String> =
+                redis::cmd("HGET").arg(&record).arg("node").query_async(&mut kv.conn()).await.expect("hget");
+            if node.as_deref() == Some("n2") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("n2 took its session back");
+    presence(n1, "r", "back").await;
+    assert_eq!(states(&mut c, 1).await[0].2, "back", "routed to n2 again");
+}
