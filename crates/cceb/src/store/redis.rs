@@ -655,6 +655,14 @@ fn multi(groups: &mut HashMap<String, Pipeline>, tag: String) -> &mut Pipeline {
     })
 }
 
+/// Puts the agent in the global `available` index, or takes it out.
+async fn mark_available(kv: &Kv, conn: &mut kv::Conn, agent: &AgentId, available: bool) -> Result<(), StoreError> {
+    let (index, member) = (kv.key("available"), agent_member(agent));
+    let done: Result<(), RedisError> =
+        if available { conn.sadd(index, member).await } else { conn.srem(index, member).await };
+    done.map_err(store_error)
+}
+
 /// A key of one node, in a slot of its own (the sessions attached there).
 fn node_key(kv: &Kv, node: &str, rest: &str) -> String {
     kv.key(&format!("{{n:{}}}:{rest}", kv::agent_tag("node", node)))
@@ -991,13 +999,7 @@ impl Store for RedisStore {
         let mut conn = self.conn();
         let _: () =
             conn.hset(kv.agent_key(agent, "avail"), "published", u8::from(available)).await.map_err(store_error)?;
-        let index = kv.key("available");
-        let _: () = if available {
-            conn.sadd(index, agent_member(agent)).await
-        } else {
-            conn.srem(index, agent_member(agent)).await
-        }
-        .map_err(store_error)?;
+        mark_available(kv, &mut conn, agent, available).await?;
         Ok(())
     }
 
@@ -1364,13 +1366,7 @@ impl Placement for RedisStore {
                 return Ok(None);
             }
         };
-        let index = kv.key("available");
-        let _: () = if available {
-            conn.sadd(index, agent_member(agent)).await
-        } else {
-            conn.srem(index, agent_member(agent)).await
-        }
-        .map_err(store_error)?;
+        mark_available(kv, &mut conn, agent, available).await?;
         Ok(Some((available, lease)))
     }
 

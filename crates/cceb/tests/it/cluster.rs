@@ -39,18 +39,9 @@ impl Cluster {
 
     /// `cceb serve` as node `id`, with a fast heartbeat; `extra` settings on top.
     fn command(&self, id: &str, data: &std::path::Path, extra: &[(&str, &str)]) -> Command {
-        let mut cmd = cceb(data);
-        cmd.args(["serve"])
-            .env("CCEB_JWT_HS256_SECRET", SECRET)
-            .env("CCEB_ADMIN_TOKEN", ADMIN)
-            .env("CCEB_STORE", "redis")
-            .env("CCEB_REDIS_URL", &self.redis)
-            .env("CCEB_REDIS_PREFIX", &self.prefix)
-            .env("CCEB_NODE_ID", id)
-            // Never dialled: discovery hands it out, and it tells which node was chosen.
-            .env("CCEB_PUBLIC_URL", endpoint(id))
-            .env("CCEB_NODE_HEARTBEAT_MS", "100")
-            .env("CCEB_NODE_TTL_MS", "600");
+        let mut cmd = cluster_node(data, &self.redis, &self.prefix, id);
+        // Never dialled: discovery hands it out, and it tells which node was chosen.
+        cmd.env("CCEB_PUBLIC_URL", endpoint(id));
         for (k, v) in extra {
             cmd.env(k, v);
         }

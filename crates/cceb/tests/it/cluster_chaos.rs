@@ -88,18 +88,8 @@ struct Cluster {
 
 impl Cluster {
     fn command(&self, id: &str, data: &std::path::Path) -> Command {
-        let mut cmd = cceb(data);
-        cmd.args(["serve"])
-            .env("CCEB_JWT_HS256_SECRET", SECRET)
-            .env("CCEB_ADMIN_TOKEN", ADMIN)
-            .env("CCEB_STORE", "redis")
-            .env("CCEB_REDIS_URL", &self.redis)
-            .env("CCEB_REDIS_PREFIX", &self.prefix)
-            .env("CCEB_REDIS_TIMEOUT_MS", "300")
-            .env("CCEB_NODE_ID", id)
-            .env("CCEB_NODE_HEARTBEAT_MS", "100")
-            .env("CCEB_NODE_TTL_MS", "600")
-            .env("CCEB_SHUTDOWN_GRACE_MS", "2000");
+        let mut cmd = cluster_node(data, &self.redis, &self.prefix, id);
+        cmd.env("CCEB_REDIS_TIMEOUT_MS", "300").env("CCEB_SHUTDOWN_GRACE_MS", "2000");
         cmd
     }
 

@@ -21,17 +21,10 @@ async fn the_nodes_share_the_partitions_and_each_delivers_to_sessions_on_the_oth
     let prefix = unique_redis_prefix();
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().expect("tempdir")).collect();
     let node = |i: usize| {
-        let mut cmd = cceb(dirs[i].path());
-        cmd.args(["serve"]).env("CCEB_JWT_HS256_SECRET", SECRET).env("CCEB_ADMIN_TOKEN", ADMIN);
+        let mut cmd = cluster_node(dirs[i].path(), &redis, &prefix, &format!("k{i}"));
         for (key, v) in k.env() {
             cmd.env(key, v);
         }
-        cmd.env("CCEB_STORE", "redis")
-            .env("CCEB_REDIS_URL", &redis)
-            .env("CCEB_REDIS_PREFIX", &prefix)
-            .env("CCEB_NODE_ID", format!("k{i}"))
-            .env("CCEB_NODE_HEARTBEAT_MS", "100")
-            .env("CCEB_NODE_TTL_MS", "600");
         Server::spawn(&mut cmd)
     };
     let (n0, n1) = (node(0), node(1));

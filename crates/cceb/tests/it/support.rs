@@ -580,6 +580,22 @@ pub fn cceb(data: &std::path::Path) -> Command {
     c
 }
 
+/// `cceb serve` as node `id` of the cluster under `prefix` on the Redis at
+/// `redis`, with a fast heartbeat (100 ms) and a short TTL (600 ms).
+pub fn cluster_node(data: &std::path::Path, redis: &str, prefix: &str, id: &str) -> Command {
+    let mut cmd = cceb(data);
+    cmd.args(["serve"])
+        .env("CCEB_JWT_HS256_SECRET", SECRET)
+        .env("CCEB_ADMIN_TOKEN", ADMIN)
+        .env("CCEB_STORE", "redis")
+        .env("CCEB_REDIS_URL", redis)
+        .env("CCEB_REDIS_PREFIX", prefix)
+        .env("CCEB_NODE_ID", id)
+        .env("CCEB_NODE_HEARTBEAT_MS", "100")
+        .env("CCEB_NODE_TTL_MS", "600");
+    cmd
+}
+
 /// A `cceb serve` process, killed if a test ends without waiting for it.
 pub struct Server {
     child: Option<Child>,
