@@ -34,7 +34,7 @@ pub const CLOSE_CODES: [(u16, &str); 11] = [
     (close::GOING_AWAY, "heartbeat timeout (silent for three heartbeat intervals) or a client that does not read"),
     (close::UNSUPPORTED_DATA, "a binary frame was received"),
     (close::MESSAGE_TOO_BIG, "a frame over the size limit was received"),
-    (close::SERVICE_RESTART, "server restarting or draining: reconnect (through discovery) with `session_key`"),
+    (close::SERVICE_RESTART, "server restarting or draining, sessions unavailable, or (short-lived, in a cluster) notifications lost between nodes: reconnect (through discovery) with `session_key`"),
     (close::UNAUTHORIZED, "not authenticated or unauthorized"),
     (close::TOKEN_EXPIRED, "the token expired: reconnect with a fresh token (and `session_key`)"),
     (close::HELLO_TIMEOUT, "no `hello` in time"),

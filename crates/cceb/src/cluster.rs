@@ -5,11 +5,10 @@
 
 use crate::membership::Membership;
 use crate::model::{AgentId, Notification};
-use crate::relay::{Carried, Inbound, Message, Relay, RelayError};
+use crate::relay::{Carried, Inbound, Inbox, Message, Relay, RelayError};
 use crate::session::{Peers, Sessions};
 use crate::store::StoreError;
 use std::sync::{Arc, OnceLock};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -68,12 +67,7 @@ impl Peers for RelayPeers {
 }
 
 /// Hands what other nodes send to the sessions here, until `stop`.
-pub fn spawn_inbound(
-    mut inbox: mpsc::Receiver<Inbound>,
-    sessions: Arc<Sessions>,
-    tasks: &TaskTracker,
-    stop: CancellationToken,
-) {
+pub fn spawn_inbound(mut inbox: Inbox, sessions: Arc<Sessions>, tasks: &TaskTracker, stop: CancellationToken) {
     tasks.spawn(async move {
         loop {
             let received = tokio::select! {
@@ -83,6 +77,7 @@ pub fn spawn_inbound(
             match received {
                 None => return,
                 Some(Inbound::Resync) => sessions.resync().await,
+                Some(Inbound::Lost) => sessions.lost_elsewhere(),
                 Some(Inbound::Message(Message::Agent { tenant, agent, n, seqs, short_lived })) => {
                     let seqs: Vec<(Arc<str>, u64)> = seqs.into_iter().map(|(s, seq)| (s.into(), seq)).collect();
                     sessions.delivered_elsewhere(&tenant, &agent, &Arc::new(n.into()), &seqs, short_lived);

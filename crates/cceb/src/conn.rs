@@ -300,6 +300,9 @@ impl Conn {
                     if session.overflowed() {
                         return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
                     }
+                    if session.has_missed() {
+                        return Some(Close(close::SERVICE_RESTART, "notifications were lost on their way, reconnect"));
+                    }
                     let taken = Instant::now().into_std();
                     let Ok(mut next) = session.take_due(attachment.generation, taken, ack_timeout, &mut due) else {
                         return Some(Close(close::TOO_MANY_UNACKED, "no ack while the window was full"));

@@ -8,15 +8,21 @@
 //! before its node is told, and whenever the subscription may have missed
 //! something (it came back, or the node fell behind reading it) the receiver
 //! is told to [`Inbound::Resync`] from the store.
+//!
+//! What short-lived sessions get travels only here, so a node must know when
+//! it missed something: every message on a node's channel carries the next
+//! value of a counter of that channel, incremented in the same script that
+//! publishes it. A gap in the numbers received, or a counter that ran ahead
+//! of them once the subscription is back, is an [`Inbound::Lost`].
 
 use crate::kv::{self, Kv, KvError};
 use crate::model::Notification;
 use cceb_protocol::NotificationType;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
-use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value};
 use serde::{Deserialize, Serialize};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -67,6 +73,9 @@ pub enum Inbound {
     /// Messages may have been missed: read what must not be lost (attached
     /// long-lived sessions' mailboxes) from the store again.
     Resync,
+    /// Messages were missed: what they carried for short-lived sessions here
+    /// is gone (their clients are told to reconnect).
+    Lost,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +93,100 @@ impl RelayError {
 pub struct Relay {
     conn: kv::Conn,
     kv: Kv,
-    sharded: bool,
+    publish: Script,
 }
 
-/// Messages a node holds before the handler takes them; past it, they are
-/// dropped and a [`Inbound::Resync`] follows.
+/// Messages a node holds before the handler takes them, and their bytes;
+/// past either, they are dropped and a [`Inbound::Resync`] (and
+/// [`Inbound::Lost`]) follows.
 const INBOX: usize = 65_536;
+const INBOX_BYTES: usize = 64 << 20;
+
+/// What a node receives, bounded in count and in bytes (a message carries a
+/// notification's payload for short-lived sessions).
+pub struct Inbox {
+    rx: mpsc::Receiver<(Inbound, usize)>,
+    bytes: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    pub async fn recv(&mut self) -> Option<Inbound> {
+        let (inbound, size) = self.rx.recv().await?;
+        self.bytes.fetch_sub(size, Ordering::SeqCst);
+        Some(inbound)
+    }
+}
+
+/// The sending half of an [`Inbox`]: never blocks.
+#[derive(Clone)]
+struct Feed {
+    tx: mpsc::Sender<(Inbound, usize)>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+impl Feed {
+    fn new(count: usize, max_bytes: usize) -> (Feed, Inbox) {
+        let (tx, rx) = mpsc::channel(count);
+        let bytes = Arc::new(AtomicUsize::new(0));
+        (Feed { tx, bytes: bytes.clone(), max_bytes }, Inbox { rx, bytes })
+    }
+
+    /// Whether `inbound` (`size` bytes) fit.
+    fn put(&self, inbound: Inbound, size: usize) -> bool {
+        if self.bytes.fetch_add(size, Ordering::SeqCst) + size > self.max_bytes
+            || self.tx.try_send((inbound, size)).is_err()
+        {
+            self.bytes.fetch_sub(size, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+}
+
+/// How long after its subscription is back a node waits for the messages
+/// its channel's counter says were published before it counts them lost.
+const IN_FLIGHT: Duration = Duration::from_secs(1);
+
+/// Numbers the next message of the channel (KEYS[1] its counter, KEYS[2]
+/// the channel) and publishes it with ARGV[1] (PUBLISH or SPUBLISH), as
+/// `<number> <message>`; returns how many subscribers got it. One script,
+/// so numbers go out in the order they were taken.
+const PUBLISH: &str = r"
+local n = redis.call('INCR', KEYS[1])
+return redis.call(ARGV[1], KEYS[2], n .. ' ' .. ARGV[2])
+";
+
+/// The numbers a node received on its channel: `last` is the highest
+/// (`UNKNOWN` until the first, when the counter could not be read at the
+/// start); a gap means messages were missed.
+struct Numbers {
+    last: AtomicU64,
+    lost: AtomicBool,
+}
+
+const UNKNOWN: u64 = u64::MAX;
+
+impl Numbers {
+    /// A message numbered `n` arrived: earlier numbers not seen are lost.
+    fn received(&self, n: u64) {
+        let last = self.raise(n);
+        if last != UNKNOWN && n > last.saturating_add(1) {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// `last` becomes at least `n`; returns what it was.
+    fn raise(&self, n: u64) -> u64 {
+        let up = |last: u64| Some(if last == UNKNOWN { n } else { last.max(n) });
+        self.last.fetch_update(Ordering::SeqCst, Ordering::SeqCst, up).unwrap_or(UNKNOWN)
+    }
+
+    /// The highest number received, if any is known.
+    fn last(&self) -> Option<u64> {
+        Some(self.last.load(Ordering::SeqCst)).filter(|&n| n != UNKNOWN)
+    }
+}
 
 impl Relay {
     /// Subscribes `node` to its channel and returns what it receives. The
@@ -103,23 +200,25 @@ impl Relay {
         timeout: Duration,
         stop: CancellationToken,
         tasks: &TaskTracker,
-    ) -> Result<(Relay, mpsc::Receiver<Inbound>), KvError> {
-        let (tx, rx) = mpsc::channel(INBOX);
+    ) -> Result<(Relay, Inbox), KvError> {
+        let (tx, rx) = Feed::new(INBOX, INBOX_BYTES);
         let missed = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicBool::new(false));
+        let numbers = Arc::new(Numbers { last: AtomicU64::new(UNKNOWN), lost: AtomicBool::new(false) });
         let sender = {
-            let (tx, missed, dropped) = (tx.clone(), missed.clone(), dropped.clone());
+            let (tx, missed, dropped, numbers) = (tx.clone(), missed.clone(), dropped.clone(), numbers.clone());
             move |info: PushInfo| -> Result<(), ()> {
                 if matches!(info.kind, PushKind::Unsubscribe | PushKind::SUnsubscribe) {
                     // The server dropped the subscription (a slot moved to another
                     // shard): the client will not renew it by itself.
                     dropped.store(true, Ordering::SeqCst);
                 }
-                on_push(&tx, &missed, info);
+                on_push(&tx, &missed, &numbers, info);
                 Ok(())
             }
         };
         let channel = channel_of(kv, node);
+        let counter = counter_of(kv, node);
         let url = kv.urls().join(",");
         let connect_err = |source| KvError::Connect { url: url.clone(), source };
         let mut subscriber = if kv.is_cluster() {
@@ -147,11 +246,19 @@ impl Relay {
             conn.subscribe(&channel).await.map_err(connect_err)?;
             Subscriber::Single(conn)
         };
+        // Numbers up to the counter now were published before this subscription.
+        let mut conn = kv.conn();
+        // No counter yet: nothing was ever published there.
+        if let Ok(n) = redis::cmd("GET").arg(&counter).query_async::<Option<u64>>(&mut conn).await {
+            numbers.raise(n.unwrap_or(0));
+        }
         // Nothing is sent on a subscribed connection otherwise: a ping makes a
         // dropped one reconnect (and resubscribe), and a failed one means
         // messages may be lost meanwhile.
         tasks.spawn(async move {
             let mut down = false;
+            // After a resubscription: the counter then, and when it was read.
+            let mut expected: Option<(u64, tokio::time::Instant)> = None;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -166,13 +273,26 @@ impl Relay {
                     // Whatever came meanwhile is gone.
                     missed.store(true, Ordering::SeqCst);
                 }
-                if ok && (down || missed.swap(false, Ordering::SeqCst)) && tx.try_send(Inbound::Resync).is_err() {
-                    missed.store(true, Ordering::SeqCst);
+                if ok && (down || missed.swap(false, Ordering::SeqCst)) {
+                    if !tx.put(Inbound::Resync, 0) {
+                        missed.store(true, Ordering::SeqCst);
+                    }
+                    let counted = redis::cmd("GET").arg(&counter).query_async::<Option<u64>>(&mut conn).await;
+                    expected = counted.ok().map(|n| (n.unwrap_or(0), tokio::time::Instant::now()));
+                }
+                if let Some((n, _)) = expected.filter(|(_, at)| at.elapsed() >= IN_FLIGHT) {
+                    expected = None;
+                    if numbers.last().is_none_or(|last| last < n) {
+                        numbers.lost.store(true, Ordering::SeqCst);
+                    }
+                }
+                if numbers.lost.swap(false, Ordering::SeqCst) && !tx.put(Inbound::Lost, 0) {
+                    numbers.lost.store(true, Ordering::SeqCst);
                 }
                 down = !ok;
             }
         });
-        Ok((Relay { conn: kv.conn(), kv: kv.clone(), sharded: kv.is_cluster() }, rx))
+        Ok((Relay { conn: kv.conn(), kv: kv.clone(), publish: Script::new(PUBLISH) }, rx))
     }
 
     /// Publishes `message` on `node`'s channel; returns how many subscribers
@@ -180,9 +300,10 @@ impl Relay {
     pub async fn send(&self, node: &str, message: &Message) -> Result<usize, RelayError> {
         // Strings, numbers and an enum tag: serialising cannot fail.
         let text = serde_json::to_string(message).unwrap_or_default();
-        let mut conn = self.conn.clone();
-        let command = if self.sharded { "SPUBLISH" } else { "PUBLISH" };
-        Ok(redis::cmd(command).arg(channel_of(&self.kv, node)).arg(text).query_async(&mut conn).await?)
+        let command = if self.kv.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        let mut inv = self.publish.key(counter_of(&self.kv, node));
+        inv.key(channel_of(&self.kv, node)).arg(command).arg(text);
+        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
     }
 }
 
@@ -213,22 +334,34 @@ fn channel_of(kv: &Kv, node: &str) -> String {
     kv.key(&format!("{{node:{}}}:inbox", kv::agent_tag("node", node)))
 }
 
+/// The number of the last message published on `node`'s channel (same slot).
+fn counter_of(kv: &Kv, node: &str) -> String {
+    kv.key(&format!("{{node:{}}}:sent", kv::agent_tag("node", node)))
+}
+
 /// Runs on the connection's read loop: never blocks. A message that does not
 /// fit, or a subscription renewed after a disconnection, asks for a resync.
-fn on_push(tx: &mpsc::Sender<Inbound>, missed: &AtomicBool, info: PushInfo) {
+fn on_push(tx: &Feed, missed: &AtomicBool, numbers: &Numbers, info: PushInfo) {
     match info.kind {
         PushKind::Message | PushKind::SMessage => {
-            let Some(message) = info.data.last().and_then(decode) else {
+            let raw = info.data.last();
+            let Some((n, message)) = raw.and_then(decode) else {
                 tracing::warn!("an unreadable message on this node's relay channel");
                 return;
             };
-            if tx.try_send(Inbound::Message(message)).is_err() {
+            numbers.received(n);
+            let size = match raw {
+                Some(Value::BulkString(b)) => b.len(),
+                _ => 0,
+            };
+            if !tx.put(Inbound::Message(message), size) {
                 missed.store(true, Ordering::SeqCst);
+                numbers.lost.store(true, Ordering::SeqCst);
             }
         }
         PushKind::Disconnection => missed.store(true, Ordering::SeqCst),
         PushKind::Subscribe | PushKind::SSubscribe
-            if missed.swap(false, Ordering::SeqCst) && tx.try_send(Inbound::Resync).is_err() =>
+            if missed.swap(false, Ordering::SeqCst) && !tx.put(Inbound::Resync, 0) =>
         {
             missed.store(true, Ordering::SeqCst);
         }
@@ -236,11 +369,12 @@ fn on_push(tx: &mpsc::Sender<Inbound>, missed: &AtomicBool, info: PushInfo) {
     }
 }
 
-fn decode(v: &Value) -> Option<Message> {
-    match v {
-        Value::BulkString(bytes) => serde_json::from_slice(bytes).ok(),
-        _ => None,
-    }
+/// `<number> <message>`, as [`PUBLISH`] makes it.
+fn decode(v: &Value) -> Option<(u64, Message)> {
+    let Value::BulkString(bytes) = v else { return None };
+    let space = bytes.iter().position(|&b| b == b' ')?;
+    let n = std::str::from_utf8(&bytes[..space]).ok()?.parse().ok()?;
+    Some((n, serde_json::from_slice(&bytes[space + 1..]).ok()?))
 }
 
 #[cfg(test)]
@@ -264,37 +398,90 @@ mod tests {
             Message::Tenant { tenant: "t".into(), n: carried() },
             Message::Takeover { session: "s-1".into(), generation: 3 },
         ];
-        for m in messages {
-            let text = serde_json::to_vec(&m).expect("json");
-            assert_eq!(decode(&Value::BulkString(text)), Some(m));
+        for (i, m) in messages.into_iter().enumerate() {
+            let text = format!("{i} {}", serde_json::to_string(&m).expect("json"));
+            assert_eq!(decode(&Value::BulkString(text.into_bytes())), Some((i as u64, m)));
         }
+        for bad in ["", "7", "x {}", "-1 {}", "7 not json"] {
+            assert_eq!(decode(&Value::BulkString(bad.as_bytes().to_vec())), None, "{bad:?}");
+        }
+    }
+
+    fn numbers() -> Numbers {
+        Numbers { last: AtomicU64::new(UNKNOWN), lost: AtomicBool::new(false) }
+    }
+
+    #[test]
+    fn a_gap_in_the_numbers_is_a_loss_and_a_late_or_repeated_number_is_not() {
+        let n = numbers();
+        n.received(41);
+        n.received(42);
+        assert!(!n.lost.load(Ordering::SeqCst), "the first number, then the next");
+        n.received(44);
+        assert!(n.lost.swap(false, Ordering::SeqCst), "43 never came");
+        n.received(43);
+        n.received(44);
+        assert!(!n.lost.load(Ordering::SeqCst));
+        assert_eq!(n.last(), Some(44));
+        let started = numbers();
+        started.raise(10);
+        started.received(9);
+        started.received(11);
+        assert!(!started.lost.load(Ordering::SeqCst), "counted at the start: 9 was in flight, 11 is next");
+        started.received(13);
+        assert!(started.lost.load(Ordering::SeqCst));
     }
 
     #[test]
     fn a_push_that_is_not_a_message_of_ours_is_ignored_and_a_full_inbox_asks_for_a_resync() {
-        let (tx, mut rx) = mpsc::channel(1);
-        let missed = AtomicBool::new(false);
+        let (tx, mut inbox) = Feed::new(1, usize::MAX);
+        let rx = &mut inbox.rx;
+        let (missed, numbers) = (AtomicBool::new(false), numbers());
         let push = |kind, data: Vec<Value>| PushInfo { kind, data };
-        on_push(&tx, &missed, push(PushKind::Message, vec![Value::BulkString(b"not json".to_vec())]));
-        on_push(&tx, &missed, push(PushKind::Message, vec![Value::Int(1)]));
+        on_push(&tx, &missed, &numbers, push(PushKind::Message, vec![Value::BulkString(b"1 not json".to_vec())]));
+        on_push(&tx, &missed, &numbers, push(PushKind::Message, vec![Value::Int(1)]));
         assert!(rx.try_recv().is_err() && !missed.load(Ordering::SeqCst));
-        let takeover = serde_json::to_vec(&Message::Takeover { session: "s".into(), generation: 1 }).expect("json");
-        on_push(&tx, &missed, push(PushKind::SMessage, vec![Value::BulkString(takeover.clone())]));
-        on_push(&tx, &missed, push(PushKind::SMessage, vec![Value::BulkString(takeover)]));
+        let takeover = serde_json::to_string(&Message::Takeover { session: "s".into(), generation: 1 }).expect("json");
+        let numbered = |n: u64| Value::BulkString(format!("{n} {takeover}").into_bytes());
+        on_push(&tx, &missed, &numbers, push(PushKind::SMessage, vec![numbered(1)]));
+        assert!(!numbers.lost.load(Ordering::SeqCst));
+        on_push(&tx, &missed, &numbers, push(PushKind::SMessage, vec![numbered(2)]));
         assert!(missed.load(Ordering::SeqCst), "the second did not fit");
-        assert!(matches!(rx.try_recv(), Ok(Inbound::Message(Message::Takeover { .. }))));
-        on_push(&tx, &missed, push(PushKind::SSubscribe, vec![]));
-        assert_eq!(rx.try_recv().ok(), Some(Inbound::Resync));
-        on_push(&tx, &missed, push(PushKind::Disconnection, vec![]));
-        on_push(&tx, &missed, push(PushKind::Subscribe, vec![]));
-        assert_eq!(rx.try_recv().ok(), Some(Inbound::Resync), "resubscribed after a disconnection");
-        on_push(&tx, &missed, push(PushKind::Subscribe, vec![]));
+        assert!(numbers.lost.swap(false, Ordering::SeqCst), "and is lost to short-lived sessions");
+        assert!(matches!(rx.try_recv(), Ok((Inbound::Message(Message::Takeover { .. }), _))));
+        on_push(&tx, &missed, &numbers, push(PushKind::SSubscribe, vec![]));
+        assert_eq!(rx.try_recv().ok(), Some((Inbound::Resync, 0)));
+        on_push(&tx, &missed, &numbers, push(PushKind::Disconnection, vec![]));
+        on_push(&tx, &missed, &numbers, push(PushKind::Subscribe, vec![]));
+        assert_eq!(rx.try_recv().ok(), Some((Inbound::Resync, 0)), "resubscribed after a disconnection");
+        on_push(&tx, &missed, &numbers, push(PushKind::Subscribe, vec![]));
         assert!(rx.try_recv().is_err(), "a subscription with nothing missed asks for nothing");
+    }
+
+    #[tokio::test]
+    async fn the_inbox_holds_at_most_its_bytes_and_frees_them_as_messages_are_taken() {
+        let (tx, mut inbox) = Feed::new(16, 250);
+        let (missed, numbers) = (AtomicBool::new(false), numbers());
+        let big = Carried { data: "x".repeat(150).into(), ..carried() };
+        let message = Message::Tenant { tenant: "t".into(), n: big };
+        let text = serde_json::to_string(&message).expect("json");
+        let numbered = |n: u64| PushInfo {
+            kind: PushKind::Message,
+            data: vec![Value::BulkString(format!("{n} {text}").into_bytes())],
+        };
+        on_push(&tx, &missed, &numbers, numbered(1));
+        assert!(!missed.load(Ordering::SeqCst), "one fits");
+        on_push(&tx, &missed, &numbers, numbered(2));
+        assert!(missed.swap(false, Ordering::SeqCst), "two do not: over the bytes, under the count");
+        assert!(numbers.lost.swap(false, Ordering::SeqCst));
+        assert_eq!(inbox.recv().await, Some(Inbound::Message(message)));
+        on_push(&tx, &missed, &numbers, numbered(3));
+        assert!(!missed.load(Ordering::SeqCst), "taken, its bytes are free again");
     }
 
     /// Against the Redis of `CCEB_TEST_REDIS` (one URL, or a comma-separated
     /// list of a cluster's nodes); without it there is nothing to test against.
-    async fn next(inbox: &mut mpsc::Receiver<Inbound>) -> Option<Inbound> {
+    async fn next(inbox: &mut Inbox) -> Option<Inbound> {
         tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await.expect("in time")
     }
 
@@ -311,26 +498,44 @@ mod tests {
         assert_eq!(relay.send("n1", &takeover(1)).await.expect("sent"), 1, "one subscriber: n1");
         assert_eq!(relay.send("n2", &takeover(1)).await.expect("sent"), 0, "nobody listens for n2");
         assert_eq!(next(&mut inbox).await, Some(Inbound::Message(takeover(1))));
-        // Every pub/sub connection of the server (or of each cluster node) is dropped.
-        for node in url.split(',') {
-            let client = redis::Client::open(node.trim()).expect("url");
-            let mut conn = client.get_multiplexed_async_connection().await.expect("conn");
-            let _: Value =
-                redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut conn).await.expect("kill");
+        // Every pub/sub connection of the server (or of each cluster node) is
+        // dropped, until a message is published that nobody receives.
+        let mut unheard = false;
+        for generation in 2..20 {
+            for node in url.split(',') {
+                let client = redis::Client::open(node.trim()).expect("url");
+                let mut conn = client.get_multiplexed_async_connection().await.expect("conn");
+                let _: Value = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("kill");
+            }
+            if relay.send("n1", &takeover(generation)).await.expect("sent") == 0 {
+                unheard = true;
+                break;
+            }
         }
-        assert_eq!(next(&mut inbox).await, Some(Inbound::Resync), "it may have missed something");
-        let mut got = None;
-        for generation in 2..200 {
+        assert!(unheard, "a message published while n1 was not subscribed");
+        let (mut resynced, mut lost, mut got) = (false, false, None);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for generation in 100.. {
+            if (resynced && lost && got.is_some()) || tokio::time::Instant::now() > deadline {
+                break;
+            }
             relay.send("n1", &takeover(generation)).await.expect("sent");
             match tokio::time::timeout(liveness, inbox.recv()).await {
-                Ok(Some(Inbound::Message(m))) => {
-                    got = Some(m);
-                    break;
-                }
-                Ok(Some(Inbound::Resync)) | Err(_) => continue,
+                Ok(Some(Inbound::Message(m))) => got = got.or(Some(m)),
+                Ok(Some(Inbound::Resync)) => resynced = true,
+                Ok(Some(Inbound::Lost)) => lost = true,
+                Err(_) => {}
                 Ok(None) => break,
             }
         }
+        assert!(resynced, "it may have missed something");
+        assert!(lost, "it knows it missed a message");
         assert!(matches!(got, Some(Message::Takeover { .. })), "subscribed again: {got:?}");
         stop.cancel();
         tasks.close();

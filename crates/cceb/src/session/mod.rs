@@ -96,6 +96,10 @@ pub struct Session {
     /// Wakes the attached connection when there is something to write.
     pub wake: Notify,
     overflowed: AtomicBool,
+    /// Notifications meant for this short-lived session were lost on their
+    /// way from another node (close 1012: the client reconnects and reads
+    /// its state again).
+    missed: AtomicBool,
     max_unacked: usize,
 }
 
@@ -201,6 +205,7 @@ impl Session {
             }),
             wake: Notify::new(),
             overflowed: AtomicBool::new(false),
+            missed: AtomicBool::new(false),
             max_unacked,
         }
     }
@@ -494,6 +499,16 @@ impl Session {
     /// `max_unacked` pile up (close 4004).
     pub fn overflowed(&self) -> bool {
         self.overflowed.load(Ordering::Acquire)
+    }
+
+    /// Notifications for this session were lost before reaching this node.
+    pub fn missed_notifications(&self) {
+        self.missed.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub fn has_missed(&self) -> bool {
+        self.missed.load(Ordering::Acquire)
     }
 
     pub fn mailbox_len(&self) -> usize {

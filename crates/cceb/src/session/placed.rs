@@ -533,6 +533,21 @@ impl Sessions {
         }
     }
 
+    /// Messages from other nodes were lost: what they carried for the
+    /// short-lived sessions here is gone, and their clients are told so.
+    pub fn lost_elsewhere(&self) {
+        let short = self.roster.all_short_lived();
+        if !short.is_empty() {
+            tracing::warn!(
+                sessions = short.len(),
+                "notifications from other nodes were lost: short-lived sessions closed (1012)"
+            );
+        }
+        for s in short {
+            s.missed_notifications();
+        }
+    }
+
     /// Messages from other nodes may have been missed: every long-lived
     /// session attached here reads its durable mailbox again.
     pub async fn resync(&self) {

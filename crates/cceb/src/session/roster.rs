@@ -102,6 +102,12 @@ impl Roster {
         read(&self.long_lived).values().cloned().collect()
     }
 
+    /// Every short-lived session (told when notifications were lost to them).
+    pub fn all_short_lived(&self) -> Vec<Arc<Session>> {
+        let t = read(&self.tenants);
+        t.values().flat_map(|agents| agents.values().flatten()).filter(|s| !s.is_long_lived()).cloned().collect()
+    }
+
     /// Calls `f` for every session of one agent, under the lock: a handful at
     /// most, and no copy of the list on the per-notification path.
     pub fn for_agent(&self, tenant: &str, agent: &str, f: impl FnMut(&Arc<Session>)) -> usize {

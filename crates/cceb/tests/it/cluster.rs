@@ -478,3 +478,29 @@ async fn a_node_taken_for_dead_takes_its_sessions_back_when_it_hears_from_redis_
     presence(n1, "r", "back").await;
     assert_eq!(states(&mut c, 1).await[0].2, "back", "routed to n2 again");
 }
+
+#[tokio::test]
+async fn a_node_that_missed_a_message_closes_its_short_lived_sessions_with_1012_and_keeps_the_long_lived_ones() {
+    use crate::sessions::{long_lived, states};
+    let Some(redis) = redis() else { return };
+    let cluster = Cluster::new(redis.clone());
+    let nodes = cluster.nodes(&["n1", "n2"]).await;
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let mut short = Client::connect(&n2.server.ws_url()).await;
+    short.hello(&token("t", "a")).await;
+    let mut long = Client::connect(&n2.server.ws_url()).await;
+    long_lived(&mut long, "t", "a", serde_json::json!({})).await;
+    // A number taken on n2's channel whose message never reaches it, as one
+    // published while its subscription was down.
+    let kv = cceb::kv::Kv::connect(&redis, &cluster.prefix, Duration::from_secs(2)).await.expect("redis");
+    let counter = kv.key(&format!("{{node:{}}}:sent", cceb::kv::agent_tag("node", "n2")));
+    let _: u64 = redis::cmd("INCR").arg(&counter).query_async(&mut kv.conn()).await.expect("incr");
+
+    presence(n1, "a", "ready").await;
+    let (code, _) = short.closed().await;
+    assert_eq!(code, Some(1012), "the short-lived client is told it may have missed something");
+    let got = states(&mut long, 1).await;
+    assert_eq!(got[0].2, "ready", "the long-lived session has it from its durable mailbox");
+    long.ack(&got[0].0).await;
+    assert!(long.round_trip("still-attached").await.is_empty(), "and stays connected");
+}

@@ -2,19 +2,20 @@
 //! (append-only file fsynced on every write), under steady load, while one
 //! node is killed (SIGKILL) and restarted with its id, another is stopped
 //! (SIGTERM: its clients get 1012 and move) and Redis itself is killed and
-//! started again on the same port and directory. Long-lived clients (two per
+//! started again on the same port and directory (on the Redis Cluster pass,
+//! a three-master cluster of its own, one master killed per cycle). Long-lived clients (two per
 //! agent, on various nodes) ack everything and, when their connection ends,
 //! find a live node and resume with their `session_key`. Counts what the
 //! contract forbids — acknowledged events lost, duplicated effects,
 //! misrouted notifications — and requires zero of each.
 //!
 //! Runs only when the suite has a Redis (`CCEB_TEST_REDIS`); the Redis it
-//! uses is its own. `CCEB_CHAOS_SECONDS` sets how long the load runs in all
+//! uses is its own, of the same kind. `CCEB_CHAOS_SECONDS` sets how long the load runs in all
 //! (default 6: one cycle of the three faults, about a second of load
 //! around each; a longer run repeats the cycle); BENCHMARKS.md "Cluster
 //! chaos" has a long run.
 
-use crate::redis::RedisServer;
+use crate::redis::TestRedis;
 use crate::support::*;
 use cceb_client::cceb_protocol::incoming::Hello;
 use cceb_client::cceb_protocol::outgoing::ServerMessage;
@@ -251,8 +252,7 @@ async fn cluster_chaos_node_kill_node_stop_and_redis_restart_under_load_lose_dup
     // the cycle, each time on other nodes.
     let cycles = seconds.div_ceil(6) as usize;
     let stretch = Duration::from_millis(seconds * 1000 / (1 + 5 * cycles as u64));
-    let mut redis = RedisServer::start();
-    redis.answering().await;
+    let mut redis = TestRedis::start().await;
     let cluster = Cluster { redis: redis.url(), prefix: unique_redis_prefix() };
     let ids: Vec<String> = (0..NODES).map(|i| format!("n{i}")).collect();
     let dirs: Vec<tempfile::TempDir> = (0..NODES).map(|_| tempfile::tempdir().expect("tempdir")).collect();
@@ -308,10 +308,12 @@ async fn cluster_chaos_node_kill_node_stop_and_redis_restart_under_load_lose_dup
         nodes.lock().expect("live")[t] = Some((again.addr.clone(), again.backend.clone()));
         servers[t] = Some(again);
 
-        // Redis killed (-9) and started again on the same port and directory.
-        redis.kill();
+        // Redis (on a Redis Cluster, one of its masters) killed (-9) and
+        // started again on the same port and directory.
+        let down = cycle % redis.servers.len();
+        redis.servers[down].kill();
         tokio::time::sleep(stretch).await;
-        redis.spawn();
+        redis.servers[down].spawn();
         redis.answering().await;
         load_for(stretch, &seen).await;
     }

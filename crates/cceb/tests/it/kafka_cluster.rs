@@ -3,6 +3,10 @@
 //! agent's sessions on another. Runs when the suite has both a broker
 //! (`CCEB_TEST_KAFKA`) and a Redis (`CCEB_TEST_REDIS`): `scripts/test` runs
 //! it once with both.
+//!
+//! The group's session timeout is short here (`session.timeout.ms` 6 s) so a
+//! dead member is evicted within a read's patience; production keeps
+//! librdkafka's 45 s unless the operator sets it (README "Running on Kafka").
 
 use crate::kafka_backend::{brokers, KafkaBackend};
 use crate::sessions::{long_lived, states};
@@ -25,6 +29,7 @@ async fn the_nodes_share_the_partitions_and_each_delivers_to_sessions_on_the_oth
         for (key, v) in k.env() {
             cmd.env(key, v);
         }
+        cmd.env("CCEB_KAFKA_PROPERTIES", r#"{"session.timeout.ms"="6000","heartbeat.interval.ms"="1000"}"#);
         Server::spawn(&mut cmd)
     };
     let (n0, n1) = (node(0), node(1));
@@ -57,4 +62,17 @@ async fn the_nodes_share_the_partitions_and_each_delivers_to_sessions_on_the_oth
     };
     assert!(consumed(&n1).await > 0.0, "n1 consumed partitions of its own: delivered across nodes");
     assert!(consumed(&n0).await > 0.0, "and so did n0");
+
+    // n1 dies without leaving the group: once the group's session timeout
+    // evicts it, its partitions move to n0, which delivers what n1 would have.
+    n1.signal("-KILL");
+    n1.wait().await;
+    for a in 0..AGENTS {
+        k.produce_event(&k.events_topic, "AgentPresenceEvent", presence(a, "after")).await;
+    }
+    for c in &mut clients {
+        let got = states(c, 1).await;
+        c.ack(&got[0].0).await;
+        assert_eq!(got[0].2, "after", "every partition is consumed again, n1's by n0");
+    }
 }

@@ -17,12 +17,18 @@ pub(crate) struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// A master of a Redis Cluster (its config in `nodes.conf` of its directory).
+    clustered: bool,
 }
 
 impl RedisServer {
     pub(crate) fn start() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let mut s = RedisServer { child: None, port, dir: tempfile::tempdir().expect("tempdir") };
+        Self::on(port, false)
+    }
+
+    fn on(port: u16, clustered: bool) -> RedisServer {
+        let mut s = RedisServer { child: None, port, dir: tempfile::tempdir().expect("tempdir"), clustered };
         s.spawn();
         s
     }
@@ -35,6 +41,11 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .args(if self.clustered {
+                &["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"][..]
+            } else {
+                &[]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -76,6 +87,91 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The Redis of a test that kills it: one server of its own or, when the
+/// suite runs on a Redis Cluster (`CCEB_TEST_REDIS` lists seed nodes), a
+/// three-master cluster of its own made with `redis-cli --cluster create`.
+pub(crate) struct TestRedis {
+    pub(crate) servers: Vec<RedisServer>,
+}
+
+impl TestRedis {
+    pub(crate) async fn start() -> TestRedis {
+        if !redis_url().is_some_and(|u| u.contains(',')) {
+            let one = RedisServer::start();
+            one.answering().await;
+            return TestRedis { servers: vec![one] };
+        }
+        let servers: Vec<RedisServer> = cluster_ports(3).into_iter().map(|p| RedisServer::on(p, true)).collect();
+        for s in &servers {
+            s.answering().await;
+        }
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(servers.iter().map(|s| format!("127.0.0.1:{}", s.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(created.success(), "redis-cli --cluster create");
+        let redis = TestRedis { servers };
+        redis.answering().await;
+        redis
+    }
+
+    /// `redis://` URL of the server, or the cluster's seed list.
+    pub(crate) fn url(&self) -> String {
+        self.servers.iter().map(RedisServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// Waits until every server answers and, on a cluster, every one sees
+    /// all slots served (`cluster_state:ok`).
+    pub(crate) async fn answering(&self) {
+        for s in &self.servers {
+            s.answering().await;
+            if s.clustered {
+                s.cluster_ok().await;
+            }
+        }
+    }
+}
+
+impl RedisServer {
+    async fn cluster_ok(&self) {
+        let url = self.url();
+        tokio::time::timeout(PATIENCE * 3, async {
+            loop {
+                if let Ok(client) = redis::Client::open(url.as_str()) {
+                    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                        let info: String =
+                            redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.unwrap_or_default();
+                        if info.contains("cluster_state:ok") {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the Redis Cluster serves every slot");
+    }
+}
+
+/// `n` free loopback ports whose cluster bus port (+10000) is free too.
+fn cluster_ports(n: usize) -> Vec<u16> {
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        let p = l.local_addr().expect("addr").port();
+        if p < 55_000 && !ports.contains(&p) && std::net::TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            ports.push(p);
+        }
+    }
+    ports
 }
 
 async fn readyz(b: &TestBridge) -> u16 {
