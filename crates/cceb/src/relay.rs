@@ -22,6 +22,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Script, Value};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +95,9 @@ pub struct Relay {
     conn: kv::Conn,
     kv: Kv,
     publish: Script,
+    /// Sends per node that failed since the last that did not (their
+    /// numbers are skipped by the next one).
+    failed: Arc<std::sync::Mutex<HashMap<String, u64>>>,
 }
 
 /// Messages a node holds before the handler takes them, and their bytes;
@@ -144,17 +148,17 @@ impl Feed {
     }
 }
 
-/// How long after its subscription is back a node waits for the messages
-/// its channel's counter says were published before it counts them lost.
-const IN_FLIGHT: Duration = Duration::from_secs(1);
-
-/// Numbers the next message of the channel (KEYS[1] its counter, KEYS[2]
-/// the channel) and publishes it with ARGV[1] (PUBLISH or SPUBLISH), as
-/// `<number> <message>`; returns how many subscribers got it. One script,
-/// so numbers go out in the order they were taken.
+/// Numbers the next message of the channel (KEYS[1] its counter; ARGV[2]
+/// the channel, in the same slot: a channel is not a key, and declaring it
+/// one fails during a slot migration) and publishes it with ARGV[1]
+/// (PUBLISH or SPUBLISH), as `<number> <message>`; returns how many
+/// subscribers got it. One script, so numbers go out in the order they were
+/// taken. ARGV[4] is one more than the sends to this node that failed
+/// since the last that did not: their numbers are skipped, so the receiver
+/// sees the gap.
 const PUBLISH: &str = r"
-local n = redis.call('INCR', KEYS[1])
-return redis.call(ARGV[1], KEYS[2], n .. ' ' .. ARGV[2])
+local n = redis.call('INCRBY', KEYS[1], ARGV[4])
+return redis.call(ARGV[1], ARGV[2], string.format('%d', n) .. ' ' .. ARGV[3])
 ";
 
 /// The numbers a node received on its channel: `last` is the highest
@@ -168,23 +172,27 @@ struct Numbers {
 const UNKNOWN: u64 = u64::MAX;
 
 impl Numbers {
-    /// A message numbered `n` arrived: earlier numbers not seen are lost.
+    /// A message numbered `n` arrived. Numbers come in increasing order on
+    /// one subscription: one skipped was lost, and one not above the last
+    /// means the counter went back (Redis lost writes), so what it numbers
+    /// again cannot be told apart.
     fn received(&self, n: u64) {
-        let last = self.raise(n);
-        if last != UNKNOWN && n > last.saturating_add(1) {
+        let last = self.last.swap(n, Ordering::SeqCst);
+        if last != UNKNOWN && (n > last.saturating_add(1) || n <= last) {
             self.lost.store(true, Ordering::SeqCst);
         }
     }
 
-    /// `last` becomes at least `n`; returns what it was.
-    fn raise(&self, n: u64) -> u64 {
-        let up = |last: u64| Some(if last == UNKNOWN { n } else { last.max(n) });
-        self.last.fetch_update(Ordering::SeqCst, Ordering::SeqCst, up).unwrap_or(UNKNOWN)
-    }
-
-    /// The highest number received, if any is known.
-    fn last(&self) -> Option<u64> {
-        Some(self.last.load(Ordering::SeqCst)).filter(|&n| n != UNKNOWN)
+    /// The channel's counter is `counted`, read on the subscription's own
+    /// connection: every message it numbered before the read has been
+    /// received, or is lost. (A higher last is a message that came after
+    /// the answer.) Unknown until now: adopted.
+    fn counted(&self, counted: u64) {
+        let up = |last: u64| Some(if last == UNKNOWN { counted } else { last.max(counted) });
+        let last = self.last.fetch_update(Ordering::SeqCst, Ordering::SeqCst, up).unwrap_or(UNKNOWN);
+        if last != UNKNOWN && last < counted {
+            self.lost.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -247,18 +255,15 @@ impl Relay {
             Subscriber::Single(conn)
         };
         // Numbers up to the counter now were published before this subscription.
-        let mut conn = kv.conn();
-        // No counter yet: nothing was ever published there.
-        if let Ok(n) = redis::cmd("GET").arg(&counter).query_async::<Option<u64>>(&mut conn).await {
-            numbers.raise(n.unwrap_or(0));
+        if let Some(n) = subscriber.counter(&counter).await {
+            numbers.counted(n);
         }
         // Nothing is sent on a subscribed connection otherwise: a ping makes a
         // dropped one reconnect (and resubscribe), and a failed one means
-        // messages may be lost meanwhile.
+        // messages may be lost meanwhile. Each turn also compares the
+        // channel's counter with what arrived.
         tasks.spawn(async move {
             let mut down = false;
-            // After a resubscription: the counter then, and when it was read.
-            let mut expected: Option<(u64, tokio::time::Instant)> = None;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -273,26 +278,27 @@ impl Relay {
                     // Whatever came meanwhile is gone.
                     missed.store(true, Ordering::SeqCst);
                 }
-                if ok && (down || missed.swap(false, Ordering::SeqCst)) {
-                    if !tx.put(Inbound::Resync, 0) {
-                        missed.store(true, Ordering::SeqCst);
+                if ok {
+                    if let Some(n) = subscriber.counter(&counter).await {
+                        numbers.counted(n);
                     }
-                    let counted = redis::cmd("GET").arg(&counter).query_async::<Option<u64>>(&mut conn).await;
-                    expected = counted.ok().map(|n| (n.unwrap_or(0), tokio::time::Instant::now()));
                 }
-                if let Some((n, _)) = expected.filter(|(_, at)| at.elapsed() >= IN_FLIGHT) {
-                    expected = None;
-                    if numbers.last().is_none_or(|last| last < n) {
+                if numbers.lost.swap(false, Ordering::SeqCst) {
+                    // Long-lived sessions read their mailboxes again too: the
+                    // wake-up of an entry may have been among what was lost.
+                    missed.store(true, Ordering::SeqCst);
+                    if !tx.put(Inbound::Lost, 0) {
                         numbers.lost.store(true, Ordering::SeqCst);
                     }
                 }
-                if numbers.lost.swap(false, Ordering::SeqCst) && !tx.put(Inbound::Lost, 0) {
-                    numbers.lost.store(true, Ordering::SeqCst);
+                if ok && (down || missed.swap(false, Ordering::SeqCst)) && !tx.put(Inbound::Resync, 0) {
+                    missed.store(true, Ordering::SeqCst);
                 }
                 down = !ok;
             }
         });
-        Ok((Relay { conn: kv.conn(), kv: kv.clone(), publish: Script::new(PUBLISH) }, rx))
+        let failed = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        Ok((Relay { conn: kv.conn(), kv: kv.clone(), publish: Script::new(PUBLISH), failed }, rx))
     }
 
     /// Publishes `message` on `node`'s channel; returns how many subscribers
@@ -301,9 +307,28 @@ impl Relay {
         // Strings, numbers and an enum tag: serialising cannot fail.
         let text = serde_json::to_string(message).unwrap_or_default();
         let command = if self.kv.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        let skipped = crate::sync::lock(&self.failed).get(node).copied().unwrap_or(0);
         let mut inv = self.publish.key(counter_of(&self.kv, node));
-        inv.key(channel_of(&self.kv, node)).arg(command).arg(text);
-        Ok(inv.invoke_async(&mut self.conn.clone()).await?)
+        inv.arg(command).arg(channel_of(&self.kv, node)).arg(text).arg(skipped + 1);
+        let sent = inv.invoke_async(&mut self.conn.clone()).await;
+        let mut failed = crate::sync::lock(&self.failed);
+        match sent {
+            Ok(heard) => {
+                // Failures counted meanwhile (concurrent sends) stay for the next.
+                if let Some(left) = failed.get_mut(node) {
+                    *left = left.saturating_sub(skipped);
+                    if *left == 0 {
+                        failed.remove(node);
+                    }
+                }
+                Ok(heard)
+            }
+            Err(e) => {
+                // Bounded by the nodes ever sent to: the ids of a cluster.
+                *failed.entry(node.to_owned()).or_default() += 1;
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -320,6 +345,17 @@ impl Subscriber {
             Subscriber::Single(c) => ping.query_async::<Value>(c).await.is_ok(),
             Subscriber::Cluster(c) => ping.query_async::<Value>(c).await.is_ok(),
         }
+    }
+
+    /// The channel's counter, read on this connection: its answer comes after
+    /// every message published before it (0 when nothing ever was).
+    async fn counter(&mut self, key: &str) -> Option<u64> {
+        let get = redis::cmd("GET").arg(key).clone();
+        let read = match self {
+            Subscriber::Single(c) => get.query_async::<Option<u64>>(c).await,
+            Subscriber::Cluster(c) => get.query_async::<Option<u64>>(c).await,
+        };
+        read.ok().map(|n| n.unwrap_or(0))
     }
 
     async fn subscribe(&mut self, channel: &str) -> bool {
@@ -412,24 +448,33 @@ mod tests {
     }
 
     #[test]
-    fn a_gap_in_the_numbers_is_a_loss_and_a_late_or_repeated_number_is_not() {
+    fn a_gap_in_the_numbers_or_a_number_again_is_a_loss() {
         let n = numbers();
         n.received(41);
         n.received(42);
         assert!(!n.lost.load(Ordering::SeqCst), "the first number, then the next");
         n.received(44);
         assert!(n.lost.swap(false, Ordering::SeqCst), "43 never came");
-        n.received(43);
-        n.received(44);
+        n.received(45);
         assert!(!n.lost.load(Ordering::SeqCst));
-        assert_eq!(n.last(), Some(44));
-        let started = numbers();
-        started.raise(10);
-        started.received(9);
-        started.received(11);
-        assert!(!started.lost.load(Ordering::SeqCst), "counted at the start: 9 was in flight, 11 is next");
-        started.received(13);
-        assert!(started.lost.load(Ordering::SeqCst));
+        n.received(45);
+        assert!(n.lost.swap(false, Ordering::SeqCst), "a number again: the counter went back");
+    }
+
+    #[test]
+    fn a_counter_ahead_of_what_arrived_is_a_loss_and_one_behind_is_a_message_after_the_read() {
+        let n = numbers();
+        n.counted(10);
+        assert!(!n.lost.load(Ordering::SeqCst), "unknown until now: adopted");
+        n.received(11);
+        n.counted(11);
+        assert!(!n.lost.load(Ordering::SeqCst));
+        n.counted(13);
+        assert!(n.lost.swap(false, Ordering::SeqCst), "12 and 13 were published and never came");
+        n.received(14);
+        n.received(15);
+        n.counted(14);
+        assert!(!n.lost.load(Ordering::SeqCst), "15 came after the counter was read");
     }
 
     #[test]
