@@ -136,11 +136,14 @@ impl Feed {
         (Feed { tx, bytes: bytes.clone(), max_bytes }, Inbox { rx, bytes })
     }
 
-    /// Whether `inbound` (`size` bytes) fit.
+    /// Whether `inbound` (`size` bytes) fit. One message larger than the
+    /// whole budget still passes into an empty inbox.
     fn put(&self, inbound: Inbound, size: usize) -> bool {
-        if self.bytes.fetch_add(size, Ordering::SeqCst) + size > self.max_bytes
-            || self.tx.try_send((inbound, size)).is_err()
-        {
+        let fits = |queued: usize| (queued == 0 || queued + size <= self.max_bytes).then_some(queued + size);
+        if self.bytes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, fits).is_err() {
+            return false;
+        }
+        if self.tx.try_send((inbound, size)).is_err() {
             self.bytes.fetch_sub(size, Ordering::SeqCst);
             return false;
         }
@@ -213,13 +216,17 @@ impl Relay {
         let missed = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicBool::new(false));
         let numbers = Arc::new(Numbers { last: AtomicU64::new(UNKNOWN), lost: AtomicBool::new(false) });
+        let renew = Arc::new(tokio::sync::Notify::new());
         let sender = {
             let (tx, missed, dropped, numbers) = (tx.clone(), missed.clone(), dropped.clone(), numbers.clone());
+            let renew = renew.clone();
             move |info: PushInfo| -> Result<(), ()> {
                 if matches!(info.kind, PushKind::Unsubscribe | PushKind::SUnsubscribe) {
                     // The server dropped the subscription (a slot moved to another
-                    // shard): the client will not renew it by itself.
+                    // shard): the client will not renew it by itself. At once,
+                    // not at the next heartbeat: what comes meanwhile is lost.
                     dropped.store(true, Ordering::SeqCst);
+                    renew.notify_one();
                 }
                 on_push(&tx, &missed, &numbers, info);
                 Ok(())
@@ -268,6 +275,7 @@ impl Relay {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(liveness) => {}
+                    _ = renew.notified() => {}
                 }
                 let mut ok = subscriber.ping().await;
                 if ok && dropped.swap(false, Ordering::SeqCst) {
@@ -522,6 +530,13 @@ mod tests {
         assert_eq!(inbox.recv().await, Some(Inbound::Message(message)));
         on_push(&tx, &missed, &numbers, numbered(3));
         assert!(!missed.load(Ordering::SeqCst), "taken, its bytes are free again");
+        assert!(inbox.recv().await.is_some());
+        let (tiny, mut empty) = Feed::new(16, 10);
+        on_push(&tiny, &missed, &numbers, numbered(4));
+        assert!(!missed.load(Ordering::SeqCst), "larger than the budget, into an empty inbox: passes");
+        on_push(&tiny, &missed, &numbers, numbered(5));
+        assert!(missed.load(Ordering::SeqCst), "but not behind another");
+        assert!(empty.recv().await.is_some());
     }
 
     /// Against the Redis of `CCEB_TEST_REDIS` (one URL, or a comma-separated
