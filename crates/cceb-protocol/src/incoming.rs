@@ -96,6 +96,25 @@ impl ParseError {
 
 /// Parses one text frame into a client message, or says which contract error it is.
 pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
+    match canonical_ack(text) {
+        Some(uuid) => Ok(ClientMessage::Ack { uuid: uuid.to_owned() }),
+        None => parse_any(text),
+    }
+}
+
+/// The uuid of `{"type":"ack","uuid":"…"}` written exactly so, as clients
+/// (this project's and the SDK) write nearly every frame they send: a full
+/// JSON parse was a sixth of the bridge's instructions per notification.
+/// Only a uuid the parser would read back unchanged passes (no escape, no
+/// control character); anything else goes through [`parse_any`].
+fn canonical_ack(text: &str) -> Option<&str> {
+    let uuid = text.strip_prefix(r#"{"type":"ack","uuid":""#)?.strip_suffix(r#""}"#)?;
+    let plain = (1..=MAX_UUID_LEN).contains(&uuid.len())
+        && uuid.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    plain.then_some(uuid)
+}
+
+fn parse_any(text: &str) -> Result<ClientMessage, ParseError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ParseError::new(ErrorCode::InvalidJson, None, format!("not JSON: {e}"), None))?;
     let Value::Object(mut obj) = value else {
@@ -326,7 +345,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_ack_written_otherwise_is_read_the_same_or_refused_the_same() {
+        let cases = [
+            r#"{"type":"ack","uuid":"N1"}"#,
+            r#"{"uuid":"N1","type":"ack"}"#,
+            r#"{ "type": "ack", "uuid": "N1" }"#,
+            r#"{"type":"ack","uuid":"N\u0031"}"#,
+            r#"{"type":"ack","uuid":""}"#,
+            r#"{"type":"ack","uuid":"a"}x"#,
+            r#"{"type":"ack","uuid":"a\"}"#,
+        ];
+        for text in cases {
+            assert_eq!(parse_client_message(text), parse_any(text), "{text}");
+        }
+        assert_eq!(canonical_ack(r#"{"type":"ack","uuid":"N1"}"#), Some("N1"));
+        let long = format!(r#"{{"type":"ack","uuid":"{}"}}"#, "u".repeat(MAX_UUID_LEN + 1));
+        assert_eq!(canonical_ack(&long), None);
+        assert!(parse_client_message(&long).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn the_ack_fast_path_reads_what_the_parser_reads(uuid in "\\PC{0,140}|[\\x00-\\x7f]{0,20}") {
+            let text = format!(r#"{{"type":"ack","uuid":"{uuid}"}}"#);
+            prop_assert_eq!(parse_client_message(&text), parse_any(&text));
+            let json = serde_json::json!({"type": "ack", "uuid": uuid}).to_string();
+            prop_assert_eq!(parse_client_message(&json), parse_any(&json));
+        }
+
         #[test]
         fn an_actions_traceparent_never_panics_and_is_carried_or_refused(
             t in prop_oneof!["\\PC{0,70}", "[0-9a-fA-F]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[a-z]{0,3})?"],
