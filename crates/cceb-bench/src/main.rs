@@ -1,6 +1,7 @@
 //! `cceb-bench`: drives a real `cceb serve` process over loopback and reports
 //! what it measured. BENCHMARKS.md says how to run it and holds the figures.
 
+mod peer;
 mod redis;
 mod server;
 
@@ -25,6 +26,8 @@ enum Scenario {
     Resume,
     Cluster,
     All,
+    /// The bridge and nginx + nchan side by side; not part of `all`.
+    Peer,
 }
 
 #[derive(Parser)]
@@ -83,6 +86,8 @@ struct Args {
     /// (default: no persistence, `--save '' --appendonly no`).
     #[arg(long)]
     redis_aof: bool,
+    #[command(flatten)]
+    peer: peer::Options,
 }
 
 #[tokio::main]
@@ -109,6 +114,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if run(Scenario::Cluster) {
         cluster(&a).await?;
+    }
+    if a.scenario == Scenario::Peer {
+        peer::run(&a.cceb, &a.peer).await?;
     }
     Ok(())
 }

@@ -49,6 +49,13 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks / 100.0)
 }
 
+/// Resident set size of process `pid`, KiB.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+}
+
 impl Server {
     pub async fn start(bin: &str, env: &[(&str, &str)]) -> anyhow::Result<Server> {
         let data = tempfile::tempdir()?;
@@ -114,9 +121,7 @@ impl Server {
 
     /// Resident set size of the server, KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-        Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+        rss_kib(self.pid)
     }
 
     /// User + system CPU seconds the server has used.
