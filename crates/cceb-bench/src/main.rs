@@ -269,28 +269,39 @@ fn read_and_ack(conns: impl IntoIterator<Item = Connection>) -> Readers {
 }
 
 impl Readers {
-    /// Until `n` notifications arrived, or `timeout`, or 10 s without one.
     async fn wait_for(&self, n: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let (mut last, mut moved) = (self.received.load(Ordering::Relaxed), Instant::now());
-        while last < n && Instant::now() < deadline && moved.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let now = self.received.load(Ordering::Relaxed);
-            if now != last {
-                (last, moved) = (now, Instant::now());
-            }
-        }
+        wait_received(&self.received, n, timeout).await;
     }
 
-    /// Stops every reader (its connection closed) and merges their histograms.
     async fn finish(self) -> anyhow::Result<Histogram<u64>> {
-        let _ = self.stop.send(true);
-        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        for t in self.tasks {
-            h.add(t.await?)?;
-        }
-        Ok(h)
+        finish_readers(self.stop, self.tasks).await
     }
+}
+
+/// Until `received` reaches `n`, or `timeout`, or 10 s without one more.
+async fn wait_received(received: &AtomicU64, n: u64, timeout: Duration) {
+    let deadline = Instant::now().checked_add(timeout);
+    let (mut last, mut moved) = (received.load(Ordering::Relaxed), Instant::now());
+    while last < n && deadline.is_none_or(|d| Instant::now() < d) && moved.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let now = received.load(Ordering::Relaxed);
+        if now != last {
+            (last, moved) = (now, Instant::now());
+        }
+    }
+}
+
+/// Stops every reader (its connection closed) and merges their histograms.
+async fn finish_readers(
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
+) -> anyhow::Result<Histogram<u64>> {
+    let _ = stop.send(true);
+    let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for t in tasks {
+        h.add(t.await?)?;
+    }
+    Ok(h)
 }
 
 /// Posts `events` presence events to `backend` in `batch`-event requests at

@@ -432,23 +432,11 @@ fn subscribe(conns: Vec<Ws>, acks: bool) -> Subscribers {
 impl Subscribers {
     /// Until `n` frames arrived, or 10 s without one.
     async fn wait_for(&self, n: u64) {
-        let (mut last, mut moved) = (self.received.load(Ordering::Relaxed), Instant::now());
-        while last < n && moved.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let now = self.received.load(Ordering::Relaxed);
-            if now != last {
-                (last, moved) = (now, Instant::now());
-            }
-        }
+        crate::wait_received(&self.received, n, Duration::MAX).await;
     }
 
     async fn finish(self) -> anyhow::Result<Histogram<u64>> {
-        let _ = self.stop.send(true);
-        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-        for t in self.tasks {
-            h.add(t.await?)?;
-        }
-        Ok(h)
+        crate::finish_readers(self.stop, self.tasks).await
     }
 }
 
