@@ -23,9 +23,11 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Read chunk per connection; the protocol's messages are small, and
-/// tungstenite's 128 KiB default would dominate the memory of idle sessions.
-const WS_READ_BUFFER: usize = 4 * 1024;
+/// Read chunk per connection, and the read buffer every connection keeps:
+/// an ack is ~60 bytes and a `hello` with its token fits, while larger
+/// frames (actions) take a few reads. 4 KiB was 3 of an idle session's
+/// 10 KiB (BENCHMARKS.md), tungstenite's 128 KiB default would dominate.
+const WS_READ_BUFFER: usize = 1024;
 const WS_WRITE_BUFFER: usize = 8 * 1024;
 /// What a notification frame adds to its `data`: the envelope (type, uuid,
 /// seq) and the WebSocket header, with room to spare.
