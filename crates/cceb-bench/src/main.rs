@@ -1,6 +1,7 @@
 //! `cceb-bench`: drives a real `cceb serve` process over loopback and reports
 //! what it measured. BENCHMARKS.md says how to run it and holds the figures.
 
+mod kafka;
 mod peer;
 mod redis;
 mod server;
@@ -25,6 +26,9 @@ enum Scenario {
     Actions,
     Resume,
     Cluster,
+    /// fanout's load (and options) through Kafka, beside the embedded bus; not
+    /// part of `all`: it needs a broker (a tansu of its own, or `--brokers`).
+    Kafka,
     All,
     /// The bridge and nginx + nchan side by side; not part of `all`.
     Peer,
@@ -88,6 +92,17 @@ struct Args {
     redis_aof: bool,
     #[command(flatten)]
     peer: peer::Options,
+    /// kafka: bootstrap servers of a broker to use (default: a tansu of its own).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// kafka: the tansu binary [default: $CCEB_TOOLS/tansu-0.6-dynostore-libsql/bin/tansu,
+    /// CCEB_TOOLS being ~/.cache/cceb-tools unless set, where scripts/test builds it].
+    #[arg(long)]
+    tansu: Option<std::path::PathBuf>,
+    /// kafka: the bridge consumer's `fetch.wait.max.ms` (librdkafka's default
+    /// is 500; tansu 0.6 holds every fetch that long, records waiting or not).
+    #[arg(long, default_value_t = 1)]
+    fetch_wait_ms: u64,
 }
 
 #[tokio::main]
@@ -117,6 +132,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if a.scenario == Scenario::Peer {
         peer::run(&a.cceb, &a.peer).await?;
+    }
+    if a.scenario == Scenario::Kafka {
+        kafka::kafka(&a).await?;
     }
     Ok(())
 }

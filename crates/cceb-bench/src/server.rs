@@ -89,9 +89,10 @@ impl Server {
             bail!("cceb exited before listening")
         })
         .await??;
-        // "listening on ADDR (backend port ADDR)"
+        // "listening on ADDR (backend port ADDR)", or "listening on ADDR (bus kafka)": no backend port.
         let words: Vec<&str> = line.split_whitespace().collect();
-        let (addr, backend) = (words[2].to_owned(), words[5].trim_end_matches(')').to_owned());
+        let addr = words.get(2).context("no address in the listening line")?.to_string();
+        let backend = words.get(5).map_or_else(String::new, |b| b.trim_end_matches(')').to_owned());
         Ok(Server { child, _data: data, pid, addr, backend, http: reqwest::Client::new() })
     }
 
