@@ -5,7 +5,7 @@ import websockets
 SECRET = os.environ["SECRET"]; ADMIN = os.environ["ADMIN"]
 WS = os.environ["WS"]; BACKEND = os.environ["BACKEND"]
 N = int(os.environ.get("N", "200")); K = int(os.environ.get("K", "50"))
-PHASE = os.environ.get("PHASE_CMD", "")
+PHASE = os.environ.get("PHASE_CMD", ""); PID = os.environ.get("PHASE_PID", "")
 
 def b64(b): return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
 def token(agent):
@@ -20,6 +20,7 @@ async def session(i, ready, got):
     while True:
         m = json.loads(await ws.recv())
         if m.get("type") == "hello_reply": break
+        if m.get("type") == "error": raise SystemExit(f"hello refused: {m}")
     ready.release()
     n = 0
     while n < K:
@@ -39,12 +40,12 @@ async def main():
     ready = asyncio.Semaphore(0); got = []
     tasks = [asyncio.create_task(session(i, ready, got)) for i in range(N)]
     for _ in range(N): await ready.acquire()
-    if PHASE: os.system(PHASE + " on")
+    if PHASE: os.system(f"{PHASE} on {PID}")
     t = time.time()
     for i in range(K):
         await asyncio.to_thread(post, i)
     await asyncio.gather(*tasks)
-    if PHASE: os.system(PHASE + " off")
+    if PHASE: os.system(f"{PHASE} off {PID}")
     print(f"delivered {sum(got)} in {time.time()-t:.1f}s", flush=True)
 
 asyncio.run(main())

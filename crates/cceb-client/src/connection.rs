@@ -56,7 +56,10 @@ impl std::fmt::Debug for Connection {
 impl Connection {
     /// Opens the WebSocket at `url` (`ws://…/ws/v1`, as discovery names it).
     pub async fn connect(url: &str) -> Result<Connection, Error> {
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        // Frames from the bridge are small; tungstenite's 128 KiB default read
+        // buffer is zero-filled before every read and held per connection.
+        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
         Ok(Connection::from(ws))
     }
 

@@ -359,6 +359,11 @@ mod tests {
             assert_eq!(parse_client_message(text), parse_any(text), "{text}");
         }
         assert_eq!(canonical_ack(r#"{"type":"ack","uuid":"N1"}"#), Some("N1"));
+        for at_limit in ["u".repeat(MAX_UUID_LEN), "é".repeat(MAX_UUID_LEN / 2)] {
+            let text = format!(r#"{{"type":"ack","uuid":"{at_limit}"}}"#);
+            assert_eq!(canonical_ack(&text), Some(at_limit.as_str()), "the fast path takes it");
+            assert_eq!(parse_client_message(&text), parse_any(&text));
+        }
         let long = format!(r#"{{"type":"ack","uuid":"{}"}}"#, "u".repeat(MAX_UUID_LEN + 1));
         assert_eq!(canonical_ack(&long), None);
         assert!(parse_client_message(&long).is_err());
