@@ -301,6 +301,8 @@ impl Conn {
                         return Some(Close(close::TOO_MANY_UNACKED, "too many unacknowledged notifications"));
                     }
                     if session.has_missed() {
+                        // A 1012 like a shutdown's: the action in flight is answered first.
+                        self.finish_actions(in_flight.take(), &mut pending).await;
                         return Some(Close(close::SERVICE_RESTART, "notifications were lost on their way, reconnect"));
                     }
                     let taken = Instant::now().into_std();
