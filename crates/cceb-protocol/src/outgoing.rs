@@ -68,19 +68,34 @@ pub fn error(uuid: &str, code: ErrorCode, message: &str, field: Option<&str>) ->
 
 /// A notification frame; `data` is already-serialised JSON shared by every
 /// session that receives the same notification.
+/// Built once per session a notification reaches, so one allocation each:
+/// no temporary strings for the uuid or the seq.
 pub fn notification(ty: NotificationType, uuid: &str, seq: u64, data: &str) -> String {
-    let mut s = String::with_capacity(48 + ty.as_str().len() + uuid.len() + data.len());
+    let mut digits = itoa::Buffer::new();
+    let seq = digits.format(seq);
+    let mut s = String::with_capacity(40 + ty.as_str().len() + uuid.len() + seq.len() + data.len());
     s.push_str("{\"type\":\"");
     s.push_str(ty.as_str());
     s.push_str("\",\"uuid\":");
-    // uuids the bridge mints are plain, but escape anyway: it costs nothing here.
-    s.push_str(&serde_json::to_string(uuid).unwrap_or_default());
+    push_json_string(&mut s, uuid);
     s.push_str(",\"seq\":");
-    s.push_str(&seq.to_string());
+    s.push_str(seq);
     s.push_str(",\"data\":");
     s.push_str(data);
     s.push('}');
     s
+}
+
+/// `v` as a JSON string. The uuids the bridge mints need no escape and are
+/// copied as they are; anything else is escaped by serde_json.
+fn push_json_string(s: &mut String, v: &str) {
+    if v.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        s.push('"');
+        s.push_str(v);
+        s.push('"');
+    } else {
+        s.push_str(&serde_json::to_string(v).unwrap_or_default());
+    }
 }
 
 /// What a client reads from the bridge.
@@ -140,6 +155,19 @@ mod tests {
                 assert_eq!(data["state"], "enabled");
             }
             other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_uuid_and_seq_round_trip_in_a_notification_frame(uuid in "\\PC*|[\"\\\\\\x00-\\x1f\\x7f\u{2028}a-f0-9-]{0,40}", seq: u64) {
+            let text = notification(NotificationType::OffHook, &uuid, seq, "{}");
+            match parse_server_message(&text) {
+                Ok(ServerMessage::Notification { uuid: u, seq: s, .. }) => {
+                    proptest::prop_assert_eq!((u, s), (uuid, seq));
+                }
+                other => proptest::prop_assert!(false, "{other:?}"),
+            }
         }
     }
 

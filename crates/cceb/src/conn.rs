@@ -160,6 +160,8 @@ enum Step {
     ActionDone(String, Result<Done, ActionError>),
     Wake,
     Heartbeat,
+    /// The timer fired before anything was due: armed again at the next deadline.
+    Rearm,
     Stop(Close),
 }
 
@@ -221,6 +223,7 @@ impl Conn {
                 session_key: hello.session_key,
                 auto_accept: hello.auto_accept,
                 push_token,
+                shutdown: self.cx.shutdown.clone(),
             };
             let opened = match self.cx.sessions.open(agent, request).await {
                 Ok(o) => o,
@@ -261,8 +264,7 @@ impl Conn {
             (limits.ack_timeout, limits.heartbeat_interval, limits.max_pending_actions);
         // A validly signed `exp` may lie centuries ahead: past what an Instant can hold, no expiry timer fires.
         let token_expiry = Instant::now().checked_add(self.cx.verifier.remaining(identity)).unwrap_or_else(far_future);
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + hb, hb);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_beat = Instant::now() + hb;
         let mut redeliver_at: Option<Instant> = None;
         let mut in_flight: Option<ActionFuture> = None;
         let mut pending: VecDeque<PendingAction> = VecDeque::new();
@@ -270,23 +272,47 @@ impl Conn {
         let mut bucket =
             TokenBucket::new(limits.action_rate_per_second, limits.action_burst, Instant::now().into_std());
         // Made once, not per turn of the loop: each turn is one notification or
-        // ack at high rates, and re-arming timers and token waits showed in profiles.
-        let shutdown = self.cx.shutdown.clone();
-        let stopping = shutdown.cancelled();
-        let taken_over = attachment.taken_over.cancelled();
-        let expiry = sleep_until(token_expiry);
-        let redeliver = sleep_until(token_expiry);
-        tokio::pin!(stopping, taken_over, expiry, redeliver);
+        // ack at high rates, and each branch of the select is polled on every
+        // turn. So token expiry, heartbeat and redelivery share one timer, armed
+        // at the earliest of the three (profiles showed every timer polled).
+        // It is moved earlier at once but never later until it fires: each
+        // delivery pushes the redelivery deadline back, and a timer fired early
+        // only re-arms, where moving it would cost a reset per delivery.
+        let stop = attachment.stop.cancelled();
+        let mut armed = next_beat.min(token_expiry);
+        let mut fired = false;
+        let timer = sleep_until(armed);
+        tokio::pin!(stop, timer);
         loop {
+            let deadline = redeliver_at.map_or(next_beat, |at| at.min(next_beat)).min(token_expiry);
+            if fired || deadline < armed {
+                timer.as_mut().reset(deadline);
+                (armed, fired) = (deadline, false);
+            }
             let step = tokio::select! {
                 biased;
-                _ = &mut stopping => Step::Stop(Close(close::SERVICE_RESTART, "server restarting")),
-                _ = &mut expiry => Step::Stop(Close(close::TOKEN_EXPIRED, "token expired")),
-                _ = &mut taken_over => Step::Stop(Close(close::TAKEN_OVER, "session taken over")),
+                // A shutdown cancels this child token too; `is_cancelled` on
+                // the parent holds its lock until the whole cancel is done.
+                _ = &mut stop => Step::Stop(if self.cx.shutdown.is_cancelled() {
+                    Close(close::SERVICE_RESTART, "server restarting")
+                } else {
+                    Close(close::TAKEN_OVER, "session taken over")
+                }),
+                _ = &mut timer => {
+                    fired = true;
+                    let now = Instant::now();
+                    if now >= token_expiry {
+                        Step::Stop(Close(close::TOKEN_EXPIRED, "token expired"))
+                    } else if redeliver_at.is_some_and(|at| at <= now) {
+                        Step::Wake
+                    } else if now >= next_beat {
+                        Step::Heartbeat
+                    } else {
+                        Step::Rearm
+                    }
+                }
                 (uuid, r) = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => Step::ActionDone(uuid, r),
-                _ = session.wake.notified() => Step::Wake,
-                _ = &mut redeliver, if redeliver_at.is_some() => Step::Wake,
-                _ = heartbeat.tick() => Step::Heartbeat,
+                _ = attachment.wake.notified() => Step::Wake,
                 f = self.ws.recv() => Step::Frame(f),
             };
             match step {
@@ -315,13 +341,12 @@ impl Conn {
                         }
                         next = session.written(attachment.generation, taken, Instant::now().into_std(), ack_timeout);
                     }
-                    let next = next.map(Instant::from_std);
-                    if let Some(at) = next.filter(|&at| redeliver_at != Some(at)) {
-                        redeliver.as_mut().reset(at);
-                    }
-                    redeliver_at = next;
+                    redeliver_at = next.map(Instant::from_std);
                 }
+                Step::Rearm => {}
                 Step::Heartbeat => {
+                    // A late beat delays the next one rather than bunching them.
+                    next_beat = Instant::now() + hb;
                     if self.last_seen.elapsed() >= hb * 3 {
                         return Some(Close(close::GOING_AWAY, "heartbeat timeout"));
                     }

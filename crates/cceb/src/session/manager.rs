@@ -12,6 +12,7 @@ use crate::push::{Announcement, Push};
 use crate::store::{SessionRecord, Store, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
@@ -31,6 +32,8 @@ pub struct OpenRequest {
     pub session_key: Option<String>,
     pub auto_accept: bool,
     pub push_token: Option<String>,
+    /// The connection's attachment stops on a child of it (the bridge's shutdown).
+    pub shutdown: CancellationToken,
 }
 
 pub struct Opened {
@@ -126,9 +129,9 @@ impl Sessions {
         if let Some(text) = &req.session_key {
             let found = self.find(&agent, text);
             // None: it ended between the lookup and now; a new session follows.
-            if let Some((session, attachment)) =
-                found.and_then(|s| s.attach(req.auto_accept, req.push_token.clone()).map(|a| (s, a)))
-            {
+            if let Some((session, attachment)) = found.and_then(|s| {
+                s.attach(req.auto_accept, req.push_token.clone(), req.shutdown.child_token()).map(|a| (s, a))
+            }) {
                 let held = self.hold(session, attachment);
                 // No sync: after a crash the session counts as disconnected anyway.
                 self.metrics.sessions_resumed.increment(1);
@@ -139,7 +142,8 @@ impl Sessions {
         if !(req.long_lived || req.session_key.is_some()) {
             let session = Arc::new(Session::new(id, agent, self.settings.max_unacked));
             self.add(session.clone());
-            let attachment = session.attach(req.auto_accept, None).ok_or(OpenError::EndedAtOnce)?;
+            let attachment =
+                session.attach(req.auto_accept, None, req.shutdown.child_token()).ok_or(OpenError::EndedAtOnce)?;
             return Ok(Opened { held: self.hold(session, attachment), key: None, resumed: false });
         }
         if !self.store.ready() {
@@ -160,7 +164,9 @@ impl Sessions {
         let mailbox = Mailbox::new(self.settings.mailbox_capacity, self.settings.max_unacked);
         let session = Arc::new(Session::long_lived(&record, mailbox, self.settings.max_unacked, self.store.clone()));
         let delta = self.admit(&session)?;
-        let attachment = session.attach(req.auto_accept, req.push_token).ok_or(OpenError::EndedAtOnce)?;
+        let attachment = session
+            .attach(req.auto_accept, req.push_token, req.shutdown.child_token())
+            .ok_or(OpenError::EndedAtOnce)?;
         let held = self.hold(session.clone(), attachment);
         session.reserve_seqs();
         // The key must survive a crash before the client is given it.
@@ -568,7 +574,7 @@ mod tests {
         let first = f.sessions.open(agent(), long_lived(None)).await.expect("open");
         let key = first.key.clone().expect("key");
         let second = f.sessions.open(agent(), long_lived(Some(&key))).await.expect("resume");
-        assert!(first.held.attachment.taken_over.is_cancelled(), "the first connection is told (4005)");
+        assert!(first.held.attachment.stop.is_cancelled(), "the first connection is told (4005)");
         drop(first);
         assert!(
             second.held.session.disconnected_at().is_none(),

@@ -20,11 +20,10 @@ pub use rate::TokenBucket;
 pub use roster::{Full, Roster};
 
 use crate::store::{SessionRecord, Store};
-use crate::sync::lock;
+use crate::sync::{lock, Signal};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Seqs a long-lived session reserves durably at a time; the next block is
@@ -55,8 +54,8 @@ struct State {
     push_token: Option<String>,
     /// Mailbox entries dropped since a client was last attached.
     dropped: u64,
-    /// The connection attached now: its generation and its takeover signal.
-    attached: Option<(u64, CancellationToken)>,
+    /// The connection attached now.
+    attached: Option<Attached>,
     generation: u64,
     disconnected_at_ms: Option<u64>,
     /// Ended (`end_session`, expiry): never attached or written again.
@@ -65,12 +64,48 @@ struct State {
     seq_reserved: u64,
 }
 
+#[derive(Debug)]
+struct Attached {
+    generation: u64,
+    /// Cancelled on takeover.
+    stop: CancellationToken,
+    /// Wakes this connection, and no other: one taken over never takes a
+    /// wake-up meant for the one after it.
+    wake: Arc<Signal>,
+}
+
+impl State {
+    /// What wakes the attached connection, if any (one attached later
+    /// writes everything due on its first turn). Called under the session
+    /// lock and given after it is released, so the woken task does not wait
+    /// on the lock of the thread waking it.
+    fn wake(&self) -> Wake {
+        Wake(self.attached.as_ref().map(|a| a.wake.clone()))
+    }
+}
+
+/// A wake-up to give once the session lock is released.
+#[must_use]
+struct Wake(Option<Arc<Signal>>);
+
+impl Wake {
+    fn give(self) {
+        if let Some(s) = self.0 {
+            s.notify();
+        }
+    }
+}
+
 /// A connection's hold on a session.
 #[derive(Debug)]
 pub struct Attachment {
     pub generation: u64,
-    /// Cancelled when another connection takes the session over (close 4005).
-    pub taken_over: CancellationToken,
+    /// Cancelled when another connection takes the session over (close
+    /// 4005), or when its parent (the bridge's shutdown) is: the connection
+    /// waits on this one token for both.
+    pub stop: CancellationToken,
+    /// Wakes the connection when there is something to write.
+    pub wake: Arc<Signal>,
     /// Mailbox entries dropped while no client was attached.
     pub dropped: u64,
     /// The store's generation of this attachment (cluster store): its
@@ -93,8 +128,6 @@ pub struct Session {
     pub agent: AgentId,
     long_lived: Option<LongLived>,
     state: Mutex<State>,
-    /// Wakes the attached connection when there is something to write.
-    pub wake: Notify,
     overflowed: AtomicBool,
     /// Notifications meant for this short-lived session were lost on their
     /// way from another node (close 1012: the client reconnects and reads
@@ -172,8 +205,11 @@ impl Session {
     /// The store made the reservation up to `upto` durable.
     fn reserved(me: &Weak<Session>, upto: u64) {
         if let Some(s) = me.upgrade() {
-            s.state().mailbox.send_below(upto);
-            s.wake.notify_one();
+            let mut st = s.state();
+            st.mailbox.send_below(upto);
+            let wake = st.wake();
+            drop(st);
+            wake.give();
         }
     }
 
@@ -203,7 +239,6 @@ impl Session {
                 ended: false,
                 seq_reserved: 0,
             }),
-            wake: Notify::new(),
             overflowed: AtomicBool::new(false),
             missed: AtomicBool::new(false),
             max_unacked,
@@ -327,8 +362,8 @@ impl Session {
         if self.store_generation().is_none_or(|g| g >= generation) {
             return false;
         }
-        if let Some((_, token)) = st.attached.take() {
-            token.cancel();
+        if let Some(a) = st.attached.take() {
+            a.stop.cancel();
         }
         st.ended = true;
         true
@@ -337,8 +372,11 @@ impl Session {
     /// Everything the store held up to `upto` is in the mailbox (read in one
     /// step): later seqs are sent in order from there (mirrored session).
     pub fn contiguous_upto(&self, upto: u64) {
-        self.state().mailbox.contiguous_upto(upto);
-        self.wake.notify_one();
+        let mut st = self.state();
+        st.mailbox.contiguous_upto(upto);
+        let wake = st.wake();
+        drop(st);
+        wake.give();
     }
 
     /// The seq a mirrored session's connection waits for (see `Mailbox::gap`).
@@ -354,8 +392,9 @@ impl Session {
             return None;
         }
         let pushed = st.mailbox.push_at(seq, n.clone())?;
+        let wake = st.wake();
         drop(st);
-        self.wake.notify_one();
+        wake.give();
         Some(pushed)
     }
 
@@ -363,8 +402,8 @@ impl Session {
     /// unacked is due again to the new one. `auto_accept` and `push_token`
     /// follow what the client asks now.
     /// `None` once the session has ended.
-    pub fn attach(&self, auto_accept: bool, push_token: Option<String>) -> Option<Attachment> {
-        self.attach_as(None, auto_accept, push_token)
+    pub fn attach(&self, auto_accept: bool, push_token: Option<String>, stop: CancellationToken) -> Option<Attachment> {
+        self.attach_as(None, auto_accept, push_token, stop)
     }
 
     /// [`Session::attach`], for a mirrored session under the store's
@@ -375,6 +414,7 @@ impl Session {
         store_generation: Option<u64>,
         auto_accept: bool,
         push_token: Option<String>,
+        stop: CancellationToken,
     ) -> Option<Attachment> {
         let mut st = self.state();
         if st.ended {
@@ -384,12 +424,12 @@ impl Session {
         {
             mirror.store(g, Ordering::SeqCst);
         }
-        if let Some((_, old)) = st.attached.take() {
-            old.cancel();
+        if let Some(old) = st.attached.take() {
+            old.stop.cancel();
         }
         st.generation += 1;
-        let taken_over = CancellationToken::new();
-        st.attached = Some((st.generation, taken_over.clone()));
+        let wake = Arc::new(Signal::default());
+        st.attached = Some(Attached { generation: st.generation, stop: stop.clone(), wake: wake.clone() });
         st.disconnected_at_ms = None;
         st.auto_accept = auto_accept;
         st.push_token = push_token;
@@ -399,15 +439,16 @@ impl Session {
         self.save(&st);
         let generation = st.generation;
         drop(st);
-        self.wake.notify_one();
-        Some(Attachment { generation, taken_over, dropped, store_generation: self.store_generation() })
+        // Everything unacked is due to the new connection: its first turn writes it.
+        wake.notify();
+        Some(Attachment { generation, stop, wake, dropped, store_generation: self.store_generation() })
     }
 
     /// Detaches the connection of `generation` if it is still the attached
     /// one; a long-lived session's TTL starts at `now_ms`. Returns whether it was.
     pub fn detach(&self, generation: u64, now_ms: u64) -> bool {
         let mut st = self.state();
-        if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
+        if st.attached.as_ref().is_none_or(|a| a.generation != generation) {
             return false;
         }
         st.attached = None;
@@ -418,7 +459,7 @@ impl Session {
 
     /// Detaches whatever connection is attached (shutdown).
     pub fn detach_any(&self, now_ms: u64) {
-        let generation = self.state().attached.as_ref().map(|(g, _)| *g);
+        let generation = self.state().attached.as_ref().map(|a| a.generation);
         if let Some(g) = generation {
             self.detach(g, now_ms);
         }
@@ -447,8 +488,9 @@ impl Session {
             // (4004); a long-lived one keeps it in its mailbox (flow control).
             self.overflowed.store(true, Ordering::Release);
         }
+        let wake = st.wake();
         drop(st);
-        self.wake.notify_one();
+        wake.give();
         out
     }
 
@@ -461,10 +503,10 @@ impl Session {
             ll.store.mailbox_remove(&self.agent, &self.id, seq);
         }
         // The window has room again for what waits behind it.
-        let wake = st.mailbox.waiting();
-        drop(st);
-        if wake {
-            self.wake.notify_one();
+        if st.mailbox.waiting() {
+            let wake = st.wake();
+            drop(st);
+            wake.give();
         }
         Some(waited)
     }
@@ -479,7 +521,7 @@ impl Session {
         out: &mut Vec<Due>,
     ) -> Result<Option<Instant>, Stalled> {
         let mut st = self.state();
-        if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
+        if st.attached.as_ref().is_none_or(|a| a.generation != generation) {
             return Ok(None);
         }
         st.mailbox.take_due(now, ack_timeout, out)
@@ -489,7 +531,7 @@ impl Session {
     /// (see [`Mailbox::written`]); returns when to look again.
     pub fn written(&self, generation: u64, taken: Instant, now: Instant, ack_timeout: Duration) -> Option<Instant> {
         let mut st = self.state();
-        if st.attached.as_ref().is_none_or(|(g, _)| *g != generation) {
+        if st.attached.as_ref().is_none_or(|a| a.generation != generation) {
             return None;
         }
         st.mailbox.written(taken, now, ack_timeout)
@@ -504,7 +546,8 @@ impl Session {
     /// Notifications for this session were lost before reaching this node.
     pub fn missed_notifications(&self) {
         self.missed.store(true, Ordering::Release);
-        self.wake.notify_one();
+        let wake = self.state().wake();
+        wake.give();
     }
 
     pub fn has_missed(&self) -> bool {
