@@ -95,6 +95,13 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 async fn an_events_traceparent_is_in_the_log_line_of_each_notification_it_queues() {
     // The bridge runs on this test's (single-threaded) runtime: a subscriber
     // set for this thread sees its log lines, and no other test's.
+    // tracing caches each call site's interest process-wide, computed when a
+    // thread first reaches it; while only one dispatcher exists, from that
+    // thread's own default (tokio-rs/tracing#3611). Another test's thread,
+    // with none, reaching "notification queued" first would cache "never" for
+    // every thread (seen once in CI under load). With a second dispatcher
+    // alive, interest is asked of every dispatcher, this test's included.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let log = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(log.clone())
