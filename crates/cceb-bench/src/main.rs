@@ -113,7 +113,11 @@ async fn main() -> anyhow::Result<()> {
         a.resume_sessions = 100;
         (a.nodes, a.cluster_sessions, a.cluster_events) = (vec![2], 100, 5_000);
     }
-    raise_fd_limit(a.sessions.max(a.fanout_sessions) as u64 * 2 + 1024)?;
+    let most = [a.sessions, a.fanout_sessions, a.action_sessions, a.resume_sessions, a.cluster_sessions]
+        .into_iter()
+        .max()
+        .unwrap_or_default() as u64;
+    raise_fd_limit(most * 2 + 1024, most + 256)?;
     let run = |s| a.scenario == s || a.scenario == Scenario::All;
     if run(Scenario::Idle) {
         idle(&a).await?;
@@ -140,7 +144,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Each session is a socket on both sides; 50k sessions need well over the usual 1024.
-fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
+/// Raises the open-file limit towards `want`; below `need` the run would
+/// fail part-way (the server refusing connections), so it stops here.
+fn raise_fd_limit(want: u64, need: u64) -> anyhow::Result<()> {
     let (_, hard) = rlimit::Resource::NOFILE.get()?;
     // Root may raise the hard limit too; the server (our child) inherits both.
     if want > hard && rlimit::Resource::NOFILE.set(want, want).is_ok() {
@@ -148,6 +154,11 @@ fn raise_fd_limit(want: u64) -> anyhow::Result<()> {
     }
     let soft = want.min(hard);
     rlimit::Resource::NOFILE.set(soft, hard)?;
+    if soft < need {
+        anyhow::bail!(
+            "the open-file limit is {soft} (hard limit) and this run needs {need}: raise it or run fewer sessions"
+        );
+    }
     if soft < want {
         eprintln!("note: open-file limit is {soft} (hard limit), wanted {want}");
     }

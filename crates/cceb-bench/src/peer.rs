@@ -571,7 +571,8 @@ pub async fn run(cceb: &str, a: &Options) -> anyhow::Result<()> {
     if !std::path::Path::new(&a.nchan_module).exists() {
         bail!("peer: no nchan module at {} (scripts/bench-peer installs it)", a.nchan_module);
     }
-    crate::raise_fd_limit(a.peer_idle.max(a.peer_connects).max(a.peer_subscribers) as u64 + 1024)?;
+    let most = a.peer_idle.max(a.peer_connects).max(a.peer_subscribers) as u64;
+    crate::raise_fd_limit(most + 1024, most + 256)?;
     let subscribers = a.peer_subscribers;
     let (broadcast, unicast) = (Load::Broadcast { subscribers }, Load::Unicast { subscribers });
     let for_ = Duration::from_secs(a.peer_seconds);
