@@ -131,9 +131,12 @@ impl Sessions {
                 return Err(e);
             }
         };
+        // Held before anything is awaited: a hello dropped from here on
+        // still detaches the session (as `resume_placed` does).
+        let held = self.hold(session.clone(), attachment);
         self.catch_up(c, &session, 0).await;
         self.reactions.availability_changed(&agent, delta).await;
-        Ok(Opened { held: self.hold(session, attachment), key: Some(text), resumed: false })
+        Ok(Opened { held, key: Some(text), resumed: false })
     }
 
     /// The session `text` names, attached here, if the key is valid for the
