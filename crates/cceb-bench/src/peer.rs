@@ -558,9 +558,18 @@ fn row(key: &str, label: &str, [cceb, nchan]: [f64; 2], decimals: usize) -> Row 
     Row { key: key.to_owned(), label: label.to_owned(), cceb, nchan, decimals }
 }
 
-/// Both servers' figures of `f`.
-fn both<T>(runs: &[T; 2], f: impl Fn(&T) -> f64) -> [f64; 2] {
-    [f(&runs[0]), f(&runs[1])]
+/// A stage's result, or `None` (told on stderr, counted in `failed`).
+fn kept<T>(failed: &mut usize, stage: &str, kind: Kind, r: anyhow::Result<T>) -> Option<T> {
+    r.map_err(|e| {
+        eprintln!("peer: {stage} on {} failed: {e:#}", name(kind));
+        *failed += 1;
+    })
+    .ok()
+}
+
+/// Both servers' figures of `f`; NaN for a run that failed.
+fn both<T>(runs: &[Option<T>; 2], f: impl Fn(&T) -> f64) -> [f64; 2] {
+    [runs[0].as_ref().map_or(f64::NAN, &f), runs[1].as_ref().map_or(f64::NAN, &f)]
 }
 
 pub async fn run(cceb: &str, a: &Options) -> anyhow::Result<()> {
@@ -581,18 +590,31 @@ pub async fn run(cceb: &str, a: &Options) -> anyhow::Result<()> {
     // deliveries, unicast 4 a subscriber; far from the bridge's 1,000 unacked.
     let ahead = |window| Pace::Ahead { window, for_ };
     // Each scenario on both servers before the next: each pair shares its minutes.
-    let fixed = [flow(Kind::Cceb, cceb, a, broadcast, rate).await?, flow(Kind::Nchan, cceb, a, broadcast, rate).await?];
+    // A stage that fails is told and left out of the table, not the whole run.
+    let mut failed = 0;
+    let mut kept = |stage: &str, kind: Kind, r| kept(&mut failed, stage, kind, r);
+    let (c, n) = (Kind::Cceb, Kind::Nchan);
+    let fixed = [
+        kept("broadcast", c, flow(c, cceb, a, broadcast, rate).await),
+        kept("broadcast", n, flow(n, cceb, a, broadcast, rate).await),
+    ];
     let max = [
-        flow(Kind::Cceb, cceb, a, broadcast, ahead(10)).await?,
-        flow(Kind::Nchan, cceb, a, broadcast, ahead(10)).await?,
+        kept("broadcast max", c, flow(c, cceb, a, broadcast, ahead(10)).await),
+        kept("broadcast max", n, flow(n, cceb, a, broadcast, ahead(10)).await),
     ];
     let window = 4 * subscribers as u64;
     let uni = [
-        flow(Kind::Cceb, cceb, a, unicast, ahead(window)).await?,
-        flow(Kind::Nchan, cceb, a, unicast, ahead(window)).await?,
+        kept("unicast", c, flow(c, cceb, a, unicast, ahead(window)).await),
+        kept("unicast", n, flow(n, cceb, a, unicast, ahead(window)).await),
     ];
-    let connects = [connect(Kind::Cceb, cceb, a).await?, connect(Kind::Nchan, cceb, a).await?];
-    let idles = [idle(Kind::Cceb, cceb, a).await?, idle(Kind::Nchan, cceb, a).await?];
+    let connects = [
+        self::kept(&mut failed, "connect", c, connect(c, cceb, a).await),
+        self::kept(&mut failed, "connect", n, connect(n, cceb, a).await),
+    ];
+    let idles = [
+        self::kept(&mut failed, "idle", c, idle(c, cceb, a).await),
+        self::kept(&mut failed, "idle", n, idle(n, cceb, a).await),
+    ];
 
     let mut rows = Vec::new();
     let fixed_label = format!("broadcast {}/s", a.peer_publish_rate * subscribers as u64);
@@ -630,8 +652,9 @@ pub async fn run(cceb: &str, a: &Options) -> anyhow::Result<()> {
         row("idle_kib_per_conn", &format!("idle KiB per connection, {}", a.peer_idle), both(&idles, |b| b / 1024.0), 2),
     ]);
     print(&rows, &version);
-    let delivered =
-        |r: &[Flow; 2]| json!({"cceb": [r[0].delivered, r[0].expected], "nchan": [r[1].delivered, r[1].expected]});
+    // null for a run that failed
+    let of = |f: &Option<Flow>| f.as_ref().map(|f| [f.delivered, f.expected]);
+    let delivered = |r: &[Option<Flow>; 2]| json!({"cceb": of(&r[0]), "nchan": of(&r[1])});
     let mut results = Map::new();
     for r in &rows {
         results.insert(r.key.clone(), json!({"cceb": r.cceb, "nchan": r.nchan, "ratio": ratio(r)}));
@@ -640,6 +663,9 @@ pub async fn run(cceb: &str, a: &Options) -> anyhow::Result<()> {
         "seconds": a.peer_seconds, "connects": a.peer_connects, "idle": a.peer_idle,
         "delivered_of_expected": {"broadcast_fixed": delivered(&fixed), "broadcast_max": delivered(&max), "unicast": delivered(&uni)}});
     println!("{}", json!({"scenario": "peer", "params": params, "results": results}));
+    if failed > 0 {
+        bail!("peer: {failed} run(s) failed (above); their figures are NaN");
+    }
     Ok(())
 }
 
