@@ -84,6 +84,7 @@ struct Kafka {
     provisioning: String,
     actions: String,
     group: String,
+    admin: AdminClient<DefaultClientContext>,
     producer: FutureProducer,
     schemas: SchemaSet,
 }
@@ -121,7 +122,8 @@ impl Kafka {
             .context("kafka producer")?;
         // The built-in set: the one the bridge loads without CCEB_SCHEMA_DIR.
         let schemas = SchemaSet::load(None)?;
-        Ok(Kafka { tansu, brokers, events, provisioning, actions, group: format!("bench-{id}"), producer, schemas })
+        let group = format!("bench-{id}");
+        Ok(Kafka { tansu, brokers, events, provisioning, actions, group, admin, producer, schemas })
     }
 
     /// The bridge's settings for this broker and these topics.
@@ -232,10 +234,27 @@ impl Kafka {
         .await?
     }
 
+    /// Our own broker stops; on a shared one (`--brokers`), this run's
+    /// topics and consumer group are deleted, so runs leave nothing behind.
     async fn stop(self) {
-        if let Some(t) = self.tansu {
-            t.stop().await;
-        }
+        let Some(t) = self.tansu else {
+            let opts = AdminOptions::new();
+            let topics = [self.events.as_str(), self.provisioning.as_str(), self.actions.as_str()];
+            let deleted = self.admin.delete_topics(&topics, &opts).await;
+            let group = self.admin.delete_groups(&[&self.group], &opts).await;
+            for r in [deleted, group] {
+                match r {
+                    Err(e) => eprintln!("note: cannot clean up on {}: {e}", self.brokers),
+                    Ok(results) => {
+                        for (name, e) in results.into_iter().filter_map(Result::err) {
+                            eprintln!("note: cannot delete {name} on {}: {e}", self.brokers);
+                        }
+                    }
+                }
+            }
+            return;
+        };
+        t.stop().await;
     }
 }
 
@@ -283,14 +302,17 @@ async fn run(a: &Args, kafka: Option<&Kafka>) -> anyhow::Result<Run> {
 pub async fn kafka(a: &Args) -> anyhow::Result<()> {
     // The broker first: without one, fail before the embedded run.
     let k = Kafka::start(a).await?;
-    let embedded = run(a, None).await?;
-    let on_kafka = run(a, Some(&k)).await;
+    let embedded = run(a, None).await;
+    let on_kafka = match &embedded {
+        Ok(_) => run(a, Some(&k)).await,
+        Err(_) => Err(anyhow!("not run: the embedded run failed")),
+    };
     let broker = match &k.tansu {
         Some(_) => format!("tansu (memory storage) on {}", k.brokers),
         None => k.brokers.clone(),
     };
     k.stop().await;
-    let on_kafka = on_kafka?;
+    let (embedded, on_kafka) = (embedded?, on_kafka?);
     let per_100k = |cpu: f64, n: u64| cpu / (n.max(1) as f64 / 100_000.0);
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let lat = |h: &Histogram<u64>| {
