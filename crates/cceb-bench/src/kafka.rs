@@ -315,9 +315,6 @@ pub async fn kafka(a: &Args) -> anyhow::Result<()> {
     let (embedded, on_kafka) = (embedded?, on_kafka?);
     let per_100k = |cpu: f64, n: u64| cpu / (n.max(1) as f64 / 100_000.0);
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let lat = |h: &Histogram<u64>| {
-        format!("{:.2} / {:.2} / {:.2} / {:.2}", ms(h, 0.5), ms(h, 0.99), ms(h, 0.999), h.max() as f64 / 1000.0)
-    };
     let figures = |r: &Run| {
         json!({"delivered": r.delivered, "per_s": r.per_s, "p50_ms": ms(&r.h, 0.5), "p99_ms": ms(&r.h, 0.99),
                "p999_ms": ms(&r.h, 0.999), "max_ms": r.h.max() as f64 / 1000.0,
@@ -327,7 +324,7 @@ pub async fn kafka(a: &Args) -> anyhow::Result<()> {
     let broker_cpu = on_kafka
         .cpu_broker
         .map_or("— (not our broker)".to_owned(), |c| format!("{:.2}", per_100k(c, on_kafka.delivered)));
-    let target = if a.rate == 0 { "max".to_owned() } else { a.rate.to_string() };
+    let target = crate::target_rate(a);
     report(
         "kafka",
         &[
@@ -339,12 +336,12 @@ pub async fn kafka(a: &Args) -> anyhow::Result<()> {
             ("bridge fetch.wait.max.ms", a.fetch_wait_ms.to_string()),
             ("kafka: delivered+acked", format!("{} of {}", on_kafka.delivered, a.events)),
             ("kafka: notifications/s", format!("{:.0}", on_kafka.per_s)),
-            ("kafka: p50/p99/p99.9/max (ms)", lat(&on_kafka.h)),
+            ("kafka: p50/p99/p99.9/max (ms)", crate::latencies(&on_kafka.h)),
             ("kafka: server CPU s per 100k", format!("{:.2}", per_100k(on_kafka.cpu_bridge, on_kafka.delivered))),
             ("kafka: broker CPU s per 100k", broker_cpu),
             ("embedded: delivered+acked", format!("{} of {}", embedded.delivered, a.events)),
             ("embedded: notifications/s", format!("{:.0}", embedded.per_s)),
-            ("embedded: p50/p99/p99.9/max (ms)", lat(&embedded.h)),
+            ("embedded: p50/p99/p99.9/max (ms)", crate::latencies(&embedded.h)),
             ("embedded: server CPU s per 100k", format!("{:.2}", per_100k(embedded.cpu_bridge, embedded.delivered))),
         ],
         json!({"sessions": a.fanout_sessions, "long_lived": a.long_lived, "target_rate": target, "batch": a.batch,

@@ -165,6 +165,21 @@ fn raise_fd_limit(want: u64, need: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--rate` as reports show it.
+fn target_rate(a: &Args) -> String {
+    if a.rate == 0 {
+        "max".to_owned()
+    } else {
+        a.rate.to_string()
+    }
+}
+
+/// p50 / p99 / p99.9 / max of µs samples, in ms.
+fn latencies(h: &Histogram<u64>) -> String {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    format!("{:.2} / {:.2} / {:.2} / {:.2}", ms(0.5), ms(0.99), ms(0.999), h.max() as f64 / 1000.0)
+}
+
 fn report(scenario: &str, rows: &[(&str, String)], json: Value) {
     println!("\n== {scenario}");
     for (k, v) in rows {
@@ -376,7 +391,7 @@ async fn fanout(a: &Args) -> anyhow::Result<()> {
     let rate = got as f64 / elapsed.as_secs_f64();
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let cpu_per_100k = cpu / (got.max(1) as f64 / 100_000.0);
-    let target = if a.rate == 0 { "max".to_owned() } else { a.rate.to_string() };
+    let target = target_rate(a);
     report(
         "fanout",
         &[
@@ -385,10 +400,7 @@ async fn fanout(a: &Args) -> anyhow::Result<()> {
             ("target rate (/s)", target.clone()),
             ("delivered+acked", format!("{got} of {}", a.events)),
             ("notifications/s", format!("{rate:.0}")),
-            (
-                "latency p50/p99/p99.9/max (ms)",
-                format!("{:.2} / {:.2} / {:.2} / {:.2}", ms(0.5), ms(0.99), ms(0.999), h.max() as f64 / 1000.0),
-            ),
+            ("latency p50/p99/p99.9/max (ms)", latencies(&h)),
             ("server CPU s per 100k", format!("{cpu_per_100k:.2}")),
         ],
         json!({"sessions": a.fanout_sessions, "long_lived": a.long_lived, "target_rate": target, "delivered": got, "events": a.events,
@@ -679,7 +691,7 @@ async fn cluster(a: &Args) -> anyhow::Result<()> {
         };
         let (bridges, redis_cpu) = (per_100k(c.cpu_bridges, c.delivered), per_100k(c.cpu_redis, c.delivered));
         let base_cpu = per_100k(base.cpu_bridges, base.delivered);
-        let target = if a.rate == 0 { "max".to_owned() } else { a.rate.to_string() };
+        let target = target_rate(a);
         // The five costliest: calls and µs of Redis time per notification.
         let commands = |c: &ClusterRun| {
             let n = c.delivered.max(1) as f64;

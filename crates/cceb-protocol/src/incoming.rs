@@ -109,7 +109,7 @@ pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
 /// control character); anything else goes through [`parse_any`].
 fn canonical_ack(text: &str) -> Option<&str> {
     let uuid = text.strip_prefix(r#"{"type":"ack","uuid":""#)?.strip_suffix(r#""}"#)?;
-    let plain = (1..=MAX_UUID_LEN).contains(&uuid.len()) && uuid.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    let plain = (1..=MAX_UUID_LEN).contains(&uuid.len()) && crate::needs_no_json_escape(uuid);
     plain.then_some(uuid)
 }
 

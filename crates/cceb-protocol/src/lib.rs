@@ -14,3 +14,10 @@ pub use error::ErrorCode;
 pub use incoming::{parse_client_message, ClientMessage, ParseError};
 pub use notification::NotificationType;
 pub use trace::{TraceParent, TraceParentError};
+
+/// Whether `s` reads the same inside JSON quotes as it is: no `"`, no `\`,
+/// no control character (all JSON requires escaped). The ack fast path and
+/// the notification frame's uuid rely on it.
+pub(crate) fn needs_no_json_escape(s: &str) -> bool {
+    s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+}

@@ -89,7 +89,7 @@ pub fn notification(ty: NotificationType, uuid: &str, seq: u64, data: &str) -> S
 /// `v` as a JSON string. The uuids the bridge mints need no escape and are
 /// copied as they are; anything else is escaped by serde_json.
 fn push_json_string(s: &mut String, v: &str) {
-    if v.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+    if crate::needs_no_json_escape(v) {
         s.push('"');
         s.push_str(v);
         s.push('"');

@@ -129,9 +129,9 @@ impl Sessions {
         if let Some(text) = &req.session_key {
             let found = self.find(&agent, text);
             // None: it ended between the lookup and now; a new session follows.
-            if let Some((session, attachment)) = found.and_then(|s| {
-                s.attach(req.auto_accept, req.push_token.clone(), req.shutdown.child_token()).map(|a| (s, a))
-            }) {
+            if let Some((session, attachment)) =
+                found.and_then(|s| s.attach(req.auto_accept, req.push_token.clone(), &req.shutdown).map(|a| (s, a)))
+            {
                 let held = self.hold(session, attachment);
                 // No sync: after a crash the session counts as disconnected anyway.
                 self.metrics.sessions_resumed.increment(1);
@@ -142,8 +142,7 @@ impl Sessions {
         if !(req.long_lived || req.session_key.is_some()) {
             let session = Arc::new(Session::new(id, agent, self.settings.max_unacked));
             self.add(session.clone());
-            let attachment =
-                session.attach(req.auto_accept, None, req.shutdown.child_token()).ok_or(OpenError::EndedAtOnce)?;
+            let attachment = session.attach(req.auto_accept, None, &req.shutdown).ok_or(OpenError::EndedAtOnce)?;
             return Ok(Opened { held: self.hold(session, attachment), key: None, resumed: false });
         }
         if !self.store.ready() {
@@ -164,9 +163,8 @@ impl Sessions {
         let mailbox = Mailbox::new(self.settings.mailbox_capacity, self.settings.max_unacked);
         let session = Arc::new(Session::long_lived(&record, mailbox, self.settings.max_unacked, self.store.clone()));
         let delta = self.admit(&session)?;
-        let attachment = session
-            .attach(req.auto_accept, req.push_token, req.shutdown.child_token())
-            .ok_or(OpenError::EndedAtOnce)?;
+        let attachment =
+            session.attach(req.auto_accept, req.push_token, &req.shutdown).ok_or(OpenError::EndedAtOnce)?;
         let held = self.hold(session.clone(), attachment);
         session.reserve_seqs();
         // The key must survive a crash before the client is given it.

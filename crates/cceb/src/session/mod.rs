@@ -74,25 +74,14 @@ struct Attached {
     wake: Arc<Signal>,
 }
 
-impl State {
-    /// What wakes the attached connection, if any (one attached later
-    /// writes everything due on its first turn). Called under the session
-    /// lock and given after it is released, so the woken task does not wait
-    /// on the lock of the thread waking it.
-    fn wake(&self) -> Wake {
-        Wake(self.attached.as_ref().map(|a| a.wake.clone()))
-    }
-}
-
-/// A wake-up to give once the session lock is released.
-#[must_use]
-struct Wake(Option<Arc<Signal>>);
-
-impl Wake {
-    fn give(self) {
-        if let Some(s) = self.0 {
-            s.notify();
-        }
+/// Releases the session lock, then wakes the attached connection, if any
+/// (one attached later writes everything due on its first turn): the woken
+/// task does not wait on the lock of the thread waking it.
+fn unlock_and_wake(st: MutexGuard<'_, State>) {
+    let wake = st.attached.as_ref().map(|a| a.wake.clone());
+    drop(st);
+    if let Some(w) = wake {
+        w.notify();
     }
 }
 
@@ -207,9 +196,7 @@ impl Session {
         if let Some(s) = me.upgrade() {
             let mut st = s.state();
             st.mailbox.send_below(upto);
-            let wake = st.wake();
-            drop(st);
-            wake.give();
+            unlock_and_wake(st);
         }
     }
 
@@ -374,9 +361,7 @@ impl Session {
     pub fn contiguous_upto(&self, upto: u64) {
         let mut st = self.state();
         st.mailbox.contiguous_upto(upto);
-        let wake = st.wake();
-        drop(st);
-        wake.give();
+        unlock_and_wake(st);
     }
 
     /// The seq a mirrored session's connection waits for (see `Mailbox::gap`).
@@ -392,18 +377,21 @@ impl Session {
             return None;
         }
         let pushed = st.mailbox.push_at(seq, n.clone())?;
-        let wake = st.wake();
-        drop(st);
-        wake.give();
+        unlock_and_wake(st);
         Some(pushed)
     }
 
     /// Attaches a connection: any earlier one is taken over, and everything
     /// unacked is due again to the new one. `auto_accept` and `push_token`
-    /// follow what the client asks now.
-    /// `None` once the session has ended.
-    pub fn attach(&self, auto_accept: bool, push_token: Option<String>, stop: CancellationToken) -> Option<Attachment> {
-        self.attach_as(None, auto_accept, push_token, stop)
+    /// follow what the client asks now; the attachment's stop token is a
+    /// child of `shutdown`. `None` once the session has ended.
+    pub fn attach(
+        &self,
+        auto_accept: bool,
+        push_token: Option<String>,
+        shutdown: &CancellationToken,
+    ) -> Option<Attachment> {
+        self.attach_as(None, auto_accept, push_token, shutdown)
     }
 
     /// [`Session::attach`], for a mirrored session under the store's
@@ -414,7 +402,7 @@ impl Session {
         store_generation: Option<u64>,
         auto_accept: bool,
         push_token: Option<String>,
-        stop: CancellationToken,
+        shutdown: &CancellationToken,
     ) -> Option<Attachment> {
         let mut st = self.state();
         if st.ended {
@@ -428,7 +416,7 @@ impl Session {
             old.stop.cancel();
         }
         st.generation += 1;
-        let wake = Arc::new(Signal::default());
+        let (stop, wake) = (shutdown.child_token(), Arc::new(Signal::default()));
         st.attached = Some(Attached { generation: st.generation, stop: stop.clone(), wake: wake.clone() });
         st.disconnected_at_ms = None;
         st.auto_accept = auto_accept;
@@ -488,9 +476,7 @@ impl Session {
             // (4004); a long-lived one keeps it in its mailbox (flow control).
             self.overflowed.store(true, Ordering::Release);
         }
-        let wake = st.wake();
-        drop(st);
-        wake.give();
+        unlock_and_wake(st);
         out
     }
 
@@ -504,9 +490,7 @@ impl Session {
         }
         // The window has room again for what waits behind it.
         if st.mailbox.waiting() {
-            let wake = st.wake();
-            drop(st);
-            wake.give();
+            unlock_and_wake(st);
         }
         Some(waited)
     }
@@ -546,8 +530,7 @@ impl Session {
     /// Notifications for this session were lost before reaching this node.
     pub fn missed_notifications(&self) {
         self.missed.store(true, Ordering::Release);
-        let wake = self.state().wake();
-        wake.give();
+        unlock_and_wake(self.state());
     }
 
     pub fn has_missed(&self) -> bool {

@@ -82,8 +82,7 @@ impl Sessions {
             if let Err(e) = self.store.sync().await {
                 tracing::debug!(error = %e, "a short-lived session not yet known to the other nodes");
             }
-            let attachment =
-                session.attach(req.auto_accept, None, req.shutdown.child_token()).ok_or(OpenError::EndedAtOnce)?;
+            let attachment = session.attach(req.auto_accept, None, &req.shutdown).ok_or(OpenError::EndedAtOnce)?;
             return Ok(Opened { held: self.hold(session, attachment), key: None, resumed: false });
         }
         if !self.store.ready() {
@@ -232,7 +231,7 @@ impl Sessions {
         }
         session.contiguous_upto(attached.stored.mailbox.last().map_or(0, |(seq, _)| *seq));
         let mut attachment = session
-            .attach_as(Some(attached.generation), req.auto_accept, req.push_token.clone(), req.shutdown.child_token())
+            .attach_as(Some(attached.generation), req.auto_accept, req.push_token.clone(), &req.shutdown)
             .ok_or(OpenError::EndedAtOnce)?;
         attachment.dropped = record.dropped;
         Ok((session, attachment))
