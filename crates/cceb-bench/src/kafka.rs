@@ -179,27 +179,18 @@ impl Kafka {
     /// (as `post` awaits the backend port's 202), at `rate` records/s (0: as
     /// fast as it goes).
     async fn produce(&self, agents: &[usize], events: usize, batch: usize, rate: u64) -> anyhow::Result<()> {
-        let per_batch = Duration::from_secs_f64(if rate == 0 { 0.0 } else { batch as f64 / rate as f64 });
-        let mut sent = 0;
-        let mut next_at = Instant::now();
-        while sent < events {
-            let n = batch.min(events - sent);
-            let t = now_micros().to_string();
-            let mut deliveries = Vec::with_capacity(n);
-            for i in sent..sent + n {
+        crate::paced(events, batch, rate, |range, t| async move {
+            let mut deliveries = Vec::with_capacity(range.len());
+            for i in range {
                 let agent = format!("agent-{}", agents[i % agents.len()]);
                 deliveries.push(self.send(&agent, &self.encode(&agent, &t)?).await?);
             }
             for d in deliveries {
                 delivered(d).await?;
             }
-            sent += n;
-            if !per_batch.is_zero() {
-                next_at += per_batch;
-                tokio::time::sleep_until(next_at.into()).await;
-            }
-        }
-        Ok(())
+            Ok(())
+        })
+        .await
     }
 
     /// Produces one event for an agent nobody is, and waits until the bridge's

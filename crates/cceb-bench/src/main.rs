@@ -352,19 +352,34 @@ async fn finish_readers(
 /// `rate` events/s (0: as fast as it goes), round-robin over `agents`, each
 /// stamped with its request's time.
 async fn post(backend: Backend, agents: Vec<usize>, events: usize, batch: usize, rate: u64) -> anyhow::Result<()> {
-    let per_batch = Duration::from_secs_f64(if rate == 0 { 0.0 } else { batch as f64 / rate as f64 });
-    let mut sent = 0;
-    let mut next_at = Instant::now();
-    while sent < events {
-        let n = batch.min(events - sent);
-        let t = now_micros().to_string();
-        let body: Vec<Value> = (sent..sent + n)
+    paced(events, batch, rate, |range, t| {
+        let body: Vec<Value> = range
             .map(|i| {
                 let agent = format!("agent-{}", agents[i % agents.len()]);
                 json!({"record":"AgentPresenceEvent","value":{"tenantGuid":"tenant-1","agentGuid": agent,"state": t}})
             })
             .collect();
-        backend.post_events(&Value::Array(body)).await?;
+        let backend = &backend;
+        async move { backend.post_events(&Value::Array(body)).await }
+    })
+    .await
+}
+
+/// Calls `send` with event indexes `batch` at a time and the batch's time
+/// stamp (µs), each call awaited before the next, at `rate` events/s (0: as
+/// fast as it goes).
+async fn paced<F: std::future::Future<Output = anyhow::Result<()>>>(
+    events: usize,
+    batch: usize,
+    rate: u64,
+    mut send: impl FnMut(std::ops::Range<usize>, String) -> F,
+) -> anyhow::Result<()> {
+    let per_batch = Duration::from_secs_f64(if rate == 0 { 0.0 } else { batch as f64 / rate as f64 });
+    let mut sent = 0;
+    let mut next_at = Instant::now();
+    while sent < events {
+        let n = batch.min(events - sent);
+        send(sent..sent + n, now_micros().to_string()).await?;
         sent += n;
         if !per_batch.is_zero() {
             next_at += per_batch;
